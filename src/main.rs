@@ -1,0 +1,245 @@
+//! The `rpcgate` command: run the gateway, check a config, or run the demo backend.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use rpcgate::config::{Config, UpstreamConfig, parse_duration};
+use rpcgate::{Gateway, echo};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// HTTP JSON-RPC 2.0 gateway to WebSocket-only JSON-RPC services.
+#[derive(Parser, Debug)]
+#[command(version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Flags of the gateway itself; each overrides the config file.
+#[derive(Args, Debug, Default)]
+struct RunArgs {
+    /// Address to serve HTTP on, e.g. 0.0.0.0:8080.
+    #[arg(long, env = "RPCGATE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Upstream WebSocket URL (ws:// or wss://); repeat for several. Replaces the file's list.
+    #[arg(long = "upstream", env = "RPCGATE_UPSTREAM", value_delimiter = ',')]
+    upstreams: Vec<String>,
+    /// Persistent connections per upstream.
+    #[arg(long, env = "RPCGATE_CONNECTIONS")]
+    connections: Option<usize>,
+    /// Deadline of each call, e.g. 30s or 250ms.
+    #[arg(long, env = "RPCGATE_REQUEST_TIMEOUT", value_parser = duration)]
+    request_timeout: Option<Duration>,
+    /// TOML config file (see deploy/rpcgate.toml).
+    #[arg(long, env = "RPCGATE_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a config file and print every problem; exit 1 if there are any.
+    CheckConfig {
+        file: PathBuf,
+    },
+    /// Serve a small JSON-RPC backend over WebSocket (echo, sum, sleep, whoami, fail, notify).
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "echo")]
+        name: String,
+    },
+    /// Run an echo backend and the gateway in front of it, and print a curl line to try.
+    Demo {
+        /// Gateway address; port 8080 if free, else any free port.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Echo backend address; any free port by default.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        upstream_listen: SocketAddr,
+    },
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    parse_duration(text)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::EchoServer { listen, name }) => runtime.block_on(echo_server(listen, name)),
+        Some(Command::Demo {
+            listen,
+            upstream_listen,
+        }) => runtime.block_on(demo(listen, upstream_listen)),
+        None => {
+            let config = build_config(cli.run)?;
+            runtime.block_on(run(config))
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn check_config(file: &std::path::Path) -> Result<()> {
+    match Config::load(file) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} upstream(s), listening on {})",
+                file.display(),
+                config.upstreams.len(),
+                config.listen
+            );
+            Ok(())
+        }
+        Err(problems) => {
+            eprintln!("{}: {problems}", file.display());
+            std::process::exit(1);
+        }
+    }
+}
+
+/// File (if any), then flags and environment on top, then validation.
+fn build_config(args: RunArgs) -> Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path).map_err(|p| anyhow::anyhow!("{}: {p}", path.display()))?,
+        None => Config::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if !args.upstreams.is_empty() {
+        config.upstreams = args
+            .upstreams
+            .iter()
+            .map(|u| UpstreamConfig::new(u.trim()))
+            .collect();
+    }
+    if let Some(n) = args.connections {
+        for up in &mut config.upstreams {
+            up.connections = n;
+        }
+    }
+    if let Some(t) = args.request_timeout {
+        config.calls.request_timeout = t;
+    }
+    let problems = config.check();
+    if !problems.is_empty() {
+        bail!("{}", rpcgate::config::Problems(problems));
+    }
+    Ok(config)
+}
+
+async fn run(config: Config) -> Result<()> {
+    let gateway = Gateway::bind(config.clone()).await?;
+    tracing::info!(
+        listen = %gateway.local_addr()?,
+        upstreams = config.upstreams.len(),
+        "rpcgate serving JSON-RPC on {}",
+        config.http.path
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    gateway.run(shutdown).await;
+    tracing::info!("rpcgate stopped");
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: graceful stop. Second: exit at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    if wait_for_signal().await.is_err() {
+        return;
+    }
+    tracing::info!("shutdown requested; draining (signal again to exit at once)");
+    shutdown.cancel();
+    if wait_for_signal().await.is_ok() {
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> std::io::Result<()> {
+    tokio::signal::ctrl_c().await
+}
+
+async fn echo_server(listen: SocketAddr, name: String) -> Result<()> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(listen = %listener.local_addr()?, %name, "echo server ready");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    echo::serve(listener, Arc::from(name), shutdown).await?;
+    Ok(())
+}
+
+async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result<()> {
+    let backend = TcpListener::bind(upstream_listen)
+        .await
+        .with_context(|| format!("cannot listen on {upstream_listen}"))?;
+    let backend_addr = backend.local_addr()?;
+    let listener = match listen {
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?,
+        None => match TcpListener::bind(("127.0.0.1", 8080)).await {
+            Ok(l) => l,
+            Err(_) => TcpListener::bind(("127.0.0.1", 0)).await?,
+        },
+    };
+    let addr = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    let echo_task = tokio::spawn(echo::serve(backend, Arc::from("demo-echo"), shutdown.clone()));
+
+    let mut config = Config {
+        listen: addr,
+        ..Config::default()
+    };
+    config
+        .upstreams
+        .push(UpstreamConfig::new(format!("ws://{backend_addr}/")));
+    let gateway = Gateway::from_listener(listener, config)?;
+    println!("rpcgate demo: http://{addr}/ -> echo backend ws://{backend_addr}/");
+    println!("Try:");
+    println!(
+        "  curl -s http://{addr}/ -H 'Content-Type: application/json' -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"echo\",\"params\":[\"hello\"]}}'"
+    );
+    println!(
+        "  curl -s http://{addr}/ -H 'Content-Type: application/json' -d '[{{\"jsonrpc\":\"2.0\",\"id\":\"a\",\"method\":\"sum\",\"params\":[1,2,3]}},{{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"whoami\"}}]'"
+    );
+    println!("Methods: echo, sum, sleep [ms], whoami, fail, notify. Ctrl-C to stop.");
+    gateway.run(shutdown.clone()).await;
+    shutdown.cancel();
+    echo_task.await.context("echo backend task")??;
+    Ok(())
+}

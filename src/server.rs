@@ -1,0 +1,235 @@
+//! The client-facing HTTP server: accept loop, per-connection limits, graceful stop.
+//!
+//! HTTP/1.1 with keep-alive and HTTP/2 without TLS (h2c, prior knowledge) share one
+//! port through hyper-util's protocol detection.
+
+mod rpc;
+
+use crate::config::Config;
+use crate::upstream::{TargetError, Upstreams};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Failures starting the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("upstream: {0}")]
+    Upstream(#[from] TargetError),
+}
+
+/// State every request handler reads.
+pub struct AppState {
+    pub config: Config,
+    pub upstreams: Arc<Upstreams>,
+}
+
+/// A bound, not yet running gateway.
+pub struct Gateway {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    /// Stops the upstream connections, after the HTTP side has drained.
+    upstream_shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// Binds the listener and starts the upstream connections (in the background).
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        Gateway::from_listener(listener, config)
+    }
+
+    /// Serves on an already bound listener (tests and `demo` bind port 0 themselves).
+    pub fn from_listener(listener: TcpListener, config: Config) -> Result<Gateway, StartError> {
+        let upstream_shutdown = CancellationToken::new();
+        let upstreams = Upstreams::start(&config, &upstream_shutdown)?;
+        Ok(Gateway {
+            listener,
+            state: Arc::new(AppState { config, upstreams }),
+            upstream_shutdown,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        self.state.upstreams.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then stops accepting, lets open
+    /// requests finish (none outlives its `request_timeout`), and closes upstreams.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let http = &self.state.config.http;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(http.header_read_timeout)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(http.http2_max_streams)
+            .keep_alive_interval(Some(http.keep_alive_timeout / 2))
+            .keep_alive_timeout(http.keep_alive_timeout / 2);
+        let builder = Arc::new(builder);
+        // One permit per open client connection: at the cap, accepting pauses and
+        // the kernel's backlog absorbs the excess instead of our memory.
+        let limit = Arc::new(Semaphore::new(http.max_connections));
+        let mut connections = JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let accepted = tokio::select! {
+                a = self.listener.accept() => a,
+                _ = shutdown.cancelled() => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly instead
+                    // of spinning on an error that repeats at once.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let state = self.state.clone();
+            let builder = builder.clone();
+            let shutdown = shutdown.clone();
+            connections.spawn(async move {
+                serve_connection(stream, peer, state, &builder, shutdown).await;
+                drop(permit);
+            });
+            // Reap finished connection tasks so the set stays the size of what is open.
+            while connections.try_join_next().is_some() {}
+        }
+        drop(self.listener);
+        let drain = self.state.config.calls.request_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(drain, async { while connections.join_next().await.is_some() {} })
+            .await
+            .is_err()
+        {
+            tracing::warn!(remaining = connections.len(), "connections still open after drain; closing");
+            connections.abort_all();
+        }
+        self.upstream_shutdown.cancel();
+        self.state.upstreams.join().await;
+    }
+}
+
+/// When the connection last went idle and how many requests it has open.
+#[derive(Default)]
+struct Activity {
+    active: AtomicUsize,
+    /// Milliseconds since `epoch` when the last request finished (or the connection opened).
+    idle_since_ms: AtomicU64,
+}
+
+struct RequestGuard<'a> {
+    activity: &'a Activity,
+    epoch: Instant,
+}
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        self.activity
+            .idle_since_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
+        self.activity.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<AppState>,
+    builder: &auto::Builder<TokioExecutor>,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let epoch = Instant::now();
+    let activity = Arc::new(Activity::default());
+    let keep_alive = state.config.http.keep_alive_timeout;
+    let service = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let state = state.clone();
+            let activity = activity.clone();
+            async move {
+                activity.active.fetch_add(1, Ordering::AcqRel);
+                let _guard = RequestGuard {
+                    activity: &activity,
+                    epoch,
+                };
+                rpc::handle(req, &state).await
+            }
+        })
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = idle(&activity, epoch, keep_alive), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = shutdown.cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Resolves once the connection has had no open request for `timeout`.
+///
+/// This is the keep-alive idle limit; hyper's own `header_read_timeout` bounds a
+/// client that starts a request head and never finishes it.
+async fn idle(activity: &Activity, epoch: Instant, timeout: Duration) {
+    loop {
+        if activity.active.load(Ordering::Acquire) == 0 {
+            let since = Duration::from_millis(activity.idle_since_ms.load(Ordering::Acquire));
+            let due = epoch + since + timeout;
+            if Instant::now() >= due && activity.active.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        } else {
+            tokio::time::sleep(timeout).await;
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Opening one upstream WebSocket: TCP (with `TCP_NODELAY`), TLS via rustls with the
+//! ring provider for `wss://`, then the WebSocket handshake with the configured headers.
+
+use crate::config::{UpstreamConfig, WebSocketConfig};
+use http::{HeaderName, HeaderValue, Uri};
+use rustls::RootCertStore;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use std::sync::Arc;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig as WsConfig;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+pub type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Problems building a connection target; reported at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("{url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("{path}: cannot read CA certificates: {reason}")]
+    CaFile { path: String, reason: String },
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Failures of one connection attempt; logged, then retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("TCP connect to {addr}: {source}")]
+    Tcp {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("WebSocket handshake: {0}")]
+    Handshake(#[from] tokio_tungstenite::tungstenite::Error),
+}
+
+/// Everything needed to (re)open a connection to one upstream, built once.
+#[derive(Debug)]
+pub struct Target {
+    pub url: String,
+    uri: Uri,
+    /// `host:port` to dial.
+    authority: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Target {
+    pub fn new(up: &UpstreamConfig) -> Result<Target, TargetError> {
+        let url_err = |reason: String| TargetError::Url {
+            url: up.url.clone(),
+            reason,
+        };
+        let uri: Uri = up.url.parse().map_err(|e| url_err(format!("{e}")))?;
+        let secure = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(url_err("scheme must be ws or wss".into())),
+        };
+        let host = uri.host().ok_or_else(|| url_err("no host".into()))?;
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        // An IPv6 literal keeps its brackets in `host()`, which is what dialing wants.
+        let authority = format!("{host}:{port}");
+        let mut headers = Vec::new();
+        for (name, value) in &up.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| url_err(format!("header {name:?}: {e}")))?;
+            let value = HeaderValue::from_str(value)
+                .map_err(|e| url_err(format!("header {name}: {e}")))?;
+            headers.push((name, value));
+        }
+        if let Some(proto) = &up.subprotocol {
+            let value = HeaderValue::from_str(proto)
+                .map_err(|e| url_err(format!("subprotocol: {e}")))?;
+            headers.push((http::header::SEC_WEBSOCKET_PROTOCOL, value));
+        }
+        let tls = if secure {
+            Some(Arc::new(tls_config(up)?))
+        } else {
+            None
+        };
+        Ok(Target {
+            url: up.url.clone(),
+            uri,
+            authority,
+            headers,
+            tls,
+        })
+    }
+
+    /// One connection attempt. The caller bounds it with the handshake timeout.
+    pub async fn connect(&self, ws: &WebSocketConfig) -> Result<WsStream, ConnectError> {
+        let mut request = (&self.uri).into_client_request()?;
+        for (name, value) in &self.headers {
+            request.headers_mut().insert(name.clone(), value.clone());
+        }
+        let tcp = TcpStream::connect(&self.authority)
+            .await
+            .map_err(|source| ConnectError::Tcp {
+                addr: self.authority.clone(),
+                source,
+            })?;
+        // Small JSON-RPC frames must not wait for Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+        let config = WsConfig::default()
+            .max_message_size(Some(ws.max_message_bytes))
+            .max_frame_size(Some(ws.max_message_bytes));
+        let connector = match &self.tls {
+            Some(tls) => Connector::Rustls(tls.clone()),
+            None => Connector::Plain,
+        };
+        let (socket, _response) = tokio_tungstenite::client_async_tls_with_config(
+            request,
+            tcp,
+            Some(config),
+            Some(connector),
+        )
+        .await?;
+        Ok(socket)
+    }
+}
+
+/// webpki roots plus the upstream's own CA file, on the ring provider.
+fn tls_config(up: &UpstreamConfig) -> Result<rustls::ClientConfig, TargetError> {
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = &up.ca_file {
+        let ca_err = |reason: String| TargetError::CaFile {
+            path: path.display().to_string(),
+            reason,
+        };
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| ca_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ca_err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_err("no certificates in file".into()));
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}

@@ -1,0 +1,462 @@
+//! One persistent upstream WebSocket: a task that owns the socket, reconnects it, and
+//! matches replies to callers.
+//!
+//! Callers never touch the socket. They register in the connection's [`PendingMap`]
+//! and queue a frame in the same critical section ([`Shared::submit`]), so a call is
+//! either queued on an open socket or refused; there is no window where it is neither.
+//! When the socket dies, frames still queued were never written and go back to their
+//! callers as [`Failure::NotSent`] (safe to send elsewhere); calls already written get
+//! [`Failure::Lost`] at once, without waiting for their timeouts.
+
+use super::backoff::Backoff;
+use super::connect::{Target, WsStream};
+use super::pending::{CallId, PendingMap};
+use crate::config::WebSocketConfig;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use parking_lot::Mutex;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+/// A reply to one call, pointing into the frame it arrived in.
+///
+/// Holding the frame (a refcounted `Bytes`) and a range avoids copying the payload:
+/// the HTTP handler splices it straight into the client's answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    frame: Bytes,
+    range: Range<usize>,
+    is_error: bool,
+}
+
+impl Reply {
+    /// The raw text of `result` (or `error` when [`Reply::is_error`]).
+    pub fn payload(&self) -> &str {
+        // The frame was valid UTF-8 when parsed and the range lies on a JSON value's bounds.
+        std::str::from_utf8(&self.frame[self.range.clone()]).unwrap_or("null")
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.is_error
+    }
+}
+
+/// Why a call got no reply from this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The frame never reached the socket: the call can safely go elsewhere.
+    NotSent,
+    /// The socket died after the frame was written: the call may have run.
+    Lost,
+}
+
+pub type ReplySender = oneshot::Sender<Result<Reply, Failure>>;
+
+/// A frame queued for the socket, with the calls it carries.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub text: String,
+    pub ids: FrameIds,
+}
+
+#[derive(Debug)]
+pub enum FrameIds {
+    /// A notification: nobody waits.
+    None,
+    One(CallId),
+    /// A forwarded batch.
+    Many(Vec<CallId>),
+}
+
+/// Where a connection is in its life; readable by the pool without locking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    Connecting,
+    Open,
+    /// Waiting out a backoff delay after a failure.
+    Backoff,
+    Stopped,
+}
+
+/// Signals shared by all connections of a pool.
+#[derive(Debug, Default)]
+pub struct PoolSignals {
+    /// Woken when a connection opens or a slot frees up, for calls that wait.
+    pub changed: Notify,
+    /// Calls waiting on `changed`; slots freed with nobody waiting skip the wakeup.
+    pub waiters: AtomicUsize,
+    pub open_connections: AtomicUsize,
+    /// Upstream messages that matched no pending call (notifications, late replies).
+    pub unmatched: AtomicU64,
+    /// Upstream frames that were not JSON-RPC at all.
+    pub garbage: AtomicU64,
+}
+
+/// The part of a connection callers see.
+#[derive(Debug)]
+pub struct Shared {
+    /// `upstream#connection`, for logs.
+    pub label: String,
+    /// Read on every pick; written only by the connection task.
+    open: AtomicBool,
+    state: Mutex<ConnState>,
+    /// Calls holding a slot on this connection (see `Permit` in the pool).
+    pub in_flight: AtomicUsize,
+    pub max_in_flight: usize,
+    slot: Mutex<Slot>,
+    signals: Arc<PoolSignals>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    pending: PendingMap<ReplySender>,
+    /// The current socket's queue; replaced on every reconnect so a frame meant for a
+    /// dead socket can never reach a new one.
+    out: Option<mpsc::Sender<Outgoing>>,
+}
+
+impl Shared {
+    pub fn new(label: String, max_in_flight: usize, signals: Arc<PoolSignals>) -> Self {
+        Shared {
+            label,
+            open: AtomicBool::new(false),
+            state: Mutex::new(ConnState::Connecting),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight,
+            slot: Mutex::new(Slot::default()),
+            signals,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub fn state(&self) -> ConnState {
+        *self.state.lock()
+    }
+
+    /// Registers a call (its reply channel, if it expects one) and queues its frame,
+    /// finishing the frame with the new id. Gives the frame back if the socket is gone.
+    pub fn submit(
+        &self,
+        mut text: String,
+        reply: Option<ReplySender>,
+    ) -> Result<Option<CallId>, String> {
+        let mut slot = self.slot.lock();
+        let Slot { pending, out } = &mut *slot;
+        let Some(out) = out.as_ref().filter(|_| pending.is_open()) else {
+            return Err(text);
+        };
+        let id = match reply {
+            Some(tx) => match pending.insert(tx) {
+                Ok(id) => Some(id),
+                Err(_) => return Err(text),
+            },
+            None => None,
+        };
+        crate::jsonrpc::finish_frame(&mut text, id);
+        let ids = id.map_or(FrameIds::None, FrameIds::One);
+        match out.try_send(Outgoing { text, ids }) {
+            Ok(()) => Ok(id),
+            Err(e) => {
+                if let Some(id) = id {
+                    pending.remove(id);
+                }
+                Err(e.into_inner().text)
+            }
+        }
+    }
+
+    /// Queues a forwarded batch as one frame. `build` gets the ids of the calls (in
+    /// order) and writes the whole frame.
+    pub fn submit_batch(
+        &self,
+        replies: Vec<ReplySender>,
+        build: impl FnOnce(&[CallId]) -> String,
+    ) -> Result<Vec<CallId>, ()> {
+        let mut slot = self.slot.lock();
+        let Slot { pending, out } = &mut *slot;
+        let Some(out) = out.as_ref().filter(|_| pending.is_open()) else {
+            return Err(());
+        };
+        let mut ids = Vec::with_capacity(replies.len());
+        for tx in replies {
+            // Cannot fail: the map is open and we hold its lock.
+            if let Ok(id) = pending.insert(tx) {
+                ids.push(id);
+            }
+        }
+        let text = build(&ids);
+        match out.try_send(Outgoing {
+            text,
+            ids: FrameIds::Many(ids.clone()),
+        }) {
+            Ok(()) => Ok(ids),
+            Err(_) => {
+                for id in ids {
+                    pending.remove(id);
+                }
+                Err(())
+            }
+        }
+    }
+
+    /// A caller gave up (timeout, client gone): forget its call.
+    pub fn forget(&self, id: CallId) {
+        self.slot.lock().pending.remove(id);
+    }
+
+    /// Calls waiting for a reply on this connection right now.
+    pub fn pending_len(&self) -> usize {
+        self.slot.lock().pending.len()
+    }
+
+    fn set_state(&self, state: ConnState) {
+        *self.state.lock() = state;
+    }
+
+    /// The socket is up: accept calls through `out`.
+    fn opened(&self, out: mpsc::Sender<Outgoing>) {
+        {
+            let mut slot = self.slot.lock();
+            slot.pending.open();
+            slot.out = Some(out);
+        }
+        self.open.store(true, Ordering::Release);
+        self.set_state(ConnState::Open);
+        self.signals.open_connections.fetch_add(1, Ordering::AcqRel);
+        self.signals.changed.notify_waiters();
+    }
+
+    /// The socket is gone: answer every caller now. Frames still in `queue` were never
+    /// written, so their callers may retry elsewhere; the rest may have run.
+    fn closed(&self, queue: &mut mpsc::Receiver<Outgoing>) -> (usize, usize) {
+        self.open.store(false, Ordering::Release);
+        let drained = {
+            let mut slot = self.slot.lock();
+            slot.out = None;
+            slot.pending.close()
+        };
+        self.signals.open_connections.fetch_sub(1, Ordering::AcqRel);
+        let mut waiting: std::collections::HashMap<CallId, ReplySender> =
+            drained.into_iter().collect();
+        queue.close();
+        let mut not_sent = 0;
+        while let Ok(frame) = queue.try_recv() {
+            let ids = match frame.ids {
+                FrameIds::None => Vec::new(),
+                FrameIds::One(id) => vec![id],
+                FrameIds::Many(ids) => ids,
+            };
+            for id in ids {
+                if let Some(tx) = waiting.remove(&id) {
+                    not_sent += 1;
+                    let _ = tx.send(Err(Failure::NotSent));
+                }
+            }
+        }
+        let lost = waiting.len();
+        for (_, tx) in waiting {
+            let _ = tx.send(Err(Failure::Lost));
+        }
+        (not_sent, lost)
+    }
+
+    /// Matches one upstream frame's replies to their callers.
+    fn deliver(&self, frame: Bytes) {
+        let Ok(text) = std::str::from_utf8(&frame) else {
+            self.signals.garbage.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = %self.label, "binary frame is not UTF-8 text; ignored");
+            return;
+        };
+        let base = text.as_ptr() as usize;
+        let mut unmatched = 0u64;
+        let seen = {
+            let mut slot = self.slot.lock();
+            crate::jsonrpc::read_upstream(text, |id, outcome| {
+                let payload = outcome.payload().get();
+                let start = payload.as_ptr() as usize - base;
+                match slot.pending.remove(id) {
+                    Some(tx) => {
+                        let _ = tx.send(Ok(Reply {
+                            frame: frame.clone(),
+                            range: start..start + payload.len(),
+                            is_error: outcome.is_error(),
+                        }));
+                    }
+                    None => unmatched += 1,
+                }
+            })
+        };
+        let unmatched = unmatched + seen.unsolicited as u64;
+        if unmatched > 0 {
+            self.signals.unmatched.fetch_add(unmatched, Ordering::Relaxed);
+            tracing::debug!(conn = %self.label, count = unmatched, "upstream message matched no pending call");
+        }
+        if seen.garbage > 0 {
+            self.signals
+                .garbage
+                .fetch_add(seen.garbage as u64, Ordering::Relaxed);
+            tracing::debug!(conn = %self.label, "upstream sent a frame that is not JSON-RPC; ignored");
+        }
+    }
+}
+
+/// Why a socket session ended.
+#[derive(Debug, thiserror::Error)]
+enum End {
+    #[error("shutting down")]
+    Shutdown,
+    #[error("closed by upstream ({})", .0.as_ref().map_or_else(|| "no close frame".to_string(), |f| format!("{} {}", f.code, f.reason)))]
+    ClosedByPeer(Option<CloseFrame>),
+    #[error("socket closed without a close frame")]
+    Eof,
+    #[error("no pong within pong_timeout")]
+    PongTimeout,
+    #[error("{0}")]
+    Error(tokio_tungstenite::tungstenite::Error),
+}
+
+/// The connection task: connect, serve, and reconnect with backoff until shutdown.
+///
+/// An explicit loop over states rather than flags: `Connecting` → `Open` (serving a
+/// session) → `Backoff` → `Connecting` …, and `Stopped` once shutdown is requested.
+pub async fn run(
+    shared: Arc<Shared>,
+    target: Arc<Target>,
+    ws: Arc<WebSocketConfig>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(ws.reconnect_base, ws.reconnect_max);
+    loop {
+        shared.set_state(ConnState::Connecting);
+        let attempt = tokio::select! {
+            r = timeout(ws.handshake_timeout, target.connect(&ws)) => r,
+            _ = shutdown.cancelled() => break,
+        };
+        match attempt {
+            Ok(Ok(socket)) => {
+                tracing::info!(conn = %shared.label, "upstream connected");
+                let opened_at = Instant::now();
+                // Queue depth never exceeds the calls holding slots, plus notifications.
+                let (tx, mut rx) = mpsc::channel(shared.max_in_flight + 64);
+                shared.opened(tx);
+                let end = session(socket, &mut rx, &shared, &ws, &shutdown).await;
+                let (not_sent, lost) = shared.closed(&mut rx);
+                if matches!(end, End::Shutdown) {
+                    break;
+                }
+                tracing::warn!(conn = %shared.label, reason = %end, in_flight_lost = lost, requeued = not_sent, "upstream connection lost");
+                // A connection that stayed up a while earns a fast reconnect; one that
+                // dies right after its handshake keeps backing off, so a server that
+                // accepts and drops at once is not hammered.
+                if opened_at.elapsed() >= ws.reconnect_max.min(std::time::Duration::from_secs(5)) {
+                    backoff.reset();
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(conn = %shared.label, error = %e, "upstream connect failed");
+            }
+            Err(_) => {
+                tracing::warn!(conn = %shared.label, timeout = ?ws.handshake_timeout, "upstream handshake timed out");
+            }
+        }
+        shared.set_state(ConnState::Backoff);
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    shared.set_state(ConnState::Stopped);
+}
+
+/// Serves one open socket until it ends.
+///
+/// The reader and the writer are two futures in this one task, polled together:
+/// the writer may wait on a full socket while the reader keeps draining replies, so a
+/// slow upstream cannot deadlock us with both directions blocked.
+async fn session(
+    socket: WsStream,
+    queue: &mut mpsc::Receiver<Outgoing>,
+    shared: &Shared,
+    ws: &WebSocketConfig,
+    shutdown: &CancellationToken,
+) -> End {
+    let (mut sink, mut stream) = socket.split();
+    let awaiting_pong = AtomicBool::new(false);
+
+    let writer = async {
+        let mut batch = Vec::with_capacity(64);
+        let start = Instant::now() + ws.ping_interval;
+        let mut ping = tokio::time::interval_at(start, ws.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pong_deadline: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                // Frames first: under load, pings can wait a moment but calls should not.
+                biased;
+                n = queue.recv_many(&mut batch, 64) => {
+                    if n == 0 {
+                        return End::Eof;
+                    }
+                    // Many frames, one flush: under load this turns hundreds of small
+                    // writes into a few syscalls.
+                    for frame in batch.drain(..) {
+                        if let Err(e) = sink.feed(Message::text(frame.text)).await {
+                            return End::Error(e);
+                        }
+                    }
+                    if let Err(e) = sink.flush().await {
+                        return End::Error(e);
+                    }
+                }
+                _ = ping.tick(), if pong_deadline.is_none() => {
+                    awaiting_pong.store(true, Ordering::Release);
+                    pong_deadline = Some(Instant::now() + ws.pong_timeout);
+                    if let Err(e) = sink.send(Message::Ping(Bytes::new())).await {
+                        return End::Error(e);
+                    }
+                }
+                _ = sleep_until(pong_deadline.unwrap_or_else(Instant::now)), if pong_deadline.is_some() => {
+                    if awaiting_pong.load(Ordering::Acquire) {
+                        return End::PongTimeout;
+                    }
+                    pong_deadline = None;
+                }
+                _ = shutdown.cancelled() => {
+                    let close = CloseFrame { code: CloseCode::Away, reason: "rpcgate shutting down".into() };
+                    let _ = timeout(ws.handshake_timeout, sink.send(Message::Close(Some(close)))).await;
+                    return End::Shutdown;
+                }
+            }
+        }
+    };
+
+    let reader = async {
+        while let Some(message) = stream.next().await {
+            match message {
+                Ok(Message::Text(text)) => shared.deliver(Bytes::from(text)),
+                Ok(Message::Binary(data)) => shared.deliver(data),
+                Ok(Message::Pong(_)) => awaiting_pong.store(false, Ordering::Release),
+                Ok(Message::Close(frame)) => return End::ClosedByPeer(frame),
+                Ok(Message::Ping(_) | Message::Frame(_)) => {}
+                Err(e) => return End::Error(e),
+            }
+        }
+        End::Eof
+    };
+
+    tokio::select! {
+        end = writer => end,
+        end = reader => end,
+    }
+}
