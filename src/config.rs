@@ -205,16 +205,23 @@ impl Config {
             }
             for (name, value) in &up.headers {
                 if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                    p.push(format!("upstreams[{i}].headers: {name:?} is not a valid header name"));
+                    p.push(format!(
+                        "upstreams[{i}].headers: {name:?} is not a valid header name"
+                    ));
                 }
                 if http::HeaderValue::from_str(value).is_err() {
-                    p.push(format!("upstreams[{i}].headers.{name}: not a valid header value"));
+                    p.push(format!(
+                        "upstreams[{i}].headers.{name}: not a valid header value"
+                    ));
                 }
             }
             if let Some(ca) = &up.ca_file
                 && !ca.is_file()
             {
-                p.push(format!("upstreams[{i}].ca_file: {} is not a readable file", ca.display()));
+                p.push(format!(
+                    "upstreams[{i}].ca_file: {} is not a readable file",
+                    ca.display()
+                ));
             }
         }
         if !self.http.path.starts_with('/') {
@@ -224,8 +231,14 @@ impl Config {
             ("http.max_body_bytes", self.http.max_body_bytes),
             ("http.max_batch_size", self.http.max_batch_size),
             ("http.max_connections", self.http.max_connections),
-            ("http.http2_max_streams", self.http.http2_max_streams as usize),
-            ("websocket.max_message_bytes", self.websocket.max_message_bytes),
+            (
+                "http.http2_max_streams",
+                self.http.http2_max_streams as usize,
+            ),
+            (
+                "websocket.max_message_bytes",
+                self.websocket.max_message_bytes,
+            ),
         ];
         for (key, v) in nonzero {
             if v == 0 {
@@ -239,7 +252,10 @@ impl Config {
             ("calls.request_timeout", self.calls.request_timeout),
             ("websocket.ping_interval", self.websocket.ping_interval),
             ("websocket.pong_timeout", self.websocket.pong_timeout),
-            ("websocket.handshake_timeout", self.websocket.handshake_timeout),
+            (
+                "websocket.handshake_timeout",
+                self.websocket.handshake_timeout,
+            ),
             ("websocket.reconnect_base", self.websocket.reconnect_base),
             ("websocket.reconnect_max", self.websocket.reconnect_max),
         ];
@@ -257,7 +273,9 @@ impl Config {
 
 /// Checks that `url` is a usable `ws://` or `wss://` URL.
 pub fn check_ws_url(url: &str) -> Result<(), String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
     match uri.scheme_str() {
         Some("ws" | "wss") => {}
         _ => return Err(format!("{url:?} must start with ws:// or wss://")),
@@ -270,7 +288,8 @@ pub fn check_ws_url(url: &str) -> Result<(), String> {
 
 /// Parses `30s`, `250ms`, `1m 30s`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim()).map_err(|e| format!("{text:?} is not a duration like 30s or 250ms ({e})"))
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like 30s or 250ms ({e})"))
 }
 
 /// Reads one table, remembering which keys were used so the rest can be reported.
@@ -306,7 +325,11 @@ impl<'a> Section<'a> {
         match self.get(key)? {
             Value::String(s) => Some(s.clone()),
             other => {
-                p.push(format!("{}: expected a string, found {}", self.key(key), other.type_str()));
+                p.push(format!(
+                    "{}: expected a string, found {}",
+                    self.key(key),
+                    other.type_str()
+                ));
                 None
             }
         }
@@ -340,7 +363,11 @@ impl<'a> Section<'a> {
         match self.get(key)? {
             Value::Table(t) => Some(t),
             other => {
-                p.push(format!("{}: expected a table, found {}", self.key(key), other.type_str()));
+                p.push(format!(
+                    "{}: expected a table, found {}",
+                    self.key(key),
+                    other.type_str()
+                ));
                 None
             }
         }
@@ -362,7 +389,9 @@ fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
     if let Some(listen) = root.string("listen", p) {
         match listen.parse() {
             Ok(a) => c.listen = a,
-            Err(_) => p.push(format!("listen: {listen:?} is not an address like 0.0.0.0:8080")),
+            Err(_) => p.push(format!(
+                "listen: {listen:?} is not an address like 0.0.0.0:8080"
+            )),
         }
     }
     if let Some(t) = root.table("http", p) {
@@ -413,7 +442,9 @@ fn read_http(t: &Table, h: &mut HttpConfig, p: &mut Vec<String>) {
         match mode.as_str() {
             "split" => h.batch = BatchMode::Split,
             "forward" => h.batch = BatchMode::Forward,
-            _ => p.push(format!("http.batch: {mode:?} must be \"split\" or \"forward\"")),
+            _ => p.push(format!(
+                "http.batch: {mode:?} must be \"split\" or \"forward\""
+            )),
         }
     }
     s.duration("header_read_timeout", &mut h.header_read_timeout, p);
@@ -463,8 +494,8 @@ pub fn expand_env(text: &str) -> Result<String, String> {
             .find('}')
             .ok_or_else(|| "unclosed ${ in value".to_string())?;
         let name = &after[..end];
-        let value = std::env::var(name)
-            .map_err(|_| format!("environment variable {name} is not set"))?;
+        let value =
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -523,7 +554,10 @@ mod tests {
         assert_eq!(c.calls.request_timeout, Duration::from_millis(250));
         assert_eq!(c.websocket.ping_interval, Duration::from_secs(60));
         assert_eq!(c.upstreams[0].connections, 2);
-        assert_eq!(c.upstreams[0].headers, vec![("Authorization".into(), "Bearer x".into())]);
+        assert_eq!(
+            c.upstreams[0].headers,
+            vec![("Authorization".into(), "Bearer x".into())]
+        );
     }
 
     #[test]

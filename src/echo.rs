@@ -391,9 +391,8 @@ fn valid_id(id: &RawValue) -> bool {
 
 impl Backend {
     fn new(name: &str) -> Self {
-        let name_json = serde_json::to_string(name)
-            .unwrap_or_else(|_| String::from("\"echo\""))
-            .into_boxed_str();
+        // Display on a `Value` cannot fail, unlike `to_string`'s `Result`.
+        let name_json = serde_json::Value::from(name).to_string().into_boxed_str();
         Backend { name_json }
     }
 
@@ -531,7 +530,13 @@ fn invalid<'a>(text: &'a str, error: &serde_json::Error) -> Reply<'a> {
 }
 
 fn single(reply: &Reply<'_>) -> String {
-    let mut buf = String::with_capacity(64 + reply.id.len());
+    let payload = match reply.outcome {
+        Outcome::Raw(raw) => raw.len(),
+        Outcome::Error { data, .. } => data.map_or(0, str::len),
+        Outcome::Int(_) | Outcome::Float(_) => 0,
+    };
+    // Envelope, message and number fit in the 96; sized up front so a large echo is one allocation.
+    let mut buf = String::with_capacity(96 + reply.id.len() + payload);
     write_reply(&mut buf, reply);
     buf
 }
@@ -945,5 +950,161 @@ mod tests {
         let replies: Vec<&RawValue> = serde_json::from_str(&nested).expect("a JSON array");
         assert_eq!(replies.len(), 1, "{nested}");
         assert!(error("null", INVALID_REQUEST)(replies[0].get()), "{nested}");
+    }
+
+    mod socket {
+        //! The connection plumbing, against a real socket and a real WebSocket client.
+
+        use super::super::serve;
+        use futures_util::{SinkExt as _, StreamExt as _};
+        use std::future::Future;
+        use std::net::SocketAddr;
+        use std::sync::Arc;
+        use std::time::Duration;
+        use tokio::net::TcpListener;
+        use tokio::task::JoinHandle;
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        use tokio_util::sync::CancellationToken;
+
+        type Client = tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >;
+
+        /// Generous: it only bounds how long a broken build takes to fail.
+        async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+            tokio::time::timeout(Duration::from_secs(10), f)
+                .await
+                .unwrap_or_else(|_| panic!("timed out: {what}"))
+        }
+
+        async fn start() -> (
+            SocketAddr,
+            CancellationToken,
+            JoinHandle<std::io::Result<()>>,
+        ) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("local addr");
+            let shutdown = CancellationToken::new();
+            let server = tokio::spawn(serve(listener, Arc::from("sock"), shutdown.clone()));
+            (addr, shutdown, server)
+        }
+
+        async fn connect(addr: SocketAddr) -> Client {
+            let url = format!("ws://{addr}");
+            within("connect", tokio_tungstenite::connect_async(url))
+                .await
+                .expect("handshake")
+                .0
+        }
+
+        async fn next_text(client: &mut Client) -> String {
+            loop {
+                match within("next message", client.next()).await {
+                    Some(Ok(Message::Text(text))) => return text.as_str().to_owned(),
+                    Some(Ok(Message::Pong(_))) => continue,
+                    other => panic!("expected a text message, got {other:?}"),
+                }
+            }
+        }
+
+        #[tokio::test]
+        async fn slow_replies_do_not_hold_back_fast_ones() {
+            let (addr, shutdown, server) = start().await;
+            let mut client = connect(addr).await;
+
+            // The sleep outlasts the test; its reply must not stand in the echo's way.
+            let sleep = r#"{"jsonrpc":"2.0","id":1,"method":"sleep","params":[60000]}"#;
+            within("send", client.send(Message::text(sleep)))
+                .await
+                .expect("send");
+            let echo = r#"{"jsonrpc":"2.0","id":2,"method":"echo","params":[2]}"#;
+            within(
+                "send",
+                client.send(Message::binary(echo.as_bytes().to_vec())),
+            )
+            .await
+            .expect("send");
+            assert_eq!(
+                next_text(&mut client).await,
+                r#"{"jsonrpc":"2.0","id":2,"result":[2]}"#
+            );
+
+            let notify = r#"{"jsonrpc":"2.0","id":3,"method":"notify","params":"n"}"#;
+            within("send", client.send(Message::text(notify)))
+                .await
+                .expect("send");
+            assert_eq!(
+                next_text(&mut client).await,
+                r#"{"jsonrpc":"2.0","method":"notification","params":"n"}"#
+            );
+            assert_eq!(
+                next_text(&mut client).await,
+                r#"{"jsonrpc":"2.0","id":3,"result":true}"#
+            );
+
+            within("ping", client.send(Message::Ping(b"p".to_vec().into())))
+                .await
+                .expect("ping");
+            let whoami = r#"{"jsonrpc":"2.0","id":4,"method":"whoami"}"#;
+            within("send", client.send(Message::text(whoami)))
+                .await
+                .expect("send");
+            assert_eq!(
+                next_text(&mut client).await,
+                r#"{"jsonrpc":"2.0","id":4,"result":"sock"}"#
+            );
+
+            // Shutdown says goodbye with 1001 even though a sleep is still pending.
+            shutdown.cancel();
+            match within("close", client.next()).await {
+                Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Away),
+                other => panic!("expected Close(1001), got {other:?}"),
+            }
+            assert!(within("close ack", client.next()).await.is_none());
+            within("server to stop", server)
+                .await
+                .expect("server task")
+                .expect("serve");
+        }
+
+        #[tokio::test]
+        async fn a_client_closing_or_vanishing_does_not_stop_the_server() {
+            let (addr, shutdown, server) = start().await;
+
+            let mut polite = connect(addr).await;
+            within("close", polite.close(None)).await.expect("close");
+            match within("close ack", polite.next()).await {
+                Some(Ok(Message::Close(_))) => {}
+                other => panic!("expected the server's Close, got {other:?}"),
+            }
+            assert!(within("end of stream", polite.next()).await.is_none());
+
+            let rude = connect(addr).await;
+            drop(rude);
+            let garbage = tokio::net::TcpStream::connect(addr)
+                .await
+                .expect("tcp connect");
+            drop(garbage);
+
+            let mut client = connect(addr).await;
+            let sum = r#"[{"jsonrpc":"2.0","id":1,"method":"sum","params":[1,2]}]"#;
+            within("send", client.send(Message::text(sum)))
+                .await
+                .expect("send");
+            assert_eq!(
+                next_text(&mut client).await,
+                r#"[{"jsonrpc":"2.0","id":1,"result":3}]"#
+            );
+
+            shutdown.cancel();
+            // Reading lets the client acknowledge the Close; a client that never does
+            // would hold shutdown up for CLOSE_TIMEOUT.
+            while let Some(Ok(_)) = within("close", client.next()).await {}
+            within("server to stop", server)
+                .await
+                .expect("server task")
+                .expect("serve");
+        }
     }
 }

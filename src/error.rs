@@ -28,7 +28,9 @@ pub enum Error {
     NotFound(String),
     #[error("request body not received within {0:?}")]
     BodyTimeout(Duration),
-    #[error("no upstream connection became available within {0:?}; the upstream may be down, retry later")]
+    #[error(
+        "no upstream connection became available within {0:?}; the upstream may be down, retry later"
+    )]
     NoUpstream(Duration),
     #[error("every upstream connection is at max_in_flight; retry later")]
     Overloaded,

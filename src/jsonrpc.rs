@@ -97,14 +97,15 @@ pub fn parse_body(body: &[u8], max_batch_size: usize) -> Result<Body<'_>, Error>
                 Ok(wire) => Ok(Body::Single(validate(wire, body))),
                 // A type mismatch may hide a later syntax error; only a body that is JSON
                 // throughout is an invalid request rather than a parse error.
-                Err(e) if e.is_data() => match serde_json::from_slice::<serde::de::IgnoredAny>(body)
-                {
-                    Ok(_) => Ok(Body::Single(Err(Invalid {
-                        id: read_id(body),
-                        reason: "a request must be an object with \"jsonrpc\":\"2.0\" and a string \"method\"",
-                    }))),
-                    Err(e) => Err(Error::Parse(e.to_string())),
-                },
+                Err(e) if e.is_data() => {
+                    match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+                        Ok(_) => Ok(Body::Single(Err(Invalid {
+                            id: read_id(body),
+                            reason: "a request must be an object with \"jsonrpc\":\"2.0\" and a string \"method\"",
+                        }))),
+                        Err(e) => Err(Error::Parse(e.to_string())),
+                    }
+                }
                 Err(e) => Err(Error::Parse(e.to_string())),
             }
         }
@@ -136,7 +137,12 @@ fn valid_id(id: &RawValue) -> bool {
 
 fn validate<'a>(wire: WireRequest<'a>, _body: &'a [u8]) -> Entry<'a> {
     let id = wire.id;
-    let invalid = |reason| Err(Invalid { id: id.filter(|i| valid_id(i)), reason });
+    let invalid = |reason| {
+        Err(Invalid {
+            id: id.filter(|i| valid_id(i)),
+            reason,
+        })
+    };
     match wire.jsonrpc {
         Some(v) if v.get() == "\"2.0\"" => {}
         Some(v) if serde_json::from_str::<Cow<'_, str>>(v.get()).is_ok_and(|s| s == "2.0") => {}
@@ -301,7 +307,11 @@ fn parse_our_id(text: &str) -> Option<u64> {
 pub fn write_reply(out: &mut Vec<u8>, client_id: &RawValue, is_error: bool, payload: &str) {
     out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
     out.extend_from_slice(client_id.get().as_bytes());
-    out.extend_from_slice(if is_error { br#","error":"# } else { br#","result":"# });
+    out.extend_from_slice(if is_error {
+        br#","error":"#
+    } else {
+        br#","result":"#
+    });
     out.extend_from_slice(payload.as_bytes());
     out.push(b'}');
 }
@@ -369,7 +379,12 @@ mod tests {
             let mut out = Vec::new();
             read_upstream(upstream_reply, |our, outcome| {
                 assert_eq!(our, 7);
-                write_reply(&mut out, call.id.unwrap(), outcome.is_error(), outcome.payload().get());
+                write_reply(
+                    &mut out,
+                    call.id.unwrap(),
+                    outcome.is_error(),
+                    outcome.payload().get(),
+                );
             });
             let expected = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":[1]}}"#);
             assert_eq!(String::from_utf8(out).unwrap(), expected);
@@ -378,8 +393,8 @@ mod tests {
 
     #[test]
     fn frame_rewrites_id_and_keeps_params_raw() {
-        let call = single(r#"{"id":"x","params":{"a" : 1.50},"method":"a\"b","jsonrpc":"2.0"}"#)
-            .unwrap();
+        let call =
+            single(r#"{"id":"x","params":{"a" : 1.50},"method":"a\"b","jsonrpc":"2.0"}"#).unwrap();
         let mut frame = String::new();
         call.encode_prefix(&mut frame);
         finish_frame(&mut frame, Some(42));
@@ -396,7 +411,14 @@ mod tests {
 
     #[test]
     fn malformed_json_is_a_parse_error() {
-        for body in ["", "   ", "{", r#"{"jsonrpc":"2.0","method":1,"#, "[1,", "nul"] {
+        for body in [
+            "",
+            "   ",
+            "{",
+            r#"{"jsonrpc":"2.0","method":1,"#,
+            "[1,",
+            "nul",
+        ] {
             let err = parse_body(body.as_bytes(), 100).unwrap_err();
             assert_eq!(err.code(), -32700, "body {body:?}");
         }
@@ -431,10 +453,11 @@ mod tests {
             parse_body(b"[1,2,3]", 2).unwrap_err(),
             Error::BatchTooLarge { size: 3, max: 2 }
         );
-        let Body::Batch(items) =
-            parse_body(br#"[{"jsonrpc":"2.0","method":"a","id":1}, 7, {"jsonrpc":"2.0","method":"n"}]"#, 10)
-                .unwrap()
-        else {
+        let Body::Batch(items) = parse_body(
+            br#"[{"jsonrpc":"2.0","method":"a","id":1}, 7, {"jsonrpc":"2.0","method":"n"}]"#,
+            10,
+        )
+        .unwrap() else {
             panic!("expected batch")
         };
         assert_eq!(items.len(), 3);
@@ -450,7 +473,14 @@ mod tests {
             r#"[{"jsonrpc":"2.0","id":1,"result":null},{"jsonrpc":"2.0","id":"2","error":{"code":1}},{"jsonrpc":"2.0","method":"note"},{"id":3},{"jsonrpc":"2.0","id":"zz","result":1}]"#,
             |id, o| got.push((id, o)),
         );
-        assert_eq!(seen, Inbound { replies: 2, unsolicited: 2, garbage: 1 });
+        assert_eq!(
+            seen,
+            Inbound {
+                replies: 2,
+                unsolicited: 2,
+                garbage: 1
+            }
+        );
         assert_eq!(got[0].0, 1);
         assert!(matches!(got[0].1, Outcome::Result(r) if r.get() == "null"));
         assert!(matches!(got[1].1, Outcome::Error(_)));

@@ -44,9 +44,7 @@ struct RunArgs {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Validate a config file and print every problem; exit 1 if there are any.
-    CheckConfig {
-        file: PathBuf,
-    },
+    CheckConfig { file: PathBuf },
     /// Serve a small JSON-RPC backend over WebSocket (echo, sum, sleep, whoami, fail, notify).
     EchoServer {
         #[arg(long, default_value = "127.0.0.1:9000")]
@@ -219,7 +217,11 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    let echo_task = tokio::spawn(echo::serve(backend, Arc::from("demo-echo"), shutdown.clone()));
+    let echo_task = tokio::spawn(echo::serve(
+        backend,
+        Arc::from("demo-echo"),
+        shutdown.clone(),
+    ));
 
     let mut config = Config {
         listen: addr,

@@ -49,12 +49,13 @@ pub struct Gateway {
 impl Gateway {
     /// Binds the listener and starts the upstream connections (in the background).
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         Gateway::from_listener(listener, config)
     }
 
@@ -132,11 +133,16 @@ impl Gateway {
         }
         drop(self.listener);
         let drain = self.state.config.calls.request_timeout + Duration::from_secs(1);
-        if tokio::time::timeout(drain, async { while connections.join_next().await.is_some() {} })
-            .await
-            .is_err()
+        if tokio::time::timeout(drain, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await
+        .is_err()
         {
-            tracing::warn!(remaining = connections.len(), "connections still open after drain; closing");
+            tracing::warn!(
+                remaining = connections.len(),
+                "connections still open after drain; closing"
+            );
             connections.abort_all();
         }
         self.upstream_shutdown.cancel();

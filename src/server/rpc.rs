@@ -55,9 +55,17 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
         Ok(Err(e)) => {
             // The client broke off mid-body; whatever we answer will likely not arrive.
             tracing::debug!(error = %e, "reading request body failed");
-            return Ok(error_response(None, &Error::InvalidRequest("request body could not be read")));
+            return Ok(error_response(
+                None,
+                &Error::InvalidRequest("request body could not be read"),
+            ));
         }
-        Err(_) => return Ok(error_response(None, &Error::BodyTimeout(http.body_read_timeout))),
+        Err(_) => {
+            return Ok(error_response(
+                None,
+                &Error::BodyTimeout(http.body_read_timeout),
+            ));
+        }
     };
     // The deadline starts once the request is in: slow clients don't eat upstream time.
     let deadline = Instant::now() + state.config.calls.request_timeout;
@@ -145,7 +153,10 @@ async fn element(entry: &Entry<'_>, state: &AppState, deadline: Instant) -> Slot
 
 /// The valid elements go upstream as one frame; invalid ones are answered here.
 async fn forward(entries: &[Entry<'_>], state: &AppState, deadline: Instant) -> Vec<Slot> {
-    let calls: Vec<Call<'_>> = entries.iter().filter_map(|e| e.as_ref().ok().copied()).collect();
+    let calls: Vec<Call<'_>> = entries
+        .iter()
+        .filter_map(|e| e.as_ref().ok().copied())
+        .collect();
     let expecting = calls.iter().filter(|c| !c.is_notification()).count();
     let answers: Vec<Result<Reply, Error>> = if calls.is_empty() {
         Vec::new()

@@ -68,13 +68,13 @@ impl Target {
         for (name, value) in &up.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|e| url_err(format!("header {name:?}: {e}")))?;
-            let value = HeaderValue::from_str(value)
-                .map_err(|e| url_err(format!("header {name}: {e}")))?;
+            let value =
+                HeaderValue::from_str(value).map_err(|e| url_err(format!("header {name}: {e}")))?;
             headers.push((name, value));
         }
         if let Some(proto) = &up.subprotocol {
-            let value = HeaderValue::from_str(proto)
-                .map_err(|e| url_err(format!("subprotocol: {e}")))?;
+            let value =
+                HeaderValue::from_str(proto).map_err(|e| url_err(format!("subprotocol: {e}")))?;
             headers.push((http::header::SEC_WEBSOCKET_PROTOCOL, value));
         }
         let tls = if secure {

@@ -298,7 +298,9 @@ impl Shared {
         };
         let unmatched = unmatched + seen.unsolicited as u64;
         if unmatched > 0 {
-            self.signals.unmatched.fetch_add(unmatched, Ordering::Relaxed);
+            self.signals
+                .unmatched
+                .fetch_add(unmatched, Ordering::Relaxed);
             tracing::debug!(conn = %self.label, count = unmatched, "upstream message matched no pending call");
         }
         if seen.garbage > 0 {

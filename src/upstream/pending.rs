@@ -141,6 +141,6 @@ mod tests {
                 assert!(m.remove(id).is_some());
             }
         }
-        assert_eq!(m.len(), 101);
+        assert_eq!(m.len(), 100);
     }
 }

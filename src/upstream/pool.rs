@@ -102,6 +102,19 @@ impl Upstreams {
         self.signals.open_connections.load(Ordering::Acquire)
     }
 
+    /// Resolves once at least `n` connections are open.
+    pub async fn wait_for_open(&self, n: usize) {
+        loop {
+            let notified = self.signals.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open_connections() >= n {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Each connection's state, in configuration order.
     pub fn states(&self) -> Vec<ConnState> {
         self.conns.iter().map(|c| c.state()).collect()
@@ -255,16 +268,18 @@ impl Upstreams {
             match self.pick(count) {
                 Pick::Got(permit) => return Ok(permit),
                 Pick::NoneOpen => {
-                    let until = *connect_deadline
-                        .get_or_insert_with(|| (Instant::now() + self.calls.connect_wait).min(deadline));
+                    let until = *connect_deadline.get_or_insert_with(|| {
+                        (Instant::now() + self.calls.connect_wait).min(deadline)
+                    });
                     if Instant::now() >= until {
                         return Err(Error::NoUpstream(self.calls.connect_wait));
                     }
                     let _ = timeout_at(until, notified).await;
                 }
                 Pick::AllFull => {
-                    let until = *queue_deadline
-                        .get_or_insert_with(|| (Instant::now() + self.calls.queue_timeout).min(deadline));
+                    let until = *queue_deadline.get_or_insert_with(|| {
+                        (Instant::now() + self.calls.queue_timeout).min(deadline)
+                    });
                     if Instant::now() >= until {
                         return Err(Error::Overloaded);
                     }
@@ -295,7 +310,11 @@ impl Upstreams {
                 }
             }
             let Some(conn) = best else {
-                return if any_open { Pick::AllFull } else { Pick::NoneOpen };
+                return if any_open {
+                    Pick::AllFull
+                } else {
+                    Pick::NoneOpen
+                };
             };
             let before = conn.in_flight.fetch_add(count, Ordering::AcqRel);
             if fits(before, count, conn.max_in_flight) {

@@ -1,0 +1,80 @@
+//! Starting a real gateway in-process on 127.0.0.1 port 0.
+
+use rpcgate::Gateway;
+use rpcgate::config::{Config, UpstreamConfig};
+use rpcgate::upstream::Upstreams;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A gateway serving on a free loopback port; stops when dropped.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub upstreams: Arc<Upstreams>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Defaults, with `connections` sockets to each of `urls`.
+pub fn config_for(urls: &[String], connections: usize) -> Config {
+    let mut config = Config {
+        upstreams: urls
+            .iter()
+            .map(|url| {
+                let mut up = UpstreamConfig::new(url.clone());
+                up.connections = connections;
+                up
+            })
+            .collect(),
+        ..Config::default()
+    };
+    // Reconnects in tests should not wait out production-sized backoffs.
+    config.websocket.reconnect_base = Duration::from_millis(10);
+    config.websocket.reconnect_max = Duration::from_millis(200);
+    config
+}
+
+/// Starts a gateway with `config` (its `listen` is ignored: port 0 is used).
+pub async fn start_gateway(config: Config) -> TestGateway {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let addr = listener.local_addr().expect("local addr");
+    let gateway = Gateway::from_listener(listener, config).expect("gateway starts");
+    let upstreams = gateway.upstreams();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(gateway.run(shutdown.clone()));
+    TestGateway {
+        addr,
+        upstreams,
+        shutdown,
+        task: Some(task),
+    }
+}
+
+impl TestGateway {
+    /// Waits (bounded) until `n` upstream connections are open.
+    pub async fn wait_open(&self, n: usize) {
+        super::with_timeout(self.upstreams.wait_for_open(n)).await;
+    }
+
+    /// Requests a graceful stop and waits for it to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            super::with_timeout_of(Duration::from_secs(60), task)
+                .await
+                .expect("gateway task");
+        }
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
