@@ -4,6 +4,7 @@
 //! port through hyper-util's protocol detection.
 
 mod rpc;
+mod watch;
 
 use crate::config::Config;
 use crate::upstream::{TargetError, Upstreams};
@@ -12,13 +13,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use watch::{Activity, WatchedIo};
 
 /// Failures starting the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -83,10 +83,11 @@ impl Gateway {
     pub async fn run(self, shutdown: CancellationToken) {
         let http = &self.state.config.http;
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // Head and idle timeouts are ours (see `watch`): hyper's would merge them.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(http.header_read_timeout)
+            .header_read_timeout(None)
             .keep_alive(true);
         builder
             .http2()
@@ -150,28 +151,6 @@ impl Gateway {
     }
 }
 
-/// When the connection last went idle and how many requests it has open.
-#[derive(Default)]
-struct Activity {
-    active: AtomicUsize,
-    /// Milliseconds since `epoch` when the last request finished (or the connection opened).
-    idle_since_ms: AtomicU64,
-}
-
-struct RequestGuard<'a> {
-    activity: &'a Activity,
-    epoch: Instant,
-}
-
-impl Drop for RequestGuard<'_> {
-    fn drop(&mut self) {
-        self.activity
-            .idle_since_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Release);
-        self.activity.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -180,25 +159,23 @@ async fn serve_connection(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let epoch = Instant::now();
-    let activity = Arc::new(Activity::default());
-    let keep_alive = state.config.http.keep_alive_timeout;
+    let activity = Activity::new();
+    let http = &state.config.http;
+    let (header_timeout, keep_alive) = (http.header_read_timeout, http.keep_alive_timeout);
     let service = {
         let activity = activity.clone();
         service_fn(move |req| {
             let state = state.clone();
-            let activity = activity.clone();
+            let guard = activity.request_started();
             async move {
-                activity.active.fetch_add(1, Ordering::AcqRel);
-                let _guard = RequestGuard {
-                    activity: &activity,
-                    epoch,
-                };
-                rpc::handle(req, &state).await
+                let answer = rpc::handle(req, &state).await;
+                drop(guard);
+                answer
             }
         })
     };
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let io = TokioIo::new(WatchedIo::new(stream, activity.clone()));
+    let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let mut closing = false;
     loop {
@@ -209,7 +186,14 @@ async fn serve_connection(
                 }
                 return;
             }
-            _ = idle(&activity, epoch, keep_alive), if !closing => {
+            expiry = watch::expired(&activity, header_timeout, keep_alive), if !closing => {
+                if expiry == watch::Expiry::Head {
+                    // Half a head has nothing to answer, and hyper's graceful close
+                    // waits for the head to finish: drop the socket.
+                    tracing::debug!(%peer, "request head not finished within header_read_timeout");
+                    return;
+                }
+                // Graceful: an idle HTTP/1 connection closes now, HTTP/2 gets a GOAWAY.
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
@@ -217,25 +201,6 @@ async fn serve_connection(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-        }
-    }
-}
-
-/// Resolves once the connection has had no open request for `timeout`.
-///
-/// This is the keep-alive idle limit; hyper's own `header_read_timeout` bounds a
-/// client that starts a request head and never finishes it.
-async fn idle(activity: &Activity, epoch: Instant, timeout: Duration) {
-    loop {
-        if activity.active.load(Ordering::Acquire) == 0 {
-            let since = Duration::from_millis(activity.idle_since_ms.load(Ordering::Acquire));
-            let due = epoch + since + timeout;
-            if Instant::now() >= due && activity.active.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            tokio::time::sleep_until(due).await;
-        } else {
-            tokio::time::sleep(timeout).await;
         }
     }
 }

@@ -98,7 +98,10 @@ async fn only_notifications_is_204_and_empty_or_oversized_batches_are_400() {
     let v = resp.json();
     assert_eq!(v["error"]["code"], -32600);
     assert!(
-        v["error"]["message"].as_str().unwrap().contains("max_batch_size 3"),
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_batch_size 3"),
         "message names the limit: {v}"
     );
 
@@ -123,7 +126,12 @@ async fn forward_mode_sends_one_frame_with_rewritten_ids() {
     let call = tokio::spawn(post(gw.addr, "/", body));
     let frame = up.next_frame().await;
     let batch = frame.batch().expect("one frame holding the batch").to_vec();
-    assert_eq!(batch.len(), 3, "the invalid element stays behind: {}", frame.text);
+    assert_eq!(
+        batch.len(),
+        3,
+        "the invalid element stays behind: {}",
+        frame.text
+    );
     assert!(batch[1].get("id").is_none(), "the notification keeps no id");
     let ids: Vec<&Value> = [&batch[0], &batch[2]].iter().map(|c| &c["id"]).collect();
     assert!(ids.iter().all(|id| id.is_u64()), "ids rewritten: {ids:?}");

@@ -54,7 +54,10 @@ async fn ids_survive_inside_batches_and_error_answers() {
     let resp = post(gw.addr, "/", format!("[{}]", elements.join(","))).await;
     let text = resp.text();
     for id in IDS {
-        assert!(text.contains(&format!(r#""id":{id},"#)), "id {id} missing from {text}");
+        assert!(
+            text.contains(&format!(r#""id":{id},"#)),
+            "id {id} missing from {text}"
+        );
     }
     // Gateway-made errors carry the id too.
     let resp = post(gw.addr, "/", r#"{"jsonrpc":"2.0","method":{},"id":1.50}"#).await;

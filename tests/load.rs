@@ -34,7 +34,11 @@ async fn ten_thousand_calls_from_200_clients_over_2_connections_all_matched() {
                 assert_eq!(resp.status, StatusCode::OK);
                 let v = resp.json();
                 assert_eq!(v["id"], json!(i));
-                assert_eq!(v["result"]["echo"][0], Value::String(nonce), "client {c} call {i}");
+                assert_eq!(
+                    v["result"]["echo"][0],
+                    Value::String(nonce),
+                    "client {c} call {i}"
+                );
             }
         })
     });

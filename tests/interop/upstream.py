@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -236,19 +237,27 @@ async def handler(ws: ServerConnection, name: str) -> None:
 
 def watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
     """Sets `stop` when stdin reaches EOF (the spawning process went away)."""
-    if sys.stdin is None:
-        return
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # no stdin at all: nothing to watch
 
     def read_until_eof() -> None:
+        # os.read, not sys.stdin.buffer: the buffered reader holds a lock while it
+        # blocks, and a daemon thread holding it aborts interpreter shutdown.
         try:
-            while sys.stdin.buffer.read(65536):
+            while os.read(fd, 65536):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
-        loop.call_soon_threadsafe(stop.set)
+        try:
+            loop.call_soon_threadsafe(stop.set)
+        except RuntimeError:
+            pass  # the loop is already closed: we are exiting anyway
 
     # A daemon thread: a blocking read cannot be cancelled, and it must not keep the
-    # interpreter alive after a signal has asked us to stop.
+    # interpreter alive after a signal has asked us to stop. (`connect_read_pipe`
+    # would avoid the thread but rejects stdin redirected from a regular file.)
     threading.Thread(target=read_until_eof, name="stdin-watch", daemon=True).start()
 
 

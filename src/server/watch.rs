@@ -1,0 +1,205 @@
+//! Per-connection timeouts that hyper does not express the way we want.
+//!
+//! hyper 1 times the wait for *any* next request head with `header_read_timeout`, so an
+//! idle keep-alive connection and a client trickling a head byte by byte share one
+//! limit. We want two, as Go's `ReadHeaderTimeout`/`IdleTimeout` and Envoy do:
+//! `keep_alive_timeout` from the end of the last request (or the accept) to the first
+//! byte of the next one, and `header_read_timeout` from that first byte until the head
+//! is complete. [`WatchedIo`] notes the first byte; [`expired`] resolves when either
+//! limit passes, and the caller then shuts the connection down gracefully.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// What one client connection is doing, shared by its IO, its requests and its watchdog.
+pub struct Activity {
+    /// When the connection was accepted; the other times count from here.
+    epoch: Instant,
+    /// Requests being served right now.
+    active: AtomicUsize,
+    /// Milliseconds since `epoch` when the last request finished (0: accepted).
+    idle_since_ms: AtomicU64,
+    /// Milliseconds since `epoch` + 1 when the first byte of the next head arrived; 0: none yet.
+    head_started_ms: AtomicU64,
+    /// HTTP/2 reads frames (pings, window updates) all the time, which says nothing about
+    /// a request head; only the idle limit applies to it.
+    is_h2: AtomicBool,
+    /// Wakes the watchdog when any of the above changes its deadline.
+    changed: Notify,
+}
+
+impl Activity {
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            active: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(0),
+            is_h2: AtomicBool::new(false),
+            changed: Notify::new(),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// A request head was parsed and its handler starts; the guard marks its end.
+    pub fn request_started(self: &Arc<Self>) -> RequestGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.head_started_ms.store(0, Ordering::Release);
+        RequestGuard {
+            activity: self.clone(),
+        }
+    }
+
+    fn bytes_read(&self, first: &[u8], first_read: bool) {
+        if first_read && first.starts_with(b"PRI * HTTP/2") {
+            self.is_h2.store(true, Ordering::Release);
+        }
+        if self.active.load(Ordering::Acquire) == 0
+            && !self.is_h2.load(Ordering::Relaxed)
+            && self.head_started_ms.load(Ordering::Acquire) == 0
+        {
+            self.head_started_ms
+                .store(self.now_ms() + 1, Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+}
+
+pub struct RequestGuard {
+    activity: Arc<Activity>,
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let a = &self.activity;
+        a.idle_since_ms.store(a.now_ms(), Ordering::Release);
+        a.active.fetch_sub(1, Ordering::AcqRel);
+        a.changed.notify_one();
+    }
+}
+
+/// Which limit a connection ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// No request for `keep_alive_timeout`.
+    Idle,
+    /// A request head unfinished after `header_read_timeout`.
+    Head,
+}
+
+/// Resolves when the connection has been idle for `keep_alive`, or has spent
+/// `header_timeout` on an unfinished request head.
+pub async fn expired(
+    activity: &Activity,
+    header_timeout: Duration,
+    keep_alive: Duration,
+) -> Expiry {
+    loop {
+        let due = if activity.active.load(Ordering::Acquire) > 0 {
+            // Body and handler have limits of their own (body_read_timeout, request_timeout).
+            None
+        } else {
+            match activity.head_started_ms.load(Ordering::Acquire) {
+                0 => {
+                    let idle = activity.idle_since_ms.load(Ordering::Acquire);
+                    Some((
+                        Expiry::Idle,
+                        activity.epoch + Duration::from_millis(idle) + keep_alive,
+                    ))
+                }
+                started => Some((
+                    Expiry::Head,
+                    activity.epoch + Duration::from_millis(started - 1) + header_timeout,
+                )),
+            }
+        };
+        let changed = activity.changed.notified();
+        match due {
+            Some((expiry, due)) if Instant::now() >= due => return expiry,
+            Some((_, due)) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = changed => {}
+                }
+            }
+            None => changed.await,
+        }
+    }
+}
+
+/// A TCP stream that reports reads to its connection's [`Activity`].
+pub struct WatchedIo {
+    inner: TcpStream,
+    activity: Arc<Activity>,
+    first_read: bool,
+}
+
+impl WatchedIo {
+    pub fn new(inner: TcpStream, activity: Arc<Activity>) -> Self {
+        WatchedIo {
+            inner,
+            activity,
+            first_read: true,
+        }
+    }
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && buf.filled().len() > before
+        {
+            let first_read = std::mem::replace(&mut self.first_read, false);
+            self.activity
+                .bytes_read(&buf.filled()[before..], first_read);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
