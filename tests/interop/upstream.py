@@ -123,16 +123,21 @@ def sleep_ms(params: Any) -> int | None:
     return min(ms, MAX_SLEEP_MS)
 
 
-class Connection:
-    """What one call may do to its connection besides replying."""
+class Effects:
+    """What the calls in one WebSocket message asked for besides their replies."""
 
+    def __init__(self) -> None:
+        # Set by `close`. Per message, not per connection: the connection must close
+        # after *this* message's reply, not after whichever reply happens to come next.
+        self.close = False
+
+
+class Connection:
     def __init__(self, ws: ServerConnection, name: str) -> None:
         self.ws = ws
         self.name = name
-        # Set by `close`; acted on once the reply that asked for it has been sent.
-        self.close_requested = False
 
-    async def call(self, request: Any) -> dict[str, Any] | None:
+    async def call(self, request: Any, effects: Effects) -> dict[str, Any] | None:
         """Runs one request object; returns its reply, or None for a notification."""
         if not isinstance(request, dict):
             return error(None, INVALID_REQUEST, "invalid request: expected an object")
@@ -178,7 +183,7 @@ class Connection:
             await self.ws.send(encode(notification))
             reply = result(reply_id, True)
         elif method == "close":
-            self.close_requested = True
+            effects.close = True
             reply = result(reply_id, True)
         else:
             reply = error(reply_id, METHOD_NOT_FOUND, "method not found")
@@ -187,6 +192,7 @@ class Connection:
     async def handle(self, message: str | bytes) -> None:
         """Answers one WebSocket message: a request or a batch."""
         reply: Any
+        effects = Effects()
         try:
             text = message.decode("utf-8") if isinstance(message, bytes) else message
             parsed = json.loads(text, parse_constant=reject_constant)
@@ -198,13 +204,13 @@ class Connection:
                     reply = error(None, INVALID_REQUEST, "invalid request: empty batch")
                 else:
                     # Side by side, so a batch takes as long as its longest sleep.
-                    replies = await asyncio.gather(*(self.call(r) for r in parsed))
+                    replies = await asyncio.gather(*(self.call(r, effects) for r in parsed))
                     reply = [r for r in replies if r is not None] or None
             else:
-                reply = await self.call(parsed)
+                reply = await self.call(parsed, effects)
         if reply is not None:
             await self.ws.send(encode(reply))
-        if self.close_requested:
+        if effects.close:
             await self.ws.close(1000, "closed on request")
 
 

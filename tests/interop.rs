@@ -1,0 +1,298 @@
+//! The core cases against an upstream we did not write: Python's `websockets`
+//! (tests/interop/upstream.py). Its framing, ping/pong and close handshake are
+//! independent of tungstenite, so a bug our echo backend shares with the gateway
+//! cannot hide here.
+//!
+//! Python comes from `RPCGATE_INTEROP_PYTHON` (`.ci/run` sets it to its virtualenv);
+//! otherwise a virtualenv is made once under `target/interop-venv`.
+
+mod support;
+
+use http::StatusCode;
+use rpcgate::config::BatchMode;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use support::gateway::{TestGateway, config_for, start_gateway};
+use support::{Client, post, with_timeout};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const WEBSOCKETS: &str = "websockets==17.4";
+
+/// A python interpreter that can `import websockets`, set up at most once.
+fn python() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(find_or_make_python).clone()
+}
+
+fn find_or_make_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("RPCGATE_INTEROP_PYTHON") {
+        let p = PathBuf::from(p);
+        assert!(
+            has_websockets(&p),
+            "RPCGATE_INTEROP_PYTHON={} cannot import websockets",
+            p.display()
+        );
+        return p;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target").join("interop-venv");
+    let python = venv.join("bin").join("python");
+    std::fs::create_dir_all(root.join("target")).expect("create target/");
+    // Test binaries may run in parallel processes (nextest): one builds the venv.
+    let lock =
+        std::fs::File::create(root.join("target").join("interop-venv.lock")).expect("lock file");
+    lock.lock().expect("lock the venv");
+    if !has_websockets(&python) {
+        let made = std::process::Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("python3 is needed for the interop suite");
+        assert!(made.success(), "python3 -m venv failed");
+        let installed = std::process::Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                WEBSOCKETS,
+            ])
+            .status()
+            .expect("run pip");
+        assert!(installed.success(), "pip install {WEBSOCKETS} failed");
+    }
+    python
+}
+
+fn has_websockets(python: &Path) -> bool {
+    std::process::Command::new(python)
+        .args(["-c", "import websockets.asyncio.server"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The Python upstream, killed when dropped (its stdin closing also stops it).
+struct PyUpstream {
+    child: Child,
+    url: String,
+}
+
+impl PyUpstream {
+    async fn start(name: &str) -> PyUpstream {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/upstream.py");
+        let mut child = Command::new(python())
+            .arg(script)
+            .args(["--name", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the python upstream");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        with_timeout(BufReader::new(stdout).read_line(&mut line))
+            .await
+            .expect("read LISTENING line");
+        let port = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .unwrap_or_else(|| panic!("unexpected first line from upstream.py: {line:?}"));
+        PyUpstream {
+            child,
+            url: format!("ws://127.0.0.1:{port}/"),
+        }
+    }
+}
+
+async fn gateway_to(py: &PyUpstream, connections: usize, batch: BatchMode) -> TestGateway {
+    let mut config = config_for(std::slice::from_ref(&py.url), connections);
+    config.http.batch = batch;
+    let gw = start_gateway(config).await;
+    gw.wait_open(connections).await;
+    gw
+}
+
+#[tokio::test]
+async fn calls_errors_and_notifications() {
+    let py = PyUpstream::start("py-1").await;
+    let gw = gateway_to(&py, 2, BatchMode::Split).await;
+
+    let resp = post(
+        gw.addr,
+        "/",
+        r#"{"jsonrpc":"2.0","id":"\u00e9-1.50","method":"echo","params":{"a":[1,"x"]}}"#,
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::OK);
+    assert!(
+        resp.text()
+            .starts_with(r#"{"jsonrpc":"2.0","id":"\u00e9-1.50","#),
+        "{}",
+        resp.text()
+    );
+    assert_eq!(resp.json()["result"], json!({"a":[1,"x"]}));
+
+    let resp = post(
+        gw.addr,
+        "/",
+        r#"{"jsonrpc":"2.0","id":12345678901234567890123,"method":"sum","params":[1,2,3.5]}"#,
+    )
+    .await;
+    assert!(resp.text().contains(r#""id":12345678901234567890123,"#));
+    assert_eq!(resp.json()["result"], 6.5);
+
+    let resp = post(
+        gw.addr,
+        "/",
+        r#"{"jsonrpc":"2.0","id":null,"method":"whoami"}"#,
+    )
+    .await;
+    assert_eq!(
+        resp.json(),
+        json!({"jsonrpc":"2.0","id":null,"result":"py-1"})
+    );
+
+    let resp = post(
+        gw.addr,
+        "/",
+        r#"{"jsonrpc":"2.0","id":7,"method":"fail","params":[9]}"#,
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::OK);
+    assert_eq!(
+        resp.json()["error"],
+        json!({"code":-32000,"message":"requested failure","data":[9]})
+    );
+
+    let resp = post(gw.addr, "/", r#"{"jsonrpc":"2.0","id":8,"method":"nope"}"#).await;
+    assert_eq!(resp.json()["error"]["code"], -32601);
+
+    let resp = post(
+        gw.addr,
+        "/",
+        r#"{"jsonrpc":"2.0","method":"echo","params":[1]}"#,
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::NO_CONTENT);
+
+    // The upstream pushes a notification before its reply: counted, not delivered.
+    let resp = post(
+        gw.addr,
+        "/",
+        r#"{"jsonrpc":"2.0","id":9,"method":"notify","params":["hi"]}"#,
+    )
+    .await;
+    assert_eq!(resp.json()["result"], true);
+    assert!(gw.upstreams.unmatched_counts().0 >= 1);
+}
+
+#[tokio::test]
+async fn concurrent_slow_calls_come_back_out_of_order_and_matched() {
+    let py = PyUpstream::start("py-2").await;
+    let gw = gateway_to(&py, 1, BatchMode::Split).await;
+    // Longer sleeps first: on the single socket, replies return in reverse order.
+    let calls: Vec<_> = (0..20u64)
+        .map(|i| {
+            let body = format!(
+                r#"{{"jsonrpc":"2.0","id":"c{i}","method":"sleep","params":[{}]}}"#,
+                100 - i * 5
+            );
+            tokio::spawn(post(gw.addr, "/", body))
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let v = with_timeout(call).await.unwrap().json();
+        assert_eq!(v["id"], format!("c{i}"));
+        assert_eq!(v["result"], 100 - i as u64 * 5);
+    }
+}
+
+#[tokio::test]
+async fn batches_split_and_forwarded() {
+    let py = PyUpstream::start("py-3").await;
+    let body = r#"[
+        {"jsonrpc":"2.0","id":1,"method":"sleep","params":[30]},
+        {"jsonrpc":"2.0","method":"echo","params":[0]},
+        {"jsonrpc":"2.0","id":"two","method":"sum","params":[2,2]},
+        {"bad":true},
+        {"jsonrpc":"2.0","id":3,"method":"fail"}
+    ]"#;
+    for mode in [BatchMode::Split, BatchMode::Forward] {
+        let gw = gateway_to(&py, 2, mode).await;
+        let v = post(gw.addr, "/", body).await.json();
+        let items = v.as_array().unwrap_or_else(|| panic!("{mode:?}: {v}"));
+        assert_eq!(items.len(), 4, "{mode:?}: {v}");
+        assert_eq!(
+            items[0],
+            json!({"jsonrpc":"2.0","id":1,"result":30}),
+            "{mode:?}"
+        );
+        assert_eq!(
+            items[1],
+            json!({"jsonrpc":"2.0","id":"two","result":4}),
+            "{mode:?}"
+        );
+        assert_eq!(items[2]["error"]["code"], -32600, "{mode:?}");
+        assert_eq!(items[3]["error"]["code"], -32000, "{mode:?}");
+        gw.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn upstream_closing_a_connection_is_survived() {
+    let py = PyUpstream::start("py-4").await;
+    let gw = gateway_to(&py, 1, BatchMode::Split).await;
+    let mut client = Client::connect(gw.addr).await;
+    // `close` replies, then the server closes the socket (1000).
+    let v = client
+        .post("/", r#"{"jsonrpc":"2.0","id":1,"method":"close"}"#)
+        .await
+        .json();
+    assert_eq!(v["result"], true);
+    // The next call waits for the reconnect instead of failing.
+    let v = client
+        .post("/", r#"{"jsonrpc":"2.0","id":2,"method":"whoami"}"#)
+        .await
+        .json();
+    assert_eq!(v["result"], "py-4");
+}
+
+#[tokio::test]
+async fn killed_upstream_answers_in_flight_calls_502() {
+    let mut py = PyUpstream::start("py-5").await;
+    let mut config = config_for(std::slice::from_ref(&py.url), 2);
+    config.calls.request_timeout = Duration::from_secs(300);
+    config.calls.connect_wait = Duration::from_millis(200);
+    let gw = start_gateway(config).await;
+    gw.wait_open(2).await;
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let body = format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"sleep","params":[60000]}}"#);
+            tokio::spawn(post(gw.addr, "/", body))
+        })
+        .collect();
+    // Every call is registered on a connection before the process dies.
+    with_timeout(async {
+        while gw.upstreams.pending_calls() < 6 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    py.child.kill().await.expect("kill python");
+    for call in calls {
+        let resp = with_timeout(call).await.unwrap();
+        assert_eq!(resp.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(resp.json()["error"]["code"], -32002);
+    }
+    // Nothing to reconnect to: new calls get 503 after connect_wait.
+    let resp = post(gw.addr, "/", r#"{"jsonrpc":"2.0","id":1,"method":"echo"}"#).await;
+    assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
+    let v: Value = resp.json();
+    assert_eq!(v["error"]["code"], -32001);
+}
