@@ -215,6 +215,13 @@ impl Config {
                     ));
                 }
             }
+            if let Some(proto) = &up.subprotocol
+                && (proto.is_empty() || http::HeaderValue::from_str(proto).is_err())
+            {
+                p.push(format!(
+                    "upstreams[{i}].subprotocol: not a valid header value"
+                ));
+            }
             if let Some(ca) = &up.ca_file
                 && !ca.is_file()
             {

@@ -1002,7 +1002,7 @@ mod tests {
             loop {
                 match within("next message", client.next()).await {
                     Some(Ok(Message::Text(text))) => return text.as_str().to_owned(),
-                    Some(Ok(Message::Pong(_))) => continue,
+                    Some(Ok(Message::Pong(_))) => {}
                     other => panic!("expected a text message, got {other:?}"),
                 }
             }

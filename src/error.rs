@@ -1,7 +1,7 @@
 //! Every failure a client can see, with its HTTP status and JSON-RPC code.
 //!
 //! This is the one place that maps failures to answers; the README's error table is
-//! written from it, and `tests/errors.rs` checks each row end to end.
+//! written from it, and `tests/answers.rs` checks each row end to end.
 
 use http::StatusCode;
 use std::time::Duration;
@@ -38,8 +38,6 @@ pub enum Error {
     UpstreamLost,
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("gateway is shutting down; retry on another instance")]
-    ShuttingDown,
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -54,7 +52,6 @@ impl Error {
             Error::UpstreamLost => -32002,
             Error::Timeout(_) => -32003,
             Error::Overloaded => -32004,
-            Error::ShuttingDown => -32005,
             Error::MethodNotAllowed => -32010,
             Error::UnsupportedMediaType => -32011,
             Error::PayloadTooLarge { .. } => -32012,
@@ -76,9 +73,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Error::NoUpstream(_) | Error::Overloaded | Error::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::NoUpstream(_) | Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamLost => StatusCode::BAD_GATEWAY,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -100,7 +95,6 @@ impl Error {
             Error::Overloaded => "overloaded",
             Error::UpstreamLost => "upstream_lost",
             Error::Timeout(_) => "timeout",
-            Error::ShuttingDown => "shutting_down",
             Error::Internal(_) => "internal",
         }
     }

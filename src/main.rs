@@ -148,12 +148,10 @@ fn build_config(args: RunArgs) -> Result<Config> {
 
 async fn run(config: Config) -> Result<()> {
     let gateway = Gateway::bind(config.clone()).await?;
-    tracing::info!(
-        listen = %gateway.local_addr()?,
-        upstreams = config.upstreams.len(),
-        "rpcgate serving JSON-RPC on {}",
-        config.http.path
-    );
+    let addr = gateway.local_addr()?;
+    tracing::info!(listen = %addr, upstreams = config.upstreams.len(), "rpcgate serving");
+    // A stable stdout line for scripts and harnesses that bind port 0.
+    println!("rpcgate listening on http://{addr}{}", config.http.path);
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     gateway.run(shutdown).await;
@@ -193,7 +191,9 @@ async fn echo_server(listen: SocketAddr, name: String) -> Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(listen = %listener.local_addr()?, %name, "echo server ready");
+    let addr = listener.local_addr()?;
+    tracing::info!(listen = %addr, %name, "echo server ready");
+    println!("echo-server listening on ws://{addr}/");
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
     echo::serve(listener, Arc::from(name), shutdown).await?;
@@ -217,10 +217,12 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
+    // The backend outlives the gateway's drain, so calls still open at Ctrl-C finish.
+    let backend_shutdown = CancellationToken::new();
     let echo_task = tokio::spawn(echo::serve(
         backend,
         Arc::from("demo-echo"),
-        shutdown.clone(),
+        backend_shutdown.clone(),
     ));
 
     let mut config = Config {
@@ -240,8 +242,8 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
         "  curl -s http://{addr}/ -H 'Content-Type: application/json' -d '[{{\"jsonrpc\":\"2.0\",\"id\":\"a\",\"method\":\"sum\",\"params\":[1,2,3]}},{{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"whoami\"}}]'"
     );
     println!("Methods: echo, sum, sleep [ms], whoami, fail, notify. Ctrl-C to stop.");
-    gateway.run(shutdown.clone()).await;
-    shutdown.cancel();
+    gateway.run(shutdown).await;
+    backend_shutdown.cancel();
     echo_task.await.context("echo backend task")??;
     Ok(())
 }

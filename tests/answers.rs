@@ -431,3 +431,68 @@ async fn h2c_clients_are_served_on_the_same_port() {
         assert_eq!(resp.json()["result"], "h2");
     }
 }
+
+#[tokio::test]
+async fn an_upstream_that_stops_reading_is_declared_dead() {
+    let up = FakeUpstream::start().await;
+    let mut config = config_for(&[up.url()], 1);
+    config.websocket.ping_interval = Duration::from_millis(200);
+    config.websocket.pong_timeout = Duration::from_millis(100);
+    config.calls.request_timeout = Duration::from_secs(300);
+    config.http.max_body_bytes = 8 << 20;
+    let gw = start_gateway(config).await;
+    gw.wait_open(1).await;
+    up.freeze();
+    // Far more than the loopback socket buffers hold: the gateway's writer blocks.
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"echo","params":["{}"]}}"#,
+        "z".repeat(4 << 20)
+    );
+    let calls: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(post(gw.addr, "/", big.clone())))
+        .collect();
+    for call in calls {
+        let resp = with_timeout(call).await.unwrap();
+        assert_eq!(resp.status, StatusCode::BAD_GATEWAY);
+    }
+}
+
+#[tokio::test]
+async fn a_full_connection_queue_answers_overloaded_instead_of_spinning() {
+    let up = FakeUpstream::start().await;
+    let mut config = config_for(&[up.url()], 1);
+    config.upstreams[0].max_in_flight = 2;
+    config.http.max_body_bytes = 8 << 20;
+    config.calls.request_timeout = Duration::from_secs(300);
+    let gw = start_gateway(config).await;
+    gw.wait_open(1).await;
+    up.freeze();
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","method":"echo","params":["{}"]}}"#,
+        "z".repeat(4 << 20)
+    );
+    // Notifications free their slot once queued, so only the queue bounds them; with
+    // the writer blocked behind a frozen upstream, it fills.
+    for _ in 0..3 {
+        assert_eq!(
+            post(gw.addr, "/", big.clone()).await.status,
+            StatusCode::NO_CONTENT
+        );
+    }
+    let mut statuses = Vec::new();
+    for _ in 0..200 {
+        let note = post(gw.addr, "/", r#"{"jsonrpc":"2.0","method":"n"}"#).await;
+        statuses.push(note.status);
+        if note.status != StatusCode::NO_CONTENT {
+            break;
+        }
+    }
+    assert_eq!(
+        statuses.last(),
+        Some(&StatusCode::SERVICE_UNAVAILABLE),
+        "{statuses:?}"
+    );
+    let small = post(gw.addr, "/", r#"{"jsonrpc":"2.0","method":"n"}"#).await;
+    assert_eq!(small.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(&small.json()), -32004);
+}

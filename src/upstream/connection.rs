@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -58,6 +58,16 @@ pub enum Failure {
 }
 
 pub type ReplySender = oneshot::Sender<Result<Reply, Failure>>;
+
+/// Why a connection did not take a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The socket closed since the pick: another connection may take it.
+    Closed,
+    /// The socket's queue is full: its writer is stuck behind an upstream that does not
+    /// read. Retrying would spin; the caller answers "overloaded".
+    Full,
+}
 
 /// A frame queued for the socket, with the calls it carries.
 #[derive(Debug)]
@@ -144,21 +154,21 @@ impl Shared {
     }
 
     /// Registers a call (its reply channel, if it expects one) and queues its frame,
-    /// finishing the frame with the new id. Gives the frame back if the socket is gone.
+    /// finishing the frame with the new id.
     pub fn submit(
         &self,
         mut text: String,
         reply: Option<ReplySender>,
-    ) -> Result<Option<CallId>, String> {
+    ) -> Result<Option<CallId>, Refused> {
         let mut slot = self.slot.lock();
         let Slot { pending, out } = &mut *slot;
         let Some(out) = out.as_ref().filter(|_| pending.is_open()) else {
-            return Err(text);
+            return Err(Refused::Closed);
         };
         let id = match reply {
             Some(tx) => match pending.insert(tx) {
                 Ok(id) => Some(id),
-                Err(_) => return Err(text),
+                Err(_) => return Err(Refused::Closed),
             },
             None => None,
         };
@@ -170,7 +180,10 @@ impl Shared {
                 if let Some(id) = id {
                     pending.remove(id);
                 }
-                Err(e.into_inner().text)
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => Refused::Full,
+                    mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+                })
             }
         }
     }
@@ -181,11 +194,11 @@ impl Shared {
         &self,
         replies: Vec<ReplySender>,
         build: impl FnOnce(&[CallId]) -> String,
-    ) -> Result<Vec<CallId>, ()> {
+    ) -> Result<Vec<CallId>, Refused> {
         let mut slot = self.slot.lock();
         let Slot { pending, out } = &mut *slot;
         let Some(out) = out.as_ref().filter(|_| pending.is_open()) else {
-            return Err(());
+            return Err(Refused::Closed);
         };
         let mut ids = Vec::with_capacity(replies.len());
         for tx in replies {
@@ -200,11 +213,14 @@ impl Shared {
             ids: FrameIds::Many(ids.clone()),
         }) {
             Ok(()) => Ok(ids),
-            Err(_) => {
+            Err(e) => {
                 for id in ids {
                     pending.remove(id);
                 }
-                Err(())
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => Refused::Full,
+                    mpsc::error::TrySendError::Closed(_) => Refused::Closed,
+                })
             }
         }
     }
@@ -323,6 +339,8 @@ enum End {
     Eof,
     #[error("no pong within pong_timeout")]
     PongTimeout,
+    #[error("upstream stopped reading: a write blocked past ping_interval + pong_timeout")]
+    WriteStalled,
     #[error("{0}")]
     Error(tokio_tungstenite::tungstenite::Error),
 }
@@ -394,14 +412,19 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> End {
     let (mut sink, mut stream) = socket.split();
-    let awaiting_pong = AtomicBool::new(false);
+    let epoch = Instant::now();
+    let ms = |at: Instant| at.duration_since(epoch).as_millis() as u64 + 1;
+    // Milliseconds since `epoch` + 1 (0: none) when the unanswered ping went out, and
+    // when the write in progress began. The liveness check reads them from a future of
+    // its own, because a writer blocked on a full socket cannot check anything itself.
+    let ping_sent = AtomicU64::new(0);
+    let write_began = AtomicU64::new(0);
 
     let writer = async {
         let mut batch = Vec::with_capacity(64);
         let start = Instant::now() + ws.ping_interval;
         let mut ping = tokio::time::interval_at(start, ws.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut pong_deadline: Option<Instant> = None;
         loop {
             tokio::select! {
                 // Frames first: under load, pings can wait a moment but calls should not.
@@ -410,6 +433,7 @@ async fn session(
                     if n == 0 {
                         return End::Eof;
                     }
+                    write_began.store(ms(Instant::now()), Ordering::Release);
                     // Many frames, one flush: under load this turns hundreds of small
                     // writes into a few syscalls.
                     for frame in batch.drain(..) {
@@ -420,19 +444,16 @@ async fn session(
                     if let Err(e) = sink.flush().await {
                         return End::Error(e);
                     }
+                    write_began.store(0, Ordering::Release);
                 }
-                _ = ping.tick(), if pong_deadline.is_none() => {
-                    awaiting_pong.store(true, Ordering::Release);
-                    pong_deadline = Some(Instant::now() + ws.pong_timeout);
+                _ = ping.tick() => {
+                    if ping_sent.load(Ordering::Acquire) != 0 {
+                        continue;
+                    }
+                    ping_sent.store(ms(Instant::now()), Ordering::Release);
                     if let Err(e) = sink.send(Message::Ping(Bytes::new())).await {
                         return End::Error(e);
                     }
-                }
-                _ = sleep_until(pong_deadline.unwrap_or_else(Instant::now)), if pong_deadline.is_some() => {
-                    if awaiting_pong.load(Ordering::Acquire) {
-                        return End::PongTimeout;
-                    }
-                    pong_deadline = None;
                 }
                 _ = shutdown.cancelled() => {
                     let close = CloseFrame { code: CloseCode::Away, reason: "rpcgate shutting down".into() };
@@ -443,12 +464,33 @@ async fn session(
         }
     };
 
+    // Dead if a ping goes unanswered for pong_timeout, or if one write stays blocked for
+    // ping_interval + pong_timeout: an upstream that stopped reading is as dead as one
+    // that stopped answering.
+    let liveness = async {
+        let stalled_write = ws.ping_interval + ws.pong_timeout;
+        let step = (ws.pong_timeout / 4).max(std::time::Duration::from_millis(5));
+        loop {
+            tokio::time::sleep(step).await;
+            let now = ms(Instant::now());
+            let older_than = |mark: u64, limit: std::time::Duration| {
+                mark != 0 && now.saturating_sub(mark) > limit.as_millis() as u64
+            };
+            if older_than(ping_sent.load(Ordering::Acquire), ws.pong_timeout) {
+                return End::PongTimeout;
+            }
+            if older_than(write_began.load(Ordering::Acquire), stalled_write) {
+                return End::WriteStalled;
+            }
+        }
+    };
+
     let reader = async {
         while let Some(message) = stream.next().await {
             match message {
                 Ok(Message::Text(text)) => shared.deliver(Bytes::from(text)),
                 Ok(Message::Binary(data)) => shared.deliver(data),
-                Ok(Message::Pong(_)) => awaiting_pong.store(false, Ordering::Release),
+                Ok(Message::Pong(_)) => ping_sent.store(0, Ordering::Release),
                 Ok(Message::Close(frame)) => return End::ClosedByPeer(frame),
                 Ok(Message::Ping(_) | Message::Frame(_)) => {}
                 Err(e) => return End::Error(e),
@@ -460,5 +502,6 @@ async fn session(
     tokio::select! {
         end = writer => end,
         end = reader => end,
+        end = liveness => end,
     }
 }

@@ -8,7 +8,7 @@
 //! without bound.
 
 use super::connect::{Target, TargetError};
-use super::connection::{self, ConnState, Failure, PoolSignals, Reply, Shared};
+use super::connection::{self, ConnState, Failure, PoolSignals, Refused, Reply, Shared};
 use super::pending::CallId;
 use crate::config::{CallConfig, Config};
 use crate::error::Error;
@@ -149,8 +149,10 @@ impl Upstreams {
             call.encode_prefix(&mut frame);
             let id = match permit.conn.submit(frame, Some(tx)) {
                 Ok(Some(id)) => id,
+                Ok(None) => return Err(Error::Internal("call registered without an id")),
                 // Closed between the pick and the submit: pick again.
-                Ok(None) | Err(_) => continue,
+                Err(Refused::Closed) => continue,
+                Err(Refused::Full) => return Err(Error::Overloaded),
             };
             let mut registered = Registered {
                 conn: &permit.conn,
@@ -178,8 +180,10 @@ impl Upstreams {
             let permit = self.reserve(1, deadline, &mut connect_deadline).await?;
             let mut frame = String::with_capacity(call.frame_len_hint());
             call.encode_prefix(&mut frame);
-            if permit.conn.submit(frame, None).is_ok() {
-                return Ok(());
+            match permit.conn.submit(frame, None) {
+                Ok(_) => return Ok(()),
+                Err(Refused::Closed) => continue,
+                Err(Refused::Full) => return Err(Error::Overloaded),
             }
         }
     }
@@ -224,7 +228,11 @@ impl Upstreams {
                 text.push(']');
                 text
             });
-            let Ok(ids) = submitted else { continue };
+            let ids = match submitted {
+                Ok(ids) => ids,
+                Err(Refused::Closed) => continue,
+                Err(Refused::Full) => return Err(Error::Overloaded),
+            };
             // Forgets, at the end, whichever calls are still pending (timed out).
             let _registered = Registered {
                 conn: &permit.conn,

@@ -1,0 +1,185 @@
+//! The real `rpcgate` binary: flags, environment, check-config, demo, signals.
+
+mod support;
+
+use http::StatusCode;
+use serde_json::json;
+use std::process::Stdio;
+use support::{FakeUpstream, post, with_timeout};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_rpcgate");
+
+fn rpcgate() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Reads stdout lines until one starts with `prefix`; returns the rest of it.
+async fn line_after(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) -> String {
+    loop {
+        let line = with_timeout(lines.next_line())
+            .await
+            .expect("read stdout")
+            .unwrap_or_else(|| panic!("stdout ended before a line starting {prefix:?}"));
+        if let Some(rest) = line.trim_start().strip_prefix(prefix) {
+            return rest.trim().to_string();
+        }
+    }
+}
+
+fn addr_of(url: &str) -> std::net::SocketAddr {
+    let hostport = url
+        .trim_start_matches("http://")
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap();
+    hostport.parse().unwrap()
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running child").to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn check_config_lists_every_problem_and_exits_1() {
+    let dir = std::env::temp_dir().join(format!("rpcgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = \"nope\"\ntypo = 1\n[calls]\nrequest_timeout = \"later\"\n[[upstreams]]\nurl = \"http://x\"\n",
+    )
+    .unwrap();
+    let out = with_timeout(rpcgate().arg("check-config").arg(&bad).output())
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "listen",
+        "typo: unknown key",
+        "calls.request_timeout",
+        "upstreams[0].url",
+    ] {
+        assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
+    }
+
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/rpcgate.toml");
+    let out = with_timeout(rpcgate().arg("check-config").arg(example).output())
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn flags_and_environment_configure_the_gateway_and_sigterm_stops_it() {
+    let up = FakeUpstream::start().await;
+    let mut child = rpcgate()
+        .env("RPCGATE_UPSTREAM", up.url())
+        .env("RPCGATE_CONNECTIONS", "3")
+        .args(["--listen", "127.0.0.1:0", "--request-timeout", "300ms"])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = addr_of(&line_after(&mut lines, "rpcgate listening on").await);
+    up.wait_for_connections(3).await;
+
+    // The upstream holds the call: the 300ms deadline from the flag answers it.
+    let resp = post(addr, "/", r#"{"jsonrpc":"2.0","id":1,"method":"slow"}"#).await;
+    assert_eq!(resp.status, StatusCode::GATEWAY_TIMEOUT);
+
+    up.auto_reply(|f| Some(f.result_text(json!("served"))));
+    let resp = post(addr, "/", r#"{"jsonrpc":"2.0","id":2,"method":"m"}"#).await;
+    assert_eq!(resp.json()["result"], "served");
+
+    sigterm(&child);
+    let status = with_timeout(child.wait()).await.unwrap();
+    assert!(status.success(), "graceful exit: {status:?}");
+}
+
+#[tokio::test]
+async fn bad_flags_fail_fast_with_a_message() {
+    let out = with_timeout(rpcgate().args(["--listen", "127.0.0.1:0"]).output())
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no upstream"));
+    let out = with_timeout(
+        rpcgate()
+            .args(["--upstream", "http://not-ws", "--request-timeout", "soon"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn demo_serves_what_it_prints() {
+    let mut child = rpcgate()
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = line_after(&mut lines, "rpcgate demo:").await;
+    let addr = addr_of(url.split_whitespace().next().unwrap());
+    let curl = line_after(&mut lines, "curl -s").await;
+    // The printed curl line's body, sent as printed.
+    let body = curl.split("-d '").nth(1).unwrap().trim_end_matches('\'');
+    let resp = post(addr, "/", body.to_string()).await;
+    assert_eq!(
+        resp.json(),
+        json!({"jsonrpc":"2.0","id":1,"result":["hello"]})
+    );
+    let resp = post(addr, "/", r#"{"jsonrpc":"2.0","id":2,"method":"whoami"}"#).await;
+    assert_eq!(resp.json()["result"], "demo-echo");
+    sigterm(&child);
+    assert!(with_timeout(child.wait()).await.unwrap().success());
+}
+
+#[tokio::test]
+async fn echo_server_subcommand_serves_websocket_json_rpc() {
+    let mut child = rpcgate()
+        .args([
+            "echo-server",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "cli-echo",
+        ])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = line_after(&mut lines, "echo-server listening on").await;
+    let mut config = support::gateway::config_for(&[url], 1);
+    config.calls.request_timeout = std::time::Duration::from_secs(10);
+    let gw = support::gateway::start_gateway(config).await;
+    gw.wait_open(1).await;
+    let resp = post(
+        gw.addr,
+        "/",
+        r#"{"jsonrpc":"2.0","id":"w","method":"whoami"}"#,
+    )
+    .await;
+    assert_eq!(resp.json()["result"], "cli-echo");
+    sigterm(&child);
+    assert!(with_timeout(child.wait()).await.unwrap().success());
+}
