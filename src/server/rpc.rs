@@ -96,11 +96,7 @@ async fn single(entry: Entry<'_>, state: &AppState, deadline: Instant) -> HttpRe
             Err(e) => error_response(None, &e),
         },
         Some(id) => match state.upstreams.call(&call, deadline).await {
-            Ok(reply) => {
-                let mut out = Vec::with_capacity(reply.payload().len() + id.get().len() + 40);
-                jsonrpc::write_reply(&mut out, id, reply.is_error(), reply.payload());
-                json_response(StatusCode::OK, out)
-            }
+            Ok(reply) => json_response(StatusCode::OK, reply_bytes(id, &reply)),
             Err(e) => error_response(Some(id), &e),
         },
     }
