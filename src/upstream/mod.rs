@@ -15,4 +15,5 @@ mod pool;
 pub use backoff::Backoff;
 pub use connect::TargetError;
 pub use connection::{ConnState, Reply};
+pub use pending::{CallId, PendingMap};
 pub use pool::Upstreams;
