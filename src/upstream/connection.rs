@@ -328,6 +328,9 @@ impl Shared {
     }
 }
 
+/// Frames written per flush at most.
+const WRITE_BATCH: usize = 256;
+
 /// Why a socket session ended.
 #[derive(Debug, thiserror::Error)]
 enum End {
@@ -421,7 +424,7 @@ async fn session(
     let write_began = AtomicU64::new(0);
 
     let writer = async {
-        let mut batch = Vec::with_capacity(64);
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
         let start = Instant::now() + ws.ping_interval;
         let mut ping = tokio::time::interval_at(start, ws.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -429,13 +432,24 @@ async fn session(
             tokio::select! {
                 // Frames first: under load, pings can wait a moment but calls should not.
                 biased;
-                n = queue.recv_many(&mut batch, 64) => {
+                n = queue.recv_many(&mut batch, WRITE_BATCH) => {
                     if n == 0 {
                         return End::Eof;
                     }
                     write_began.store(ms(Instant::now()), Ordering::Release);
                     // Many frames, one flush: under load this turns hundreds of small
-                    // writes into a few syscalls.
+                    // writes into a few syscalls. One yield first lets the callers that
+                    // are already running on this worker queue theirs too; on loopback a
+                    // send costs far more than a scheduler round.
+                    if n < WRITE_BATCH {
+                        tokio::task::yield_now().await;
+                        while batch.len() < WRITE_BATCH {
+                            match queue.try_recv() {
+                                Ok(frame) => batch.push(frame),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     for frame in batch.drain(..) {
                         if let Err(e) = sink.feed(Message::text(frame.text)).await {
                             return End::Error(e);
