@@ -21,6 +21,126 @@ pub struct Config {
     pub calls: CallConfig,
     pub websocket: WebSocketConfig,
     pub upstreams: Vec<UpstreamConfig>,
+    pub discovery: DiscoveryConfig,
+    pub balance: BalanceConfig,
+    pub sessions: SessionConfig,
+    /// Calls run on every new upstream connection before it carries traffic.
+    pub on_connect: Vec<PreludeCall>,
+}
+
+/// Where upstream addresses come from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoveryConfig {
+    pub mode: DiscoveryMode,
+    /// How often `dns` mode re-resolves each upstream's host name.
+    pub resolve_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoveryMode {
+    /// Each `[[upstreams]]` URL is one upstream, dialled by its host name.
+    Static,
+    /// Each URL's host resolves to all its addresses, one upstream per address.
+    Dns,
+}
+
+/// Failover and health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalanceConfig {
+    /// Methods safe to send again after a connection died with the call in flight.
+    pub retry_methods: Vec<String>,
+    /// A cheap method called periodically on each upstream; failing takes it out.
+    pub health_method: Option<String>,
+    /// Raw JSON params for `health_method`.
+    pub health_params: Option<String>,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    /// Calls waiting for a connection or a slot at most; past it, 503 at once.
+    pub max_waiting: usize,
+}
+
+/// Sticky sessions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionConfig {
+    pub affinity: Affinity,
+    /// Request header carrying the session key.
+    pub header: String,
+    /// Cookie carrying the session key.
+    pub cookie: String,
+    /// Give clients without a key a new random one in a cookie.
+    pub issue_cookie: bool,
+    /// A `connection` session unused this long is closed.
+    pub idle_timeout: Duration,
+    pub max_sessions: usize,
+    pub when_full: WhenFull,
+    /// Methods whose successful calls are recorded and replayed on reconnect.
+    pub replay_methods: Vec<String>,
+    /// Recorded calls kept per session at most (the oldest go first).
+    pub max_replay: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Affinity {
+    /// No stickiness: every call is balanced on its own.
+    None,
+    /// A session's calls go to one upstream, over its shared connections.
+    Upstream,
+    /// A session gets its own upstream WebSocket.
+    Connection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// New sessions get 503 while `max_sessions` are open.
+    Reject,
+    /// The least recently used session is closed to make room.
+    Evict,
+}
+
+/// A call made on every new connection, e.g. an authentication.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreludeCall {
+    pub method: String,
+    /// Raw JSON params (`${VAR}` expanded), or none.
+    pub params: Option<String>,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig {
+            mode: DiscoveryMode::Static,
+            resolve_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            retry_methods: Vec::new(),
+            health_method: None,
+            health_params: None,
+            health_interval: Duration::from_secs(10),
+            health_timeout: Duration::from_secs(2),
+            max_waiting: 10_000,
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            affinity: Affinity::None,
+            header: "rpcgate-session".into(),
+            cookie: "rpcgate_session".into(),
+            issue_cookie: false,
+            idle_timeout: Duration::from_secs(300),
+            max_sessions: 10_000,
+            when_full: WhenFull::Reject,
+            replay_methods: Vec::new(),
+            max_replay: 32,
+        }
+    }
 }
 
 /// The client-facing HTTP side.
@@ -92,6 +212,8 @@ pub struct UpstreamConfig {
     pub subprotocol: Option<String>,
     /// PEM file with extra CA certificates trusted for this upstream, besides webpki roots.
     pub ca_file: Option<PathBuf>,
+    /// Share of plain calls and of sessions relative to the other upstreams.
+    pub weight: u32,
 }
 
 impl Default for HttpConfig {
@@ -143,6 +265,7 @@ impl UpstreamConfig {
             headers: Vec::new(),
             subprotocol: None,
             ca_file: None,
+            weight: 1,
         }
     }
 }
@@ -155,6 +278,10 @@ impl Default for Config {
             calls: CallConfig::default(),
             websocket: WebSocketConfig::default(),
             upstreams: Vec::new(),
+            discovery: DiscoveryConfig::default(),
+            balance: BalanceConfig::default(),
+            sessions: SessionConfig::default(),
+            on_connect: Vec::new(),
         }
     }
 }
@@ -199,6 +326,9 @@ impl Config {
             }
             if up.connections == 0 {
                 p.push(format!("upstreams[{i}].connections: must be at least 1"));
+            }
+            if up.weight == 0 {
+                p.push(format!("upstreams[{i}].weight: must be at least 1"));
             }
             if up.max_in_flight == 0 {
                 p.push(format!("upstreams[{i}].max_in_flight: must be at least 1"));
@@ -269,6 +399,45 @@ impl Config {
         for (key, d) in durations {
             if d.is_zero() {
                 p.push(format!("{key}: must be longer than 0s"));
+            }
+        }
+        for (key, d) in [
+            ("discovery.resolve_interval", self.discovery.resolve_interval),
+            ("balance.health_interval", self.balance.health_interval),
+            ("balance.health_timeout", self.balance.health_timeout),
+            ("sessions.idle_timeout", self.sessions.idle_timeout),
+        ] {
+            if d.is_zero() {
+                p.push(format!("{key}: must be longer than 0s"));
+            }
+        }
+        if self.sessions.max_sessions == 0 {
+            p.push("sessions.max_sessions: must be at least 1".into());
+        }
+        for (key, name) in [
+            ("sessions.header", &self.sessions.header),
+            ("sessions.cookie", &self.sessions.cookie),
+        ] {
+            if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                p.push(format!("{key}: {name:?} is not a valid name"));
+            }
+        }
+        let raw_json = |text: &str| serde_json::from_str::<&serde_json::value::RawValue>(text).is_ok_and(|v| {
+            matches!(v.get().as_bytes().first(), Some(b'[' | b'{'))
+        });
+        if let Some(params) = &self.balance.health_params
+            && !raw_json(params)
+        {
+            p.push("balance.health_params: must be a JSON array or object".into());
+        }
+        for (i, call) in self.on_connect.iter().enumerate() {
+            if call.method.is_empty() {
+                p.push(format!("on_connect[{i}].method: missing"));
+            }
+            if let Some(params) = &call.params
+                && !raw_json(params)
+            {
+                p.push(format!("on_connect[{i}].params: must be a JSON array or object"));
             }
         }
         if self.websocket.reconnect_max < self.websocket.reconnect_base {
@@ -366,6 +535,29 @@ impl<'a> Section<'a> {
         }
     }
 
+    fn strings(&mut self, key: &'static str, p: &mut Vec<String>) -> Option<Vec<String>> {
+        match self.get(key)? {
+            Value::Array(items) => {
+                let mut out = Vec::new();
+                for item in items {
+                    match item {
+                        Value::String(s) => out.push(s.clone()),
+                        other => p.push(format!(
+                            "{}: expected strings, found {}",
+                            self.key(key),
+                            other.type_str()
+                        )),
+                    }
+                }
+                Some(out)
+            }
+            other => {
+                p.push(format!("{}: expected an array of strings, found {}", self.key(key), other.type_str()));
+                None
+            }
+        }
+    }
+
     fn table(&mut self, key: &'static str, p: &mut Vec<String>) -> Option<&'a Table> {
         match self.get(key)? {
             Value::Table(t) => Some(t),
@@ -422,6 +614,63 @@ fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
         s.number("max_message_bytes", &mut w.max_message_bytes, p);
         s.finish(p);
     }
+    if let Some(t) = root.table("discovery", p) {
+        let mut s = Section::new(t, "discovery");
+        if let Some(mode) = s.string("mode", p) {
+            match mode.as_str() {
+                "static" => c.discovery.mode = DiscoveryMode::Static,
+                "dns" => c.discovery.mode = DiscoveryMode::Dns,
+                _ => p.push(format!("discovery.mode: {mode:?} must be \"static\" or \"dns\"")),
+            }
+        }
+        s.duration("resolve_interval", &mut c.discovery.resolve_interval, p);
+        s.finish(p);
+    }
+    if let Some(t) = root.table("balance", p) {
+        let b = &mut c.balance;
+        let mut s = Section::new(t, "balance");
+        if let Some(list) = s.strings("retry_methods", p) {
+            b.retry_methods = list;
+        }
+        b.health_method = s.string("health_method", p).filter(|m| !m.is_empty());
+        if let Some(params) = s.string("health_params", p) {
+            match expand_env(&params) {
+                Ok(v) => b.health_params = Some(v),
+                Err(e) => p.push(format!("balance.health_params: {e}")),
+            }
+        }
+        s.duration("health_interval", &mut b.health_interval, p);
+        s.duration("health_timeout", &mut b.health_timeout, p);
+        s.number("max_waiting", &mut b.max_waiting, p);
+        s.finish(p);
+    }
+    if let Some(t) = root.table("sessions", p) {
+        read_sessions(t, &mut c.sessions, p);
+    }
+    match root.get("on_connect") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let Value::Table(t) = item else {
+                    p.push(format!("on_connect[{i}]: expected a table"));
+                    continue;
+                };
+                let mut s = Section::new(t, format!("on_connect[{i}]"));
+                let method = s.string("method", p).unwrap_or_default();
+                let params = match s.string("params", p).map(|v| expand_env(&v)) {
+                    Some(Ok(v)) => Some(v),
+                    Some(Err(e)) => {
+                        p.push(format!("on_connect[{i}].params: {e}"));
+                        None
+                    }
+                    None => None,
+                };
+                s.finish(p);
+                c.on_connect.push(PreludeCall { method, params });
+            }
+        }
+        Some(_) => p.push("on_connect: expected an array of tables ([[on_connect]])".into()),
+    }
     match root.get("upstreams") {
         None => {}
         Some(Value::Array(items)) => {
@@ -464,6 +713,60 @@ fn read_http(t: &Table, h: &mut HttpConfig, p: &mut Vec<String>) {
     s.finish(p);
 }
 
+fn read_sessions(t: &Table, c: &mut SessionConfig, p: &mut Vec<String>) {
+    let mut s = Section::new(t, "sessions");
+    if let Some(a) = s.string("affinity", p) {
+        match parse_affinity(&a) {
+            Ok(a) => c.affinity = a,
+            Err(e) => p.push(format!("sessions.affinity: {e}")),
+        }
+    }
+    if let Some(h) = s.string("header", p) {
+        c.header = h;
+    }
+    if let Some(k) = s.string("cookie", p) {
+        c.cookie = k;
+    }
+    match s.get("issue_cookie") {
+        None => {}
+        Some(Value::Boolean(b)) => c.issue_cookie = *b,
+        Some(_) => p.push("sessions.issue_cookie: expected true or false".into()),
+    }
+    s.duration("idle_timeout", &mut c.idle_timeout, p);
+    s.number("max_sessions", &mut c.max_sessions, p);
+    if let Some(w) = s.string("when_full", p) {
+        match w.as_str() {
+            "reject" => c.when_full = WhenFull::Reject,
+            "evict" => c.when_full = WhenFull::Evict,
+            _ => p.push(format!("sessions.when_full: {w:?} must be \"reject\" or \"evict\"")),
+        }
+    }
+    if let Some(list) = s.strings("replay_methods", p) {
+        c.replay_methods = list;
+    }
+    s.number("max_replay", &mut c.max_replay, p);
+    s.finish(p);
+}
+
+/// `none`, `upstream` or `connection`.
+pub fn parse_affinity(text: &str) -> Result<Affinity, String> {
+    match text {
+        "none" => Ok(Affinity::None),
+        "upstream" => Ok(Affinity::Upstream),
+        "connection" => Ok(Affinity::Connection),
+        _ => Err(format!("{text:?} must be \"none\", \"upstream\" or \"connection\"")),
+    }
+}
+
+/// `static` or `dns`.
+pub fn parse_discovery(text: &str) -> Result<DiscoveryMode, String> {
+    match text {
+        "static" => Ok(DiscoveryMode::Static),
+        "dns" => Ok(DiscoveryMode::Dns),
+        _ => Err(format!("{text:?} must be \"static\" or \"dns\"")),
+    }
+}
+
 fn read_upstream(t: &Table, i: usize, p: &mut Vec<String>) -> UpstreamConfig {
     let mut s = Section::new(t, format!("upstreams[{i}]"));
     let mut up = UpstreamConfig::new(String::new());
@@ -473,6 +776,9 @@ fn read_upstream(t: &Table, i: usize, p: &mut Vec<String>) -> UpstreamConfig {
     }
     s.number("connections", &mut up.connections, p);
     s.number("max_in_flight", &mut up.max_in_flight, p);
+    let mut weight = up.weight as usize;
+    s.number("weight", &mut weight, p);
+    up.weight = u32::try_from(weight).unwrap_or(u32::MAX);
     up.subprotocol = s.string("subprotocol", p);
     up.ca_file = s.string("ca_file", p).map(PathBuf::from);
     if let Some(headers) = s.table("headers", p) {

@@ -38,6 +38,10 @@ pub enum Error {
     UpstreamLost,
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("the session's upstream connection was reopened but replaying {0:?} failed, so its state is gone; start a new session")]
+    ReplayFailed(String),
+    #[error("too many sessions open (max_sessions {0}); retry later")]
+    TooManySessions(usize),
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -52,6 +56,8 @@ impl Error {
             Error::UpstreamLost => -32002,
             Error::Timeout(_) => -32003,
             Error::Overloaded => -32004,
+            Error::ReplayFailed(_) => -32006,
+            Error::TooManySessions(_) => -32007,
             Error::MethodNotAllowed => -32010,
             Error::UnsupportedMediaType => -32011,
             Error::PayloadTooLarge { .. } => -32012,
@@ -73,8 +79,10 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Error::NoUpstream(_) | Error::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            Error::UpstreamLost => StatusCode::BAD_GATEWAY,
+            Error::NoUpstream(_) | Error::Overloaded | Error::TooManySessions(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Error::UpstreamLost | Error::ReplayFailed(_) => StatusCode::BAD_GATEWAY,
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -93,6 +101,8 @@ impl Error {
             Error::BodyTimeout(_) => "body_timeout",
             Error::NoUpstream(_) => "no_upstream",
             Error::Overloaded => "overloaded",
+            Error::ReplayFailed(_) => "replay_failed",
+            Error::TooManySessions(_) => "too_many_sessions",
             Error::UpstreamLost => "upstream_lost",
             Error::Timeout(_) => "timeout",
             Error::Internal(_) => "internal",

@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use rpcgate::config::{Config, UpstreamConfig, parse_duration};
+use rpcgate::config::{Affinity, Config, DiscoveryMode, UpstreamConfig, parse_duration};
 use rpcgate::{Gateway, echo};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,6 +39,30 @@ struct RunArgs {
     /// TOML config file (see deploy/rpcgate.toml).
     #[arg(long, env = "RPCGATE_CONFIG")]
     config: Option<PathBuf>,
+    /// Stickiness: none, upstream (a session stays on one upstream) or connection (a
+    /// session gets its own upstream WebSocket).
+    #[arg(long, env = "RPCGATE_AFFINITY", value_parser = affinity)]
+    affinity: Option<Affinity>,
+    /// Request header carrying the session key.
+    #[arg(long, env = "RPCGATE_SESSION_HEADER")]
+    session_header: Option<String>,
+    /// A method safe to send again after its connection died mid-call; repeat for several.
+    #[arg(long = "retry-method", env = "RPCGATE_RETRY_METHODS", value_delimiter = ',')]
+    retry_methods: Vec<String>,
+    /// A method whose successful calls are replayed when a session reconnects; repeat.
+    #[arg(long = "replay-method", env = "RPCGATE_REPLAY_METHODS", value_delimiter = ',')]
+    replay_methods: Vec<String>,
+    /// Where upstream addresses come from: static (the URLs) or dns (every address of each URL's host).
+    #[arg(long, env = "RPCGATE_DISCOVERY", value_parser = discovery)]
+    discovery: Option<DiscoveryMode>,
+}
+
+fn affinity(text: &str) -> Result<Affinity, String> {
+    rpcgate::config::parse_affinity(text)
+}
+
+fn discovery(text: &str) -> Result<DiscoveryMode, String> {
+    rpcgate::config::parse_discovery(text)
 }
 
 #[derive(Subcommand, Debug)]
@@ -138,6 +162,21 @@ fn build_config(args: RunArgs) -> Result<Config> {
     }
     if let Some(t) = args.request_timeout {
         config.calls.request_timeout = t;
+    }
+    if let Some(a) = args.affinity {
+        config.sessions.affinity = a;
+    }
+    if let Some(h) = args.session_header {
+        config.sessions.header = h;
+    }
+    if !args.retry_methods.is_empty() {
+        config.balance.retry_methods = args.retry_methods;
+    }
+    if !args.replay_methods.is_empty() {
+        config.sessions.replay_methods = args.replay_methods;
+    }
+    if let Some(d) = args.discovery {
+        config.discovery.mode = d;
     }
     let problems = config.check();
     if !problems.is_empty() {

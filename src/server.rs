@@ -6,8 +6,8 @@
 mod rpc;
 mod watch;
 
-use crate::config::Config;
-use crate::upstream::{TargetError, Upstreams};
+use crate::config::{Affinity, Config, DiscoveryMode};
+use crate::upstream::{Resolver, Sessions, SystemResolver, TargetError, Upstreams, discovery};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -36,14 +36,16 @@ pub enum StartError {
 pub struct AppState {
     pub config: Config,
     pub upstreams: Arc<Upstreams>,
+    /// Present with `affinity = "connection"`.
+    pub sessions: Option<Arc<Sessions>>,
 }
 
 /// A bound, not yet running gateway.
 pub struct Gateway {
     listener: TcpListener,
     state: Arc<AppState>,
-    /// Stops the upstream connections, after the HTTP side has drained.
-    upstream_shutdown: CancellationToken,
+    /// Stops discovery, after the HTTP side has drained.
+    background: CancellationToken,
 }
 
 impl Gateway {
@@ -61,12 +63,38 @@ impl Gateway {
 
     /// Serves on an already bound listener (tests and `demo` bind port 0 themselves).
     pub fn from_listener(listener: TcpListener, config: Config) -> Result<Gateway, StartError> {
-        let upstream_shutdown = CancellationToken::new();
-        let upstreams = Upstreams::start(&config, &upstream_shutdown)?;
+        Gateway::with_resolver(listener, config, Arc::new(SystemResolver))
+    }
+
+    /// Like [`Gateway::from_listener`], resolving upstream host names (DNS discovery)
+    /// with `resolver`.
+    pub fn with_resolver(
+        listener: TcpListener,
+        config: Config,
+        resolver: Arc<dyn Resolver>,
+    ) -> Result<Gateway, StartError> {
+        let background = CancellationToken::new();
+        let upstreams = Upstreams::start(&config)?;
+        if config.discovery.mode == DiscoveryMode::Dns {
+            tokio::spawn(discovery::run(
+                upstreams.clone(),
+                resolver,
+                config.discovery.resolve_interval,
+                background.clone(),
+            ));
+        }
+        let sessions = (config.sessions.affinity == Affinity::Connection).then(|| {
+            let max_in_flight = config.upstreams.first().map_or(1024, |u| u.max_in_flight);
+            Sessions::start(config.sessions.clone(), upstreams.clone(), max_in_flight)
+        });
         Ok(Gateway {
             listener,
-            state: Arc::new(AppState { config, upstreams }),
-            upstream_shutdown,
+            state: Arc::new(AppState {
+                config,
+                upstreams,
+                sessions,
+            }),
+            background,
         })
     }
 
@@ -146,8 +174,11 @@ impl Gateway {
             );
             connections.abort_all();
         }
-        self.upstream_shutdown.cancel();
-        self.state.upstreams.join().await;
+        self.background.cancel();
+        if let Some(sessions) = &self.state.sessions {
+            sessions.close();
+        }
+        self.state.upstreams.close().await;
     }
 }
 

@@ -5,13 +5,15 @@
 //! the only place an [`Error`] becomes HTTP.
 
 use super::AppState;
-use crate::config::BatchMode;
+use crate::config::{Affinity, BatchMode};
 use crate::error::Error;
 use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
-use crate::upstream::Reply;
+use crate::upstream::sessions::{self, MAX_KEY_LEN};
+use crate::upstream::{Reply, Route, Shared};
+use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::join_all;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -46,6 +48,10 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
     if declared.is_some_and(|len| len > limit as u64) {
         return Ok(error_response(None, &Error::PayloadTooLarge { limit }));
     }
+    let session = match session_of(req.headers(), state) {
+        Ok(s) => s,
+        Err(e) => return Ok(error_response(None, &e)),
+    };
     let collect = Limited::new(req.into_body(), limit).collect();
     let body = match tokio::time::timeout(http.body_read_timeout, collect).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -69,11 +75,122 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
     };
     // The deadline starts once the request is in: slow clients don't eat upstream time.
     let deadline = Instant::now() + state.config.calls.request_timeout;
-    Ok(match jsonrpc::parse_body(&body, http.max_batch_size) {
+    let via = match Via::new(state, session.as_ref()) {
+        Ok(via) => via,
+        Err(e) => return Ok(error_response(None, &e)),
+    };
+    let mut resp = match jsonrpc::parse_body(&body, http.max_batch_size) {
         Err(e) => error_response(None, &e),
-        Ok(Body::Single(entry)) => single(entry, state, deadline).await,
-        Ok(Body::Batch(entries)) => batch(entries, state, deadline).await,
-    })
+        Ok(Body::Single(entry)) => single(entry, &via, deadline).await,
+        Ok(Body::Batch(entries)) => batch(entries, &via, deadline).await,
+    };
+    if let Some(SessionKey { key, issued: Some(secure) }) = &session {
+        let cfg = &state.config.sessions;
+        let mut cookie = format!("{}={key}; Path=/; HttpOnly; SameSite=Lax", cfg.cookie);
+        if *secure {
+            cookie.push_str("; Secure");
+        }
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            resp.headers_mut().insert(SET_COOKIE, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// A request's session key.
+struct SessionKey {
+    key: String,
+    /// Set when rpcgate made the key up for this request: then it answers with a
+    /// cookie, marked `Secure` when the client reached us over TLS (per the proxy).
+    issued: Option<bool>,
+}
+
+/// The session key from the configured header or cookie; a new one when
+/// `issue_cookie` is on; none when stickiness is off.
+fn session_of(headers: &http::HeaderMap, state: &AppState) -> Result<Option<SessionKey>, Error> {
+    let cfg = &state.config.sessions;
+    if cfg.affinity == Affinity::None {
+        return Ok(None);
+    }
+    let from_header = headers
+        .get(cfg.header.as_str())
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    let from_cookie = || {
+        headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(name, value)| *name == cfg.cookie && !value.is_empty())
+            .map(|(_, value)| value)
+    };
+    match from_header.or_else(from_cookie) {
+        Some(key) if key.len() > MAX_KEY_LEN => {
+            Err(Error::InvalidRequest("session key longer than 256 bytes"))
+        }
+        Some(key) => Ok(Some(SessionKey {
+            key: key.to_string(),
+            issued: None,
+        })),
+        None if cfg.issue_cookie => Ok(Some(SessionKey {
+            key: sessions::new_key()?,
+            issued: Some(behind_tls(headers)),
+        })),
+        None => Ok(None),
+    }
+}
+
+/// Whether the client reached the proxy in front of us over TLS.
+fn behind_tls(headers: &http::HeaderMap) -> bool {
+    let proto = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    proto("x-forwarded-proto").eq_ignore_ascii_case("https")
+        || proto("forwarded").to_ascii_lowercase().contains("proto=https")
+}
+
+/// Where this request's calls go, decided once per request.
+struct Via<'a> {
+    state: &'a AppState,
+    route: Route<'a>,
+    /// `affinity = "connection"`: the session's own connection.
+    session: Option<Arc<Shared>>,
+}
+
+impl<'a> Via<'a> {
+    fn new(state: &'a AppState, session: Option<&'a SessionKey>) -> Result<Via<'a>, Error> {
+        let mut via = Via {
+            state,
+            route: Route::Any,
+            session: None,
+        };
+        if let Some(SessionKey { key, .. }) = session {
+            match (&state.sessions, state.config.sessions.affinity) {
+                (Some(sessions), Affinity::Connection) => via.session = Some(sessions.connection(key)?),
+                (_, Affinity::Upstream) => via.route = Route::Sticky(key.as_bytes()),
+                _ => {}
+            }
+        }
+        Ok(via)
+    }
+
+    async fn call(&self, call: &Call<'_>, deadline: Instant) -> Result<Reply, Error> {
+        match (&self.session, &self.state.sessions) {
+            (Some(conn), Some(sessions)) => sessions.call(conn, call, deadline).await,
+            _ => self.state.upstreams.call(call, deadline, self.route).await,
+        }
+    }
+
+    async fn notify(&self, call: &Call<'_>, deadline: Instant) -> Result<(), Error> {
+        let route = self.session.as_ref().map_or(self.route, Route::Own);
+        self.state.upstreams.notify(call, deadline, route).await
+    }
+
+    async fn forward(&self, calls: &[Call<'_>], deadline: Instant) -> Result<Vec<Result<Reply, Error>>, Error> {
+        let route = self.session.as_ref().map_or(self.route, Route::Own);
+        self.state.upstreams.forward_batch(calls, deadline, route).await
+    }
 }
 
 /// `application/json`, with any parameters (`; charset=utf-8`), in any letter case.
@@ -85,17 +202,17 @@ fn is_json(value: Option<&HeaderValue>) -> bool {
     essence.eq_ignore_ascii_case("application/json")
 }
 
-async fn single(entry: Entry<'_>, state: &AppState, deadline: Instant) -> HttpResponse {
+async fn single(entry: Entry<'_>, via: &Via<'_>, deadline: Instant) -> HttpResponse {
     let call = match entry {
         Ok(call) => call,
         Err(Invalid { id, reason }) => return error_response(id, &Error::InvalidRequest(reason)),
     };
     match call.id {
-        None => match state.upstreams.notify(&call, deadline).await {
+        None => match via.notify(&call, deadline).await {
             Ok(()) => no_content(),
             Err(e) => error_response(None, &e),
         },
-        Some(id) => match state.upstreams.call(&call, deadline).await {
+        Some(id) => match via.call(&call, deadline).await {
             Ok(reply) => json_response(StatusCode::OK, reply_bytes(id, &reply)),
             Err(e) => error_response(Some(id), &e),
         },
@@ -105,12 +222,12 @@ async fn single(entry: Entry<'_>, state: &AppState, deadline: Instant) -> HttpRe
 /// One element's answer inside a batch response; `None` for notifications.
 type Slot = Option<Vec<u8>>;
 
-async fn batch(entries: Vec<Entry<'_>>, state: &AppState, deadline: Instant) -> HttpResponse {
-    let slots: Vec<Slot> = match state.config.http.batch {
+async fn batch(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> HttpResponse {
+    let slots: Vec<Slot> = match via.state.config.http.batch {
         BatchMode::Split => {
-            join_all(entries.iter().map(|entry| element(entry, state, deadline))).await
+            join_all(entries.iter().map(|entry| element(entry, via, deadline))).await
         }
-        BatchMode::Forward => forward(&entries, state, deadline).await,
+        BatchMode::Forward => forward(&entries, via, deadline).await,
     };
     let answered: Vec<Vec<u8>> = slots.into_iter().flatten().collect();
     if answered.is_empty() {
@@ -130,16 +247,16 @@ async fn batch(entries: Vec<Entry<'_>>, state: &AppState, deadline: Instant) -> 
 }
 
 /// One batch element sent as its own upstream call.
-async fn element(entry: &Entry<'_>, state: &AppState, deadline: Instant) -> Slot {
+async fn element(entry: &Entry<'_>, via: &Via<'_>, deadline: Instant) -> Slot {
     match entry {
         Err(Invalid { id, reason }) => Some(error_bytes(*id, &Error::InvalidRequest(reason))),
         Ok(call) => match call.id {
             // A notification's failure has nobody to be told to, by definition.
             None => {
-                let _ = state.upstreams.notify(call, deadline).await;
+                let _ = via.notify(call, deadline).await;
                 None
             }
-            Some(id) => Some(match state.upstreams.call(call, deadline).await {
+            Some(id) => Some(match via.call(call, deadline).await {
                 Ok(reply) => reply_bytes(id, &reply),
                 Err(e) => error_bytes(Some(id), &e),
             }),
@@ -148,7 +265,7 @@ async fn element(entry: &Entry<'_>, state: &AppState, deadline: Instant) -> Slot
 }
 
 /// The valid elements go upstream as one frame; invalid ones are answered here.
-async fn forward(entries: &[Entry<'_>], state: &AppState, deadline: Instant) -> Vec<Slot> {
+async fn forward(entries: &[Entry<'_>], via: &Via<'_>, deadline: Instant) -> Vec<Slot> {
     let calls: Vec<Call<'_>> = entries
         .iter()
         .filter_map(|e| e.as_ref().ok().copied())
@@ -157,7 +274,7 @@ async fn forward(entries: &[Entry<'_>], state: &AppState, deadline: Instant) -> 
     let answers: Vec<Result<Reply, Error>> = if calls.is_empty() {
         Vec::new()
     } else {
-        match state.upstreams.forward_batch(&calls, deadline).await {
+        match via.forward(&calls, deadline).await {
             Ok(answers) => answers,
             // No connection took the batch: every call in it gets the same error.
             Err(e) => vec![Err(e); expecting],
@@ -197,7 +314,12 @@ pub fn error_response(id: Option<&RawValue>, error: &Error) -> HttpResponse {
     if error.status().is_server_error() {
         tracing::debug!(kind = error.kind(), "call failed: {error}");
     }
-    json_response(error.status(), error_bytes(id, error))
+    let mut resp = json_response(error.status(), error_bytes(id, error));
+    if error.status() == StatusCode::SERVICE_UNAVAILABLE {
+        // Unavailable for now, not for good: tell well-behaved clients when to retry.
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {

@@ -38,11 +38,12 @@ pub enum ConnectError {
 }
 
 /// Everything needed to (re)open a connection to one upstream, built once.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Target {
     pub url: String,
     uri: Uri,
-    /// `host:port` to dial.
+    /// `host:port` to dial: the URL's, or one resolved address (DNS discovery), while
+    /// `Host` and TLS SNI keep the URL's host name.
     authority: String,
     headers: Vec<(HeaderName, HeaderValue)>,
     tls: Option<Arc<rustls::ClientConfig>>,
@@ -91,11 +92,40 @@ impl Target {
         })
     }
 
-    /// One connection attempt. The caller bounds it with the handshake timeout.
-    pub async fn connect(&self, ws: &WebSocketConfig) -> Result<WsStream, ConnectError> {
+    /// The same upstream, dialled at `addr` instead of by host name.
+    pub fn at_address(&self, addr: std::net::SocketAddr) -> Target {
+        Target {
+            authority: addr.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// Host and port of the URL.
+    pub fn host_port(&self) -> (String, u16) {
+        let secure = self.tls.is_some();
+        let host = self.uri.host().unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        (host, self.uri.port_u16().unwrap_or(if secure { 443 } else { 80 }))
+    }
+
+    /// What this target dials, `ip:port` or `host:port`: its identity for balancing.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// One connection attempt, sending `cookies` (kept from earlier handshakes, e.g. a
+    /// load balancer's affinity cookie). The caller bounds it with the handshake timeout.
+    pub async fn connect(
+        &self,
+        ws: &WebSocketConfig,
+        cookies: Option<&str>,
+    ) -> Result<(WsStream, Vec<String>), ConnectError> {
         let mut request = (&self.uri).into_client_request()?;
         for (name, value) in &self.headers {
             request.headers_mut().insert(name.clone(), value.clone());
+        }
+        if let Some(cookies) = cookies.and_then(|c| HeaderValue::from_str(c).ok()) {
+            request.headers_mut().insert(http::header::COOKIE, cookies);
         }
         let tcp = TcpStream::connect(&self.authority)
             .await
@@ -112,14 +142,20 @@ impl Target {
             Some(tls) => Connector::Rustls(tls.clone()),
             None => Connector::Plain,
         };
-        let (socket, _response) = tokio_tungstenite::client_async_tls_with_config(
+        let (socket, response) = tokio_tungstenite::client_async_tls_with_config(
             request,
             tcp,
             Some(config),
             Some(connector),
         )
         .await?;
-        Ok(socket)
+        let set_cookies = response
+            .headers()
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect();
+        Ok((socket, set_cookies))
     }
 }
 

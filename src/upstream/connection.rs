@@ -122,7 +122,35 @@ pub struct Shared {
     pub max_in_flight: usize,
     slot: Mutex<Slot>,
     signals: Arc<PoolSignals>,
+    /// `name=value` cookies the upstream's handshakes set (a load balancer's affinity
+    /// cookie), sent again on every reconnect.
+    cookies: Mutex<Vec<(String, String)>>,
+    /// Sessions only: calls to replay on reconnect, and the method whose replay failed.
+    replay: Option<Mutex<ReplayLog>>,
+    /// The address the current (or last) socket went to.
+    pub upstream: Mutex<Option<String>>,
 }
+
+/// A call sent on a fresh socket before it carries traffic: `on_connect` calls and a
+/// session's replayed calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreludeCall {
+    pub method: String,
+    /// The frame without its id (see `Call::encode_prefix`).
+    pub prefix: String,
+}
+
+/// A session's recorded calls, oldest first, bounded.
+#[derive(Debug)]
+struct ReplayLog {
+    calls: std::collections::VecDeque<PreludeCall>,
+    max: usize,
+    failed: Option<String>,
+}
+
+/// Where a connection task dials on each attempt: fixed for pooled connections; for a
+/// session, the first upstream of its rendezvous order among those present now.
+pub type TargetFn = Arc<dyn Fn() -> Option<Arc<Target>> + Send + Sync>;
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -142,6 +170,92 @@ impl Shared {
             max_in_flight,
             slot: Mutex::new(Slot::default()),
             signals,
+            cookies: Mutex::new(Vec::new()),
+            replay: None,
+            upstream: Mutex::new(None),
+        }
+    }
+
+    /// A session's connection, keeping up to `max_replay` calls to replay.
+    pub fn for_session(
+        label: String,
+        max_in_flight: usize,
+        signals: Arc<PoolSignals>,
+        max_replay: usize,
+    ) -> Self {
+        Shared {
+            replay: Some(Mutex::new(ReplayLog {
+                calls: std::collections::VecDeque::new(),
+                max: max_replay,
+                failed: None,
+            })),
+            ..Shared::new(label, max_in_flight, signals)
+        }
+    }
+
+    /// Records a successful call to replay after a reconnect.
+    pub fn record_replay(&self, call: PreludeCall) {
+        if let Some(log) = &self.replay {
+            let mut log = log.lock();
+            // Replaying the same call twice would change nothing but the wait.
+            log.calls.retain(|c| c != &call);
+            if log.max == 0 {
+                return;
+            }
+            while log.calls.len() >= log.max {
+                log.calls.pop_front();
+            }
+            log.calls.push_back(call);
+        }
+    }
+
+    /// The method whose replay failed on the last connect, if it did.
+    pub fn replay_failed(&self) -> Option<String> {
+        self.replay.as_ref().and_then(|log| log.lock().failed.clone())
+    }
+
+    fn replay_calls(&self) -> Vec<PreludeCall> {
+        self.replay
+            .as_ref()
+            .map(|log| log.lock().calls.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn set_replay_failed(&self, method: Option<String>) {
+        if let Some(log) = &self.replay {
+            log.lock().failed = method;
+        }
+    }
+
+    fn cookie_header(&self) -> Option<String> {
+        let jar = self.cookies.lock();
+        if jar.is_empty() {
+            return None;
+        }
+        Some(
+            jar.iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+
+    fn keep_cookies(&self, set_cookies: Vec<String>) {
+        if set_cookies.is_empty() {
+            return;
+        }
+        let mut jar = self.cookies.lock();
+        for line in set_cookies {
+            let pair = line.split(';').next().unwrap_or("").trim();
+            let Some((name, value)) = pair.split_once('=') else {
+                continue;
+            };
+            let (name, value) = (name.trim().to_string(), value.trim().to_string());
+            jar.retain(|(n, _)| n != &name);
+            // Bounded: a misbehaving upstream cannot grow the jar without limit.
+            if jar.len() < 32 {
+                jar.push((name, value));
+            }
         }
     }
 
@@ -354,20 +468,31 @@ enum End {
 /// session) → `Backoff` → `Connecting` …, and `Stopped` once shutdown is requested.
 pub async fn run(
     shared: Arc<Shared>,
-    target: Arc<Target>,
+    target: TargetFn,
     ws: Arc<WebSocketConfig>,
+    on_connect: Arc<Vec<PreludeCall>>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(ws.reconnect_base, ws.reconnect_max);
     loop {
         shared.set_state(ConnState::Connecting);
+        let Some(target) = target() else {
+            // A session whose upstreams have all left: wait for discovery to add one.
+            shared.set_state(ConnState::Backoff);
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                _ = shutdown.cancelled() => break,
+            }
+        };
+        *shared.upstream.lock() = Some(target.authority().to_string());
+        let cookies = shared.cookie_header();
         let attempt = tokio::select! {
-            r = timeout(ws.handshake_timeout, target.connect(&ws)) => r,
+            r = timeout(ws.handshake_timeout, connect_and_prepare(&shared, &target, &ws, &on_connect, cookies.as_deref())) => r,
             _ = shutdown.cancelled() => break,
         };
         match attempt {
             Ok(Ok(socket)) => {
-                tracing::info!(conn = %shared.label, "upstream connected");
+                tracing::info!(conn = %shared.label, upstream = %target.authority(), "upstream connected");
                 let opened_at = Instant::now();
                 // Queue depth never exceeds the calls holding slots, plus notifications.
                 let (tx, mut rx) = mpsc::channel(shared.max_in_flight + 64);
@@ -386,10 +511,10 @@ pub async fn run(
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(conn = %shared.label, error = %e, "upstream connect failed");
+                tracing::warn!(conn = %shared.label, upstream = %target.authority(), error = %e, "upstream connect failed");
             }
             Err(_) => {
-                tracing::warn!(conn = %shared.label, timeout = ?ws.handshake_timeout, "upstream handshake timed out");
+                tracing::warn!(conn = %shared.label, upstream = %target.authority(), timeout = ?ws.handshake_timeout, "upstream handshake timed out");
             }
         }
         shared.set_state(ConnState::Backoff);
@@ -400,6 +525,85 @@ pub async fn run(
         }
     }
     shared.set_state(ConnState::Stopped);
+}
+
+/// Why a fresh socket was not put to use.
+#[derive(Debug, thiserror::Error)]
+enum PrepareError {
+    #[error(transparent)]
+    Connect(#[from] super::connect::ConnectError),
+    #[error("on_connect call {0:?} failed")]
+    OnConnect(String),
+    #[error("replaying {0:?} failed")]
+    Replay(String),
+    #[error("socket failed during on_connect/replay: {0}")]
+    Socket(#[from] tokio_tungstenite::tungstenite::Error),
+}
+
+/// Connects, then runs the `on_connect` calls and the session's replay, in order,
+/// before the socket carries any call.
+async fn connect_and_prepare(
+    shared: &Shared,
+    target: &Target,
+    ws: &WebSocketConfig,
+    on_connect: &[PreludeCall],
+    cookies: Option<&str>,
+) -> Result<WsStream, PrepareError> {
+    let (mut socket, set_cookies) = target.connect(ws, cookies).await?;
+    shared.keep_cookies(set_cookies);
+    for call in on_connect {
+        if !prelude_call(&mut socket, call, shared).await? {
+            return Err(PrepareError::OnConnect(call.method.clone()));
+        }
+    }
+    for call in shared.replay_calls() {
+        if !prelude_call(&mut socket, &call, shared).await? {
+            shared.set_replay_failed(Some(call.method.clone()));
+            return Err(PrepareError::Replay(call.method));
+        }
+    }
+    shared.set_replay_failed(None);
+    Ok(socket)
+}
+
+/// Sends one prelude call and waits for its reply; `Ok(false)` if it was an error.
+/// Its id comes from the top of the id range, far from the pending map's counter.
+async fn prelude_call(
+    socket: &mut WsStream,
+    call: &PreludeCall,
+    shared: &Shared,
+) -> Result<bool, PrepareError> {
+    const PRELUDE_ID: u64 = u64::MAX - 1;
+    let mut frame = call.prefix.clone();
+    crate::jsonrpc::finish_frame(&mut frame, Some(PRELUDE_ID));
+    socket.send(Message::text(frame)).await?;
+    while let Some(message) = socket.next().await {
+        let bytes = match message? {
+            Message::Text(t) => Bytes::from(t),
+            Message::Binary(b) => b,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        let mut answer = None;
+        let seen = crate::jsonrpc::read_upstream(text, |id, outcome| {
+            if id == PRELUDE_ID {
+                answer = Some(!outcome.is_error());
+            }
+        });
+        if let Some(ok) = answer {
+            return Ok(ok);
+        }
+        shared
+            .signals
+            .unmatched
+            .fetch_add((seen.replies + seen.unsolicited) as u64, Ordering::Relaxed);
+    }
+    Err(PrepareError::Socket(
+        tokio_tungstenite::tungstenite::Error::ConnectionClosed,
+    ))
 }
 
 /// Serves one open socket until it ends.

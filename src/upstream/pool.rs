@@ -1,32 +1,113 @@
-//! The set of upstream connections and the way a call gets onto one of them.
+//! The upstreams, their connection pools, and how a call gets onto one of them.
 //!
-//! A call reserves a slot on the least-loaded open connection (a [`Permit`]), registers
-//! and queues its frame there, and waits for the reply until its deadline. With no
-//! connection open it waits up to `connect_wait`; with every connection at
-//! `max_in_flight` it waits up to `queue_timeout`; both bounded by its deadline, so a
-//! short upstream blip delays calls instead of failing them, and nothing queues
-//! without bound.
+//! A call reserves a slot (a [`Permit`]) on a connection: for a plain call, on the
+//! least-loaded connection of the upstream that power-of-two-choices picks; for a
+//! sticky session, of the first usable upstream in the key's rendezvous order; for a
+//! session with its own connection, on that one. It then registers and queues its
+//! frame there and waits for the reply until its deadline. With no connection open it
+//! waits up to `connect_wait`, with every connection full up to `queue_timeout`; both
+//! bounded by its deadline and by `max_waiting`, so a short upstream blip delays calls
+//! instead of failing them, and nothing queues without bound.
+//!
+//! Failover: a call that never reached a socket goes to another upstream; one that
+//! was written when its connection died is sent again only if its method is listed in
+//! `retry_methods`, so a non-idempotent call is never executed twice.
 
+use super::balance::{self, Candidate};
 use super::connect::{Target, TargetError};
-use super::connection::{self, ConnState, Failure, PoolSignals, Refused, Reply, Shared};
+use super::connection::{
+    self, ConnState, Failure, PoolSignals, PreludeCall, Refused, Reply, Shared, TargetFn,
+};
 use super::pending::CallId;
-use crate::config::{CallConfig, Config};
+use crate::config::{BalanceConfig, CallConfig, Config, DiscoveryMode, UpstreamConfig, WebSocketConfig};
 use crate::error::Error;
 use crate::jsonrpc::{Call, finish_frame};
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-/// All upstream connections of the gateway.
-pub struct Upstreams {
+/// Where a call may go.
+#[derive(Clone, Copy)]
+pub enum Route<'a> {
+    /// Balanced call by call.
+    Any,
+    /// `affinity = "upstream"`: the session key's rendezvous order.
+    Sticky(&'a [u8]),
+    /// `affinity = "connection"`: the session's own connection, nowhere else.
+    Own(&'a Arc<Shared>),
+}
+
+/// One upstream address and its pool of persistent connections.
+pub struct Upstream {
+    /// What it dials (`ip:port` with DNS discovery, else `host:port`): its identity
+    /// for rendezvous hashing, the same on every rpcgate replica.
+    pub id: String,
+    /// The configured URL it came from.
+    pub url: String,
+    pub weight: u32,
+    pub target: Arc<Target>,
+    /// Which `[[upstreams]]` entry it came from.
+    pub source: usize,
     conns: Vec<Arc<Shared>>,
+    /// False while its health call fails.
+    healthy: AtomicBool,
+    /// Left the address set: takes no new calls, closes once its calls finish.
+    draining: AtomicBool,
+    /// Stops its connections (and its health loop).
+    token: CancellationToken,
+}
+
+impl Upstream {
+    fn has_open(&self) -> bool {
+        self.conns.iter().any(|c| c.is_open())
+    }
+
+    /// Present and serving: not draining, healthy, with an open connection.
+    pub fn usable(&self) -> bool {
+        !self.draining.load(Ordering::Acquire)
+            && self.healthy.load(Ordering::Acquire)
+            && self.has_open()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Calls in flight on all its connections.
+    pub fn load(&self) -> usize {
+        self.conns
+            .iter()
+            .map(|c| c.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.conns.iter().filter(|c| c.is_open()).count()
+    }
+}
+
+/// All upstreams of the gateway.
+pub struct Upstreams {
+    /// The current address set. Replaced as a whole (copy on write) when discovery
+    /// changes it, so a call reads a consistent snapshot with one lock-free clone.
+    set: RwLock<Arc<Vec<Arc<Upstream>>>>,
     signals: Arc<PoolSignals>,
     calls: CallConfig,
-    /// The connection tasks, so shutdown can wait for sockets to close.
-    tasks: parking_lot::Mutex<JoinSet<()>>,
+    balance: BalanceConfig,
+    retry_methods: HashSet<String>,
+    ws: Arc<WebSocketConfig>,
+    on_connect: Arc<Vec<PreludeCall>>,
+    /// The configured upstreams, to build more instances from (DNS discovery).
+    sources: Vec<(UpstreamConfig, Arc<Target>)>,
+    tasks: Mutex<JoinSet<()>>,
+    shutdown: CancellationToken,
 }
 
 /// A slot on one connection, held for the whole call: it bounds the queue and the
@@ -35,6 +116,8 @@ pub struct Permit {
     conn: Arc<Shared>,
     count: usize,
     signals: Arc<PoolSignals>,
+    /// The upstream it belongs to (none for a session's own connection).
+    upstream: Option<Arc<Upstream>>,
 }
 
 impl Drop for Permit {
@@ -67,37 +150,164 @@ enum Pick {
     AllFull,
 }
 
+/// The frame prefix of a call given by name and raw params (health and on_connect calls).
+pub fn prefix_for(method: &str, params: Option<&str>) -> String {
+    let mut out = String::from(r#"{"jsonrpc":"2.0","method":"#);
+    // Serializing a &str cannot fail.
+    out.push_str(&serde_json::to_string(method).unwrap_or_default());
+    if let Some(params) = params {
+        out.push_str(r#","params":"#);
+        out.push_str(params);
+    }
+    out
+}
+
 impl Upstreams {
-    /// Builds every connection and starts its task; sockets open in the background,
-    /// so the gateway serves (with 503s) even while upstreams are down.
-    pub fn start(config: &Config, shutdown: &CancellationToken) -> Result<Arc<Self>, TargetError> {
-        let signals = Arc::new(PoolSignals::default());
-        let ws = Arc::new(config.websocket.clone());
-        let mut conns = Vec::new();
-        let mut tasks = JoinSet::new();
+    /// Builds the upstreams and starts their connections; sockets open in the
+    /// background, so the gateway serves (with 503s) even while upstreams are down.
+    /// With DNS discovery the set starts empty and `discovery` fills it.
+    pub fn start(config: &Config) -> Result<Arc<Self>, TargetError> {
+        let mut sources = Vec::new();
         for up in &config.upstreams {
-            let target = Arc::new(Target::new(up)?);
-            for c in 0..up.connections {
-                let label = format!("{}#{c}", target.url);
-                let shared = Arc::new(Shared::new(label, up.max_in_flight, signals.clone()));
-                conns.push(shared.clone());
-                tasks.spawn(connection::run(
-                    shared,
-                    target.clone(),
-                    ws.clone(),
-                    shutdown.child_token(),
-                ));
+            sources.push((up.clone(), Arc::new(Target::new(up)?)));
+        }
+        let on_connect = config
+            .on_connect
+            .iter()
+            .map(|c| PreludeCall {
+                method: c.method.clone(),
+                prefix: prefix_for(&c.method, c.params.as_deref()),
+            })
+            .collect();
+        let upstreams = Arc::new(Upstreams {
+            set: RwLock::new(Arc::new(Vec::new())),
+            signals: Arc::new(PoolSignals::default()),
+            calls: config.calls.clone(),
+            balance: config.balance.clone(),
+            retry_methods: config.balance.retry_methods.iter().cloned().collect(),
+            ws: Arc::new(config.websocket.clone()),
+            on_connect: Arc::new(on_connect),
+            sources,
+            tasks: Mutex::new(JoinSet::new()),
+            shutdown: CancellationToken::new(),
+        });
+        if config.discovery.mode == DiscoveryMode::Static {
+            for source in 0..upstreams.sources.len() {
+                upstreams.add(source, None);
             }
         }
-        Ok(Arc::new(Upstreams {
-            conns,
-            signals,
-            calls: config.calls.clone(),
-            tasks: parking_lot::Mutex::new(tasks),
-        }))
+        Ok(upstreams)
     }
 
-    /// Connections open right now.
+    /// The configured upstreams' host names and ports, for DNS discovery.
+    pub fn sources(&self) -> Vec<(String, u16)> {
+        self.sources.iter().map(|(_, t)| t.host_port()).collect()
+    }
+
+    /// The current address set.
+    pub fn snapshot(&self) -> Arc<Vec<Arc<Upstream>>> {
+        self.set.read().clone()
+    }
+
+    /// Adds an upstream for configured entry `source`, dialled at `addr` (or by its
+    /// host name), and starts its connections. Returns false if it is already present.
+    pub fn add(self: &Arc<Self>, source: usize, addr: Option<SocketAddr>) -> bool {
+        let Some((cfg, target)) = self.sources.get(source) else {
+            return false;
+        };
+        let target = Arc::new(match addr {
+            Some(addr) => target.at_address(addr),
+            None => (**target).clone(),
+        });
+        let id = match addr {
+            Some(addr) => addr.to_string(),
+            None => cfg.url.clone(),
+        };
+        if self.snapshot().iter().any(|u| u.id == id) {
+            return false;
+        }
+        let token = self.shutdown.child_token();
+        let conns: Vec<Arc<Shared>> = (0..cfg.connections)
+            .map(|c| {
+                Arc::new(Shared::new(
+                    format!("{id}#{c}"),
+                    cfg.max_in_flight,
+                    self.signals.clone(),
+                ))
+            })
+            .collect();
+        let upstream = Arc::new(Upstream {
+            id,
+            url: cfg.url.clone(),
+            weight: cfg.weight.max(1),
+            target: target.clone(),
+            source,
+            conns,
+            healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            token: token.clone(),
+        });
+        let mut tasks = self.tasks.lock();
+        for conn in &upstream.conns {
+            let fixed = target.clone();
+            let target_fn: TargetFn = Arc::new(move || Some(fixed.clone()));
+            tasks.spawn(connection::run(
+                conn.clone(),
+                target_fn,
+                self.ws.clone(),
+                self.on_connect.clone(),
+                token.clone(),
+            ));
+        }
+        if let Some(method) = &self.balance.health_method {
+            let prefix = prefix_for(method, self.balance.health_params.as_deref());
+            tasks.spawn(health_loop(
+                self.clone(),
+                upstream.clone(),
+                prefix,
+                token.clone(),
+            ));
+        }
+        drop(tasks);
+        tracing::info!(upstream = %upstream.id, url = %upstream.url, "upstream added");
+        let mut set = self.set.write();
+        let mut next = (**set).clone();
+        next.push(upstream);
+        *set = Arc::new(next);
+        drop(set);
+        self.signals.changed.notify_waiters();
+        true
+    }
+
+    /// Takes upstream `id` out of the set: it gets no new calls, and its connections
+    /// close (1001) once the calls in flight on it have finished or timed out.
+    pub fn drain(&self, id: &str) -> bool {
+        let removed = {
+            let mut set = self.set.write();
+            let Some(pos) = set.iter().position(|u| u.id == id) else {
+                return false;
+            };
+            let mut next = (**set).clone();
+            let removed = next.remove(pos);
+            *set = Arc::new(next);
+            removed
+        };
+        removed.draining.store(true, Ordering::Release);
+        tracing::info!(upstream = %removed.id, in_flight = removed.load(), "upstream draining");
+        let limit = self.calls.request_timeout;
+        self.tasks.lock().spawn(async move {
+            let deadline = Instant::now() + limit;
+            // Calls in flight end by their deadline at the latest; polling the count
+            // at a coarse step keeps this off every call's path.
+            while removed.load() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            removed.token.cancel();
+        });
+        true
+    }
+
+    /// Connections open right now, over all upstreams.
     pub fn open_connections(&self) -> usize {
         self.signals.open_connections.load(Ordering::Acquire)
     }
@@ -115,14 +325,21 @@ impl Upstreams {
         }
     }
 
-    /// Each connection's state, in configuration order.
+    /// Each pooled connection's state, upstream by upstream.
     pub fn states(&self) -> Vec<ConnState> {
-        self.conns.iter().map(|c| c.state()).collect()
+        self.snapshot()
+            .iter()
+            .flat_map(|u| u.conns.iter().map(|c| c.state()))
+            .collect()
     }
 
-    /// Calls registered on any connection and waiting for a reply.
+    /// Calls registered on any pooled connection and waiting for a reply.
     pub fn pending_calls(&self) -> usize {
-        self.conns.iter().map(|c| c.pending_len()).sum()
+        self.snapshot()
+            .iter()
+            .flat_map(|u| u.conns.iter())
+            .map(|c| c.pending_len())
+            .sum()
     }
 
     /// Upstream messages that matched no call, and frames that were not JSON-RPC.
@@ -133,17 +350,73 @@ impl Upstreams {
         )
     }
 
-    /// Waits until every connection task has finished (after shutdown was requested).
-    pub async fn join(&self) {
+    /// Stops every connection (1001) and waits for the tasks to end.
+    pub async fn close(&self) {
+        self.shutdown.cancel();
         let mut tasks = std::mem::take(&mut *self.tasks.lock());
         while tasks.join_next().await.is_some() {}
     }
 
+    /// A connection of its own for a session keyed `key`, following the key's
+    /// rendezvous order over the address set on every (re)connect.
+    pub fn session_connection(
+        self: &Arc<Self>,
+        key: &[u8],
+        label: String,
+        max_in_flight: usize,
+        max_replay: usize,
+        token: CancellationToken,
+    ) -> Arc<Shared> {
+        let shared = Arc::new(Shared::for_session(
+            label,
+            max_in_flight,
+            self.signals.clone(),
+            max_replay,
+        ));
+        let weak = Arc::downgrade(self);
+        let key = key.to_vec();
+        let target_fn: TargetFn = Arc::new(move || {
+            let upstreams = weak.upgrade()?;
+            let set = upstreams.snapshot();
+            let present: Vec<&Arc<Upstream>> = set.iter().filter(|u| u.is_healthy()).collect();
+            let candidates: Vec<Candidate<'_>> = present
+                .iter()
+                .map(|u| Candidate {
+                    id: &u.id,
+                    weight: u.weight,
+                    load: 0,
+                })
+                .collect();
+            let first = *balance::rendezvous_order(&key, &candidates).first()?;
+            Some(present[first].target.clone())
+        });
+        self.tasks.lock().spawn(connection::run(
+            shared.clone(),
+            target_fn,
+            self.ws.clone(),
+            self.on_connect.clone(),
+            token,
+        ));
+        shared
+    }
+
+    fn retryable(&self, call: &Call<'_>) -> bool {
+        !self.retry_methods.is_empty() && self.retry_methods.contains(call.method_name().as_ref())
+    }
+
     /// Sends one call and waits for its reply.
-    pub async fn call(&self, call: &Call<'_>, deadline: Instant) -> Result<Reply, Error> {
+    pub async fn call(
+        &self,
+        call: &Call<'_>,
+        deadline: Instant,
+        route: Route<'_>,
+    ) -> Result<Reply, Error> {
         let mut connect_deadline = None;
+        let mut avoid: Option<Arc<Upstream>> = None;
         loop {
-            let permit = self.reserve(1, deadline, &mut connect_deadline).await?;
+            let permit = self
+                .reserve(1, deadline, route, avoid.as_ref(), &mut connect_deadline)
+                .await?;
             let (tx, rx) = oneshot::channel();
             let mut frame = String::with_capacity(call.frame_len_hint());
             call.encode_prefix(&mut frame);
@@ -165,7 +438,10 @@ impl Upstreams {
                     registered.ids.clear();
                     match answer {
                         Ok(Ok(reply)) => return Ok(reply),
-                        Ok(Err(Failure::NotSent)) => continue,
+                        Ok(Err(Failure::NotSent)) => avoid = permit.upstream.clone(),
+                        Ok(Err(Failure::Lost)) if self.retryable(call) => {
+                            avoid = permit.upstream.clone();
+                        }
                         Ok(Err(Failure::Lost)) | Err(_) => return Err(Error::UpstreamLost),
                     }
                 }
@@ -174,10 +450,17 @@ impl Upstreams {
     }
 
     /// Queues a notification; returns once it is on an open connection's queue.
-    pub async fn notify(&self, call: &Call<'_>, deadline: Instant) -> Result<(), Error> {
+    pub async fn notify(
+        &self,
+        call: &Call<'_>,
+        deadline: Instant,
+        route: Route<'_>,
+    ) -> Result<(), Error> {
         let mut connect_deadline = None;
         loop {
-            let permit = self.reserve(1, deadline, &mut connect_deadline).await?;
+            let permit = self
+                .reserve(1, deadline, route, None, &mut connect_deadline)
+                .await?;
             let mut frame = String::with_capacity(call.frame_len_hint());
             call.encode_prefix(&mut frame);
             match permit.conn.submit(frame, None) {
@@ -194,12 +477,20 @@ impl Upstreams {
         &self,
         calls: &[Call<'_>],
         deadline: Instant,
+        route: Route<'_>,
     ) -> Result<Vec<Result<Reply, Error>>, Error> {
         let expecting = calls.iter().filter(|c| !c.is_notification()).count();
         let mut connect_deadline = None;
+        let mut avoid: Option<Arc<Upstream>> = None;
         loop {
             let permit = self
-                .reserve(calls.len().max(1), deadline, &mut connect_deadline)
+                .reserve(
+                    calls.len().max(1),
+                    deadline,
+                    route,
+                    avoid.as_ref(),
+                    &mut connect_deadline,
+                )
                 .await?;
             let mut senders = Vec::with_capacity(expecting);
             let mut receivers = Vec::with_capacity(expecting);
@@ -253,17 +544,20 @@ impl Upstreams {
             }
             // The frame either reached the socket as a whole or not at all.
             if requeue {
+                avoid = permit.upstream.clone();
                 continue;
             }
             return Ok(answers);
         }
     }
 
-    /// Takes `count` slots on the least-loaded open connection, waiting as configured.
+    /// Takes `count` slots on a connection `route` allows, waiting as configured.
     async fn reserve(
         &self,
         count: usize,
         deadline: Instant,
+        route: Route<'_>,
+        avoid: Option<&Arc<Upstream>>,
         connect_deadline: &mut Option<Instant>,
     ) -> Result<Permit, Error> {
         let mut queue_deadline = None;
@@ -273,7 +567,11 @@ impl Upstreams {
             // Register for wakeups before looking, so a change between the look and
             // the wait is not missed.
             notified.as_mut().enable();
-            match self.pick(count) {
+            let pick = match route {
+                Route::Own(conn) => self.pick_on(conn, count, None),
+                _ => self.pick(count, route, avoid),
+            };
+            let until = match pick {
                 Pick::Got(permit) => return Ok(permit),
                 Pick::NoneOpen => {
                     let until = *connect_deadline.get_or_insert_with(|| {
@@ -282,7 +580,7 @@ impl Upstreams {
                     if Instant::now() >= until {
                         return Err(Error::NoUpstream(self.calls.connect_wait));
                     }
-                    let _ = timeout_at(until, notified).await;
+                    until
                 }
                 Pick::AllFull => {
                     let until = *queue_deadline.get_or_insert_with(|| {
@@ -291,22 +589,64 @@ impl Upstreams {
                     if Instant::now() >= until {
                         return Err(Error::Overloaded);
                     }
-                    self.signals.waiters.fetch_add(1, Ordering::AcqRel);
-                    let _ = timeout_at(until, notified).await;
-                    self.signals.waiters.fetch_sub(1, Ordering::AcqRel);
+                    until
                 }
+            };
+            // Bounded waiting room: past it, answer at once rather than queue.
+            let waiting = self.signals.waiters.fetch_add(1, Ordering::AcqRel);
+            if waiting >= self.balance.max_waiting {
+                self.signals.waiters.fetch_sub(1, Ordering::AcqRel);
+                return Err(Error::Overloaded);
             }
+            let _ = timeout_at(until, notified).await;
+            self.signals.waiters.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
-    fn pick(&self, count: usize) -> Pick {
+    /// Picks an upstream for `route`, then its least-loaded connection.
+    fn pick(&self, count: usize, route: Route<'_>, avoid: Option<&Arc<Upstream>>) -> Pick {
+        let set = self.snapshot();
+        let mut usable: Vec<&Arc<Upstream>> = set.iter().filter(|u| u.usable()).collect();
+        // After a failure, prefer any other upstream; fall back to the same one.
+        if let Some(avoid) = avoid
+            && usable.len() > 1
+        {
+            usable.retain(|u| !Arc::ptr_eq(u, avoid));
+        }
+        if usable.is_empty() {
+            return Pick::NoneOpen;
+        }
+        if usable.len() == 1 {
+            return self.pick_in(usable[0], count);
+        }
+        let candidates: Vec<Candidate<'_>> = usable
+            .iter()
+            .map(|u| Candidate {
+                id: &u.id,
+                weight: u.weight,
+                load: u.load(),
+            })
+            .collect();
+        let order = match route {
+            Route::Sticky(key) => balance::rendezvous_order(key, &candidates),
+            _ => balance::p2c_order(&candidates, |n| fastrand::u64(..n)),
+        };
+        for i in order {
+            if let Pick::Got(permit) = self.pick_in(usable[i], count) {
+                return Pick::Got(permit);
+            }
+        }
+        Pick::AllFull
+    }
+
+    fn pick_in(&self, upstream: &Arc<Upstream>, count: usize) -> Pick {
         // Another caller may take the slot we saw between the look and the take; then
         // look again rather than report "full" while another connection has room.
-        for _ in 0..=self.conns.len() {
+        for _ in 0..=upstream.conns.len() {
             let mut best: Option<&Arc<Shared>> = None;
             let mut best_load = usize::MAX;
             let mut any_open = false;
-            for conn in &self.conns {
+            for conn in &upstream.conns {
                 if !conn.is_open() {
                     continue;
                 }
@@ -318,23 +658,31 @@ impl Upstreams {
                 }
             }
             let Some(conn) = best else {
-                return if any_open {
-                    Pick::AllFull
-                } else {
-                    Pick::NoneOpen
-                };
+                return if any_open { Pick::AllFull } else { Pick::NoneOpen };
             };
-            let before = conn.in_flight.fetch_add(count, Ordering::AcqRel);
-            if fits(before, count, conn.max_in_flight) {
-                return Pick::Got(Permit {
-                    conn: conn.clone(),
-                    count,
-                    signals: self.signals.clone(),
-                });
+            if let Pick::Got(permit) = self.pick_on(conn, count, Some(upstream)) {
+                return Pick::Got(permit);
             }
-            conn.in_flight.fetch_sub(count, Ordering::AcqRel);
         }
         Pick::AllFull
+    }
+
+    fn pick_on(&self, conn: &Arc<Shared>, count: usize, upstream: Option<&Arc<Upstream>>) -> Pick {
+        if !conn.is_open() {
+            return Pick::NoneOpen;
+        }
+        let before = conn.in_flight.fetch_add(count, Ordering::AcqRel);
+        if !fits(before, count, conn.max_in_flight) {
+            // Undone without a Permit: its drop would wake every waiter for nothing.
+            conn.in_flight.fetch_sub(count, Ordering::AcqRel);
+            return Pick::AllFull;
+        }
+        Pick::Got(Permit {
+            conn: conn.clone(),
+            count,
+            signals: self.signals.clone(),
+            upstream: upstream.cloned(),
+        })
     }
 }
 
@@ -342,4 +690,54 @@ impl Upstreams {
 /// `max_in_flight` still gets an empty connection, or it could never be sent.
 fn fits(load: usize, count: usize, max: usize) -> bool {
     load + count <= max.max(count)
+}
+
+/// Calls `health_method` on the upstream every `health_interval`; a failure (no
+/// answer in `health_timeout`, a JSON-RPC error, a lost connection) takes it out of
+/// balancing until a call passes again.
+async fn health_loop(
+    upstreams: Arc<Upstreams>,
+    upstream: Arc<Upstream>,
+    prefix: String,
+    token: CancellationToken,
+) {
+    let interval = upstreams.balance.health_interval;
+    let limit = upstreams.balance.health_timeout;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = token.cancelled() => return,
+        }
+        if !upstream.has_open() {
+            continue;
+        }
+        let deadline = Instant::now() + limit;
+        let passed = match upstreams.pick_in(&upstream, 1) {
+            Pick::Got(permit) => {
+                let (tx, rx) = oneshot::channel();
+                match permit.conn.submit(prefix.clone(), Some(tx)) {
+                    Ok(Some(id)) => {
+                        let _registered = Registered {
+                            conn: &permit.conn,
+                            ids: vec![id],
+                        };
+                        matches!(timeout_at(deadline, rx).await, Ok(Ok(Ok(reply))) if !reply.is_error())
+                    }
+                    _ => false,
+                }
+            }
+            // Busy to the brim is not unhealthy.
+            Pick::AllFull => continue,
+            Pick::NoneOpen => false,
+        };
+        let was = upstream.healthy.swap(passed, Ordering::AcqRel);
+        if was != passed {
+            if passed {
+                tracing::info!(upstream = %upstream.id, "health check passes again; back in rotation");
+            } else {
+                tracing::warn!(upstream = %upstream.id, "health check failed; out of rotation");
+            }
+            upstreams.signals.changed.notify_waiters();
+        }
+    }
 }
