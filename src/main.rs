@@ -55,6 +55,10 @@ struct RunArgs {
     /// Where upstream addresses come from: static (the URLs) or dns (every address of each URL's host).
     #[arg(long, env = "RPCGATE_DISCOVERY", value_parser = discovery)]
     discovery: Option<DiscoveryMode>,
+    /// Runtime worker threads: 1 = single-threaded (lowest latency and CPU per call),
+    /// 0 = one per CPU.
+    #[arg(long, env = "RPCGATE_WORKERS")]
+    workers: Option<usize>,
 }
 
 fn affinity(text: &str) -> Result<Affinity, String> {
@@ -75,6 +79,9 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "echo")]
         name: String,
+        /// Runtime worker threads; 1 = single-threaded, 0 = one per CPU.
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
     },
     /// Run an echo backend and the gateway in front of it, and print a curl line to try.
     Demo {
@@ -94,22 +101,38 @@ fn duration(text: &str) -> Result<Duration, String> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
-        Some(Command::EchoServer { listen, name }) => runtime.block_on(echo_server(listen, name)),
+        Some(Command::EchoServer {
+            listen,
+            name,
+            workers,
+        }) => runtime(workers)?.block_on(echo_server(listen, name)),
         Some(Command::Demo {
             listen,
             upstream_listen,
-        }) => runtime.block_on(demo(listen, upstream_listen)),
+        }) => runtime(0)?.block_on(demo(listen, upstream_listen)),
         None => {
             let config = build_config(cli.run)?;
-            runtime.block_on(run(config))
+            runtime(config.runtime.workers)?.block_on(run(config))
         }
     }
+}
+
+/// One worker runs tokio's current-thread scheduler: every wakeup between an HTTP
+/// request and its upstream connection stays on one thread, with no cross-thread
+/// signalling. More workers use the work-stealing scheduler; 0 means one per CPU.
+fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if workers > 1 {
+            b.worker_threads(workers);
+        }
+        b
+    };
+    builder.enable_all().build().context("starting the tokio runtime")
 }
 
 fn init_tracing() {
@@ -177,6 +200,9 @@ fn build_config(args: RunArgs) -> Result<Config> {
     }
     if let Some(d) = args.discovery {
         config.discovery.mode = d;
+    }
+    if let Some(w) = args.workers {
+        config.runtime.workers = w;
     }
     let problems = config.check();
     if !problems.is_empty() {
