@@ -68,6 +68,10 @@ impl<T> PendingMap<T> {
     pub fn len(&self) -> usize {
         self.calls.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
 }
 
 /// Our ids are sequential integers: a multiplicative hash spreads them over the

@@ -1,0 +1,378 @@
+//! Child processes (the gateway, the echo backend, the static responder) and what
+//! /proc says about them: CPU time, resident memory, open descriptors.
+//!
+//! Children must never outlive a run, whatever way it ends: `kill_on_drop` covers a
+//! normal return and a panic that unwinds, `PR_SET_PDEATHSIG` covers the bench being
+//! killed outright.
+
+use anyhow::{Context, Result, bail};
+use std::ffi::OsStr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+/// How long a child may take to print its "listening on" line.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a killed child may take to be reaped before we stop waiting for it.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Sampling period of VmRSS when the kernel's peak counter cannot be reset.
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// Pids of the children alive now, so that a window can tell the CPU this benchmark
+/// used from what other work on the machine took.
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn children() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This process and its live children.
+fn ours() -> Vec<u32> {
+    let mut pids = children().clone();
+    pids.push(std::process::id());
+    pids
+}
+
+/// A running child that has announced its address.
+pub struct Proc {
+    /// For messages: "rpcgate", "echo-server", "static".
+    name: String,
+    child: Child,
+    pid: u32,
+    /// What followed "listening on " in the child's ready line.
+    url: String,
+    /// Held open only so that the static responder can treat EOF as "exit now".
+    stdin: Option<ChildStdin>,
+}
+
+impl Proc {
+    /// Starts `program` and waits for the stdout line that holds `ready` (e.g.
+    /// "rpcgate listening on "); the rest of that line is the child's URL.
+    pub async fn spawn<I, S>(
+        name: &str,
+        program: &Path,
+        args: I,
+        envs: &[(&str, &str)],
+        ready: &str,
+    ) -> Result<Proc>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            // Logging at info would put formatting work in every measured call.
+            .env("RUST_LOG", "warn")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        die_with_parent(&mut command);
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", program.display()))?;
+        let pid = child.id().context("child has no pid")?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().context("child stdout not piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+
+        let found = tokio::time::timeout(READY_TIMEOUT, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(at) = line.find(ready) {
+                    return Ok(Some(line[at + ready.len()..].trim().to_owned()));
+                }
+            }
+            Ok::<_, std::io::Error>(None)
+        })
+        .await;
+        let url = match found {
+            Ok(Ok(Some(url))) => url,
+            Ok(Ok(None)) => {
+                let status = child.wait().await.ok();
+                bail!("{name} exited before it was ready (status {status:?})");
+            }
+            Ok(Err(error)) => bail!("reading {name}'s stdout: {error}"),
+            Err(_) => bail!("{name} printed no {ready:?} line within {READY_TIMEOUT:?}"),
+        };
+        children().push(pid);
+        // Keep draining stdout so a chatty child can never block on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Proc {
+            name: name.to_owned(),
+            child,
+            pid,
+            url,
+            stdin,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Closes stdin, kills the child and reaps it.
+    pub async fn stop(mut self) {
+        drop(self.stdin.take());
+        if let Err(error) = self.child.start_kill() {
+            eprintln!("bench: killing {}: {error}", self.name);
+        }
+        if tokio::time::timeout(REAP_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("bench: {} (pid {}) not reaped in time", self.name, self.pid);
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // The child itself is killed by `kill_on_drop`.
+        children().retain(|&p| p != self.pid);
+    }
+}
+
+/// Asks the kernel to SIGKILL the child when the thread that forked it dies. The
+/// threads that fork here (the main thread, tokio's workers) live as long as the
+/// bench's runtime.
+fn die_with_parent(command: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe
+    // functions (prctl, getppid).
+    unsafe {
+        let parent = libc::getpid();
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other("parent exited during spawn"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to the hard limit, so that the bench and
+/// the children it spawns afterwards (which inherit it) can hold 10,000 sockets each.
+/// Returns the new soft limit.
+pub fn raise_nofile_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a valid, owned struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
+/// Clock ticks per second, the unit of utime and stime in /proc/PID/stat.
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks).ok().filter(|&t| t > 0).unwrap_or(100)
+}
+
+/// User plus system CPU time of `pid` so far, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses; fields after the
+    // last ')' are plain. utime and stime are fields 14 and 15, i.e. the 12th and
+    // 13th after the name.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| std::io::Error::other("malformed /proc stat"))?;
+    let mut fields = rest.split_ascii_whitespace().skip(11);
+    let mut next = || -> std::io::Result<u64> {
+        fields
+            .next()
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| std::io::Error::other("malformed /proc stat"))
+    };
+    Ok(next()? + next()?)
+}
+
+/// CPU time the whole machine spent busy so far (all but idle and iowait), in ticks.
+fn machine_busy_ticks() -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| std::io::Error::other("no cpu line in /proc/stat"))?;
+    // user nice system idle iowait irq softirq steal (guest time is inside user).
+    let fields: Vec<u64> = line
+        .split_ascii_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    Ok(fields
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != 3 && i != 4)
+        .map(|(_, v)| v)
+        .sum())
+}
+
+/// Tells how much CPU the rest of the machine took over a stretch of time: other
+/// people's builds and tests on the same cores, which make every number worse.
+pub struct CpuMeter {
+    /// This bench, its children and any pids it was asked to count as its own.
+    pids: Vec<u32>,
+    machine: Option<u64>,
+    ours: u64,
+}
+
+impl CpuMeter {
+    pub fn start(also: &[u32]) -> CpuMeter {
+        let mut pids = ours();
+        for &pid in also {
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        let ours = ticks_of(&pids);
+        CpuMeter {
+            machine: machine_busy_ticks().ok(),
+            ours,
+            pids,
+        }
+    }
+
+    /// CPU µs spent since `start` by anything but the pids counted as ours.
+    pub fn foreign_us(&self) -> Option<f64> {
+        let machine = machine_busy_ticks().ok()?.saturating_sub(self.machine?);
+        let ours = ticks_of(&self.pids).saturating_sub(self.ours);
+        Some(machine.saturating_sub(ours) as f64 * 1e6 / clock_ticks_per_sec() as f64)
+    }
+}
+
+fn ticks_of(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|&p| cpu_ticks(p).ok()).sum()
+}
+
+/// A `kB` field of /proc/PID/status, such as "VmRSS" or "VmHWM", in KiB.
+pub fn status_kib(pid: u32, field: &str) -> std::io::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| {
+            let value = line.strip_prefix(field)?.strip_prefix(':')?;
+            value.trim().trim_end_matches("kB").trim().parse().ok()
+        })
+        .ok_or_else(|| std::io::Error::other(format!("no {field} in /proc/{pid}/status")))
+}
+
+/// Resets the kernel's peak-RSS counter (VmHWM) of `pid` to its current RSS.
+pub fn reset_peak_rss(pid: u32) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+}
+
+/// Number of open file descriptors of `pid`.
+pub fn open_fds(pid: u32) -> std::io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// What one process used during a measured window.
+#[derive(Clone, Copy, Debug)]
+pub struct Usage {
+    /// User + system CPU time in the window, µs.
+    pub cpu_us: f64,
+    /// Peak resident memory in the window, KiB.
+    pub peak_rss_kib: Option<u64>,
+    /// True when the peak is the highest of 100 ms VmRSS samples because VmHWM could
+    /// not be reset; short spikes between samples are then missed.
+    pub rss_sampled: bool,
+}
+
+/// Watches processes over a window [start, end) from a blocking thread, so that a busy
+/// runtime cannot delay the snapshots that bound the window.
+pub struct Monitor {
+    handle: tokio::task::JoinHandle<Watched>,
+}
+
+/// What a monitor saw.
+#[derive(Default)]
+pub struct Watched {
+    /// Per watched pid, in the order given; `None` where /proc could not be read (the
+    /// process died).
+    pub usage: Vec<Option<Usage>>,
+    /// CPU µs the machine spent on anything but this bench and its children: builds
+    /// or tests of others sharing the cores, which make the numbers worse.
+    pub foreign_cpu_us: Option<f64>,
+}
+
+impl Monitor {
+    pub fn start(pids: Vec<u32>, start: Instant, end: Instant) -> Monitor {
+        let handle = tokio::task::spawn_blocking(move || watch(&pids, start, end));
+        Monitor { handle }
+    }
+
+    pub async fn finish(self) -> Watched {
+        self.handle.await.unwrap_or_default()
+    }
+}
+
+fn watch(pids: &[u32], start: Instant, end: Instant) -> Watched {
+    std::thread::sleep(start.saturating_duration_since(Instant::now()));
+    // A peer gateway's pid is watched too, so its CPU is not "other work" either.
+    let meter = CpuMeter::start(pids);
+    let hwm_reset: Vec<bool> = pids.iter().map(|&p| reset_peak_rss(p).is_ok()).collect();
+    let cpu_start: Vec<Option<u64>> = pids.iter().map(|&p| cpu_ticks(p).ok()).collect();
+    let mut sampled_max: Vec<Option<u64>> = vec![None; pids.len()];
+    loop {
+        for (max, &pid) in sampled_max.iter_mut().zip(pids) {
+            if let Ok(rss) = status_kib(pid, "VmRSS") {
+                *max = Some(max.map_or(rss, |m| m.max(rss)));
+            }
+        }
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        std::thread::sleep(RSS_SAMPLE_EVERY.min(end - now));
+    }
+    let foreign_cpu_us = meter.foreign_us();
+    let tick_us = 1e6 / clock_ticks_per_sec() as f64;
+    let usage = pids
+        .iter()
+        .enumerate()
+        .map(|(i, &pid)| {
+            let cpu = cpu_ticks(pid).ok()?.checked_sub(cpu_start[i]?)?;
+            let hwm = if hwm_reset[i] {
+                status_kib(pid, "VmHWM").ok()
+            } else {
+                None
+            };
+            Some(Usage {
+                cpu_us: cpu as f64 * tick_us,
+                peak_rss_kib: hwm.or(sampled_max[i]),
+                rss_sampled: hwm.is_none(),
+            })
+        })
+        .collect();
+    Watched {
+        usage,
+        foreign_cpu_us,
+    }
+}
