@@ -629,6 +629,8 @@ async fn session(
 
     let writer = async {
         let mut batch = Vec::with_capacity(WRITE_BATCH);
+        // Whether the last flush carried several frames: the connection is under load.
+        let mut busy = false;
         let start = Instant::now() + ws.ping_interval;
         let mut ping = tokio::time::interval_at(start, ws.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -642,10 +644,12 @@ async fn session(
                     }
                     write_began.store(ms(Instant::now()), Ordering::Release);
                     // Many frames, one flush: under load this turns hundreds of small
-                    // writes into a few syscalls. One yield first lets the callers that
-                    // are already running on this worker queue theirs too; on loopback a
-                    // send costs far more than a scheduler round.
-                    if n < WRITE_BATCH {
+                    // writes into a few syscalls. Under load, one yield first lets the
+                    // callers already running on this worker queue theirs too; on
+                    // loopback a send costs far more than a scheduler round. A lone
+                    // caller (the last flush carried one frame) skips it: nobody else
+                    // is coming, and the round would only add latency.
+                    if n < WRITE_BATCH && (n > 1 || busy) {
                         tokio::task::yield_now().await;
                         while batch.len() < WRITE_BATCH {
                             match queue.try_recv() {
@@ -654,11 +658,13 @@ async fn session(
                             }
                         }
                     }
+                    let batch_len = batch.len();
                     for frame in batch.drain(..) {
                         if let Err(e) = sink.feed(Message::text(frame.text)).await {
                             return End::Error(e);
                         }
                     }
+                    busy = batch_len > 1;
                     if let Err(e) = sink.flush().await {
                         return End::Error(e);
                     }
