@@ -223,7 +223,11 @@ impl Shared {
 
     fn set_replay_failed(&self, method: Option<String>) {
         if let Some(log) = &self.replay {
+            let failed = method.is_some();
             log.lock().failed = method;
+            if failed {
+                self.signals.changed.notify_waiters();
+            }
         }
     }
 
@@ -368,7 +372,7 @@ impl Shared {
 
     /// The socket is gone: answer every caller now. Frames still in `queue` were never
     /// written, so their callers may retry elsewhere; the rest may have run.
-    fn closed(&self, queue: &mut mpsc::Receiver<Outgoing>) -> (usize, usize) {
+    fn closed(&self, queue: &mut mpsc::Receiver<Outgoing>, unsent: Vec<Outgoing>) -> (usize, usize) {
         self.open.store(false, Ordering::Release);
         let drained = {
             let mut slot = self.slot.lock();
@@ -380,7 +384,11 @@ impl Shared {
             drained.into_iter().collect();
         queue.close();
         let mut not_sent = 0;
+        let mut frames = unsent;
         while let Ok(frame) = queue.try_recv() {
+            frames.push(frame);
+        }
+        for frame in frames {
             let ids = match frame.ids {
                 FrameIds::None => Vec::new(),
                 FrameIds::One(id) => vec![id],
@@ -497,8 +505,9 @@ pub async fn run(
                 // Queue depth never exceeds the calls holding slots, plus notifications.
                 let (tx, mut rx) = mpsc::channel(shared.max_in_flight + 64);
                 shared.opened(tx);
-                let end = session(socket, &mut rx, &shared, &ws, &shutdown).await;
-                let (not_sent, lost) = shared.closed(&mut rx);
+                let mut unsent = Vec::new();
+                let end = session(socket, &mut rx, &mut unsent, &shared, &ws, &shutdown).await;
+                let (not_sent, lost) = shared.closed(&mut rx, unsent);
                 if matches!(end, End::Shutdown) {
                     break;
                 }
@@ -614,6 +623,7 @@ async fn prelude_call(
 async fn session(
     socket: WsStream,
     queue: &mut mpsc::Receiver<Outgoing>,
+    batch: &mut Vec<Outgoing>,
     shared: &Shared,
     ws: &WebSocketConfig,
     shutdown: &CancellationToken,
@@ -628,7 +638,6 @@ async fn session(
     let write_began = AtomicU64::new(0);
 
     let writer = async {
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
         // Whether the last flush carried several frames: the connection is under load.
         let mut busy = false;
         let start = Instant::now() + ws.ping_interval;
@@ -638,7 +647,7 @@ async fn session(
             tokio::select! {
                 // Frames first: under load, pings can wait a moment but calls should not.
                 biased;
-                n = queue.recv_many(&mut batch, WRITE_BATCH) => {
+                n = queue.recv_many(batch, WRITE_BATCH) => {
                     if n == 0 {
                         return End::Eof;
                     }
@@ -659,7 +668,8 @@ async fn session(
                         }
                     }
                     let batch_len = batch.len();
-                    for frame in batch.drain(..) {
+                    batch.reverse();
+                    while let Some(frame) = batch.pop() {
                         if let Err(e) = sink.feed(Message::text(frame.text)).await {
                             return End::Error(e);
                         }

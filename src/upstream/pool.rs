@@ -567,6 +567,11 @@ impl Upstreams {
             // Register for wakeups before looking, so a change between the look and
             // the wait is not missed.
             notified.as_mut().enable();
+            if let Route::Own(conn) = route
+                && let Some(method) = conn.replay_failed()
+            {
+                return Err(Error::ReplayFailed(method));
+            }
             let pick = match route {
                 Route::Own(conn) => self.pick_on(conn, count, None),
                 _ => self.pick(count, route, avoid),

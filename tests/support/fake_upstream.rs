@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::header::SEC_WEBSOCKET_PROTOCOL;
+use http::header::{SEC_WEBSOCKET_PROTOCOL, SET_COOKIE};
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use parking_lot::{Mutex, RwLock};
 use serde_json::{Value, json};
@@ -136,6 +136,28 @@ impl Incoming {
     }
 }
 
+/// One frame as the fake upstream's log keeps it: every text or binary frame, including those
+/// answered by `auto_reply` and the gateway's own calls (`on_connect`, replays, health checks).
+#[derive(Clone, Debug)]
+pub struct Received {
+    /// Index of the connection it arrived on.
+    pub conn: usize,
+    /// The payload parsed as JSON, or `Value::Null` if it is not JSON.
+    pub json: Value,
+}
+
+impl Received {
+    /// The request's `method` (`None` for a batch or a non-request).
+    pub fn method(&self) -> Option<&str> {
+        self.json.get("method").and_then(Value::as_str)
+    }
+
+    /// The request's `params`.
+    pub fn params(&self) -> Option<&Value> {
+        self.json.get("params")
+    }
+}
+
 /// `{"jsonrpc":"2.0","id":<request's id>,"result":result}`; the id is `null` if `request` has none.
 /// Useful for building batch answers element by element.
 pub fn result_for(request: &Value, result: Value) -> Value {
@@ -176,10 +198,18 @@ struct Shared {
     frames_seen: AtomicUsize,
     /// Handshakes refused because of `reject_handshakes`.
     rejected: AtomicUsize,
+    /// Every frame received, in arrival order; its length is watched so tests can wait for one.
+    log: Mutex<Vec<Received>>,
+    logged: watch::Sender<usize>,
+    /// A `Set-Cookie` value every later handshake response carries (a load balancer's affinity
+    /// cookie).
+    handshake_cookie: Mutex<Option<String>>,
     /// When set, handshakes are refused with this status (e.g. 401, 503).
     reject_with: Mutex<Option<StatusCode>>,
     /// When true, connection tasks stop reading: no frames are delivered and pings go unanswered.
     frozen: watch::Sender<bool>,
+    /// Set by `unfreeze_for`: frames still to deliver before reading stops again.
+    freeze_after: Mutex<Option<usize>>,
     /// The `auto_reply` handler, if any.
     auto: RwLock<Option<Arc<AutoReply>>>,
     /// First panic message from an `auto_reply` handler; re-raised on the test's side.
@@ -192,6 +222,9 @@ struct ConnRecord {
     handshake: Handshake,
     /// `None` once the connection has ended.
     tx: Option<ConnTx>,
+    /// The socket, for `unread_bytes`.
+    #[cfg(unix)]
+    fd: std::os::fd::RawFd,
 }
 
 type Handler = dyn Fn(&Incoming) -> Option<String> + Send + Sync;
@@ -246,8 +279,12 @@ impl FakeUpstream {
             pings: watch::Sender::new(0),
             frames_seen: AtomicUsize::new(0),
             rejected: AtomicUsize::new(0),
+            log: Mutex::new(Vec::new()),
+            logged: watch::Sender::new(0),
+            handshake_cookie: Mutex::new(None),
             reject_with: Mutex::new(None),
             frozen: watch::Sender::new(false),
+            freeze_after: Mutex::new(None),
             auto: RwLock::new(None),
             handler_panic: Mutex::new(None),
             cancel: CancellationToken::new(),
@@ -369,6 +406,76 @@ impl FakeUpstream {
         *self.shared.reject_with.lock() = status;
     }
 
+    /// Makes every later handshake response carry `Set-Cookie: <cookie>` (e.g.
+    /// `"lb=node-1; Path=/"`), the way a load balancer pins a client; `None` stops it.
+    pub fn set_handshake_cookie(&self, cookie: Option<String>) {
+        *self.shared.handshake_cookie.lock() = cookie;
+    }
+
+    /// Every frame received so far, in arrival order, including those answered by `auto_reply`.
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.log.lock().clone()
+    }
+
+    /// The methods of the frames received on connection `conn`, in order.
+    pub fn methods_on(&self, conn: usize) -> Vec<String> {
+        let log = self.shared.log.lock();
+        log.iter()
+            .filter(|r| r.conn == conn)
+            .filter_map(|r| r.method().map(str::to_owned))
+            .collect()
+    }
+
+    /// How many frames calling `method` arrived so far, on any connection.
+    pub fn count_method(&self, method: &str) -> usize {
+        let log = self.shared.log.lock();
+        log.iter().filter(|r| r.method() == Some(method)).count()
+    }
+
+    /// Waits until at least `n` frames calling `method` have arrived in total.
+    #[track_caller]
+    pub fn wait_for_method<'a>(
+        &'a self,
+        method: &'a str,
+        n: usize,
+    ) -> impl Future<Output = ()> + 'a {
+        let caller = Location::caller();
+        let mut rx = self.shared.logged.subscribe();
+        async move {
+            let reached = labeled_timeout(TEST_TIMEOUT, "an upstream call", caller, async {
+                let _ = rx.wait_for(|_| self.count_method(method) >= n).await;
+            });
+            reached.await;
+            self.raise_handler_panic();
+        }
+    }
+
+    /// Whether connection `conn` has ended (false while open or if it never existed).
+    pub fn connection_ended(&self, conn: usize) -> bool {
+        let conns = self.shared.conns.lock();
+        conns.get(conn).is_some_and(|record| record.tx.is_none())
+    }
+
+    /// Waits until connection `conn` (which must exist) has ended, however it ended.
+    #[track_caller]
+    pub fn wait_for_connection_end(&self, conn: usize) -> impl Future<Output = ()> + '_ {
+        let caller = Location::caller();
+        let mut rx = self.shared.open.subscribe();
+        async move {
+            let ended = labeled_timeout(
+                TEST_TIMEOUT,
+                "an upstream connection to end",
+                caller,
+                async {
+                    // Every end marks its record before lowering the open count, so none is missed.
+                    let _ = rx.wait_for(|_| self.connection_ended(conn)).await;
+                },
+            );
+            ended.await;
+            self.raise_handler_panic();
+        }
+    }
+
     /// How many handshakes were refused because of `reject_handshakes`.
     pub fn rejected_handshakes(&self) -> usize {
         self.shared.rejected.load(Ordering::SeqCst)
@@ -484,12 +591,46 @@ impl FakeUpstream {
     /// Stops reading on every connection: frames sit unread and pings go unanswered, like a hung
     /// upstream. Scripted replies and closes are still sent.
     pub fn freeze(&self) {
+        *self.shared.freeze_after.lock() = None;
         self.shared.frozen.send_replace(true);
     }
 
     /// Resumes reading after [`freeze`](Self::freeze); frames sent meanwhile are delivered then.
     pub fn unfreeze(&self) {
+        *self.shared.freeze_after.lock() = None;
         self.shared.frozen.send_replace(false);
+    }
+
+    /// Resumes reading until `frames` more frames (over all connections) have been delivered,
+    /// then stops reading again as after [`freeze`](Self::freeze): lets exactly one big frame
+    /// through, say, while what follows it piles up in the socket.
+    pub fn unfreeze_for(&self, frames: usize) {
+        if frames == 0 {
+            return;
+        }
+        *self.shared.freeze_after.lock() = Some(frames);
+        self.shared.frozen.send_replace(false);
+    }
+
+    /// Bytes that have reached connection `conn`'s socket but that the fake has not read yet
+    /// (e.g. while frozen); 0 once the connection has ended. Shows that a peer is writing to a
+    /// frozen upstream without unfreezing it.
+    #[cfg(unix)]
+    pub fn unread_bytes(&self, conn: usize) -> usize {
+        let conns = self.shared.conns.lock();
+        let Some(record) = conns.get(conn).filter(|record| record.tx.is_some()) else {
+            return 0;
+        };
+        let mut unread: libc::c_int = 0;
+        // SAFETY: FIONREAD only writes one int through the valid pointer it is given. Should the
+        // socket have closed a moment ago, the call fails (or reads another socket's count),
+        // which is harmless here.
+        let rc = unsafe { libc::ioctl(record.fd, libc::FIONREAD, &mut unread) };
+        if rc == 0 {
+            usize::try_from(unread).unwrap_or(0)
+        } else {
+            0
+        }
     }
 
     fn sender(&self, conn: usize) -> Option<ConnTx> {
@@ -559,7 +700,10 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 
 async fn serve_connection(stream: TcpStream, shared: &Shared) {
     let _ = stream.set_nodelay(true);
+    #[cfg(unix)]
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let reject_with = *shared.reject_with.lock();
+    let set_cookie = shared.handshake_cookie.lock().clone();
     let mut handshake = None;
     // tungstenite's `Callback` fixes the error type; its size is not ours to choose.
     #[allow(clippy::result_large_err)]
@@ -579,6 +723,12 @@ async fn serve_connection(stream: TcpStream, shared: &Shared) {
         if let Some(value) = protocol.and_then(|p| HeaderValue::from_str(&p).ok()) {
             response.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, value);
         }
+        if let Some(value) = set_cookie
+            .as_deref()
+            .and_then(|c| HeaderValue::from_str(c).ok())
+        {
+            response.headers_mut().append(SET_COOKIE, value);
+        }
         Ok(response)
     };
     let Ok(ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
@@ -595,6 +745,8 @@ async fn serve_connection(stream: TcpStream, shared: &Shared) {
         conns.push(ConnRecord {
             handshake,
             tx: Some(conn_tx.clone()),
+            #[cfg(unix)]
+            fd,
         });
         conns.len() - 1
     };
@@ -686,6 +838,25 @@ fn deliver(shared: &Shared, conn: usize, conn_tx: &ConnTx, text: String, binary:
         binary,
         conn_tx: conn_tx.clone(),
     };
+    let logged = {
+        let mut log = shared.log.lock();
+        log.push(Received {
+            conn,
+            json: incoming.json.clone(),
+        });
+        log.len()
+    };
+    shared.logged.send_replace(logged);
+    {
+        let mut countdown = shared.freeze_after.lock();
+        if let Some(left) = countdown.as_mut() {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                *countdown = None;
+                shared.frozen.send_replace(true);
+            }
+        }
+    }
     let auto = shared.auto.read().clone();
     if let Some(auto) = auto {
         match std::panic::catch_unwind(AssertUnwindSafe(|| (auto.handler)(&incoming))) {

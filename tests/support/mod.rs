@@ -21,7 +21,7 @@ use std::time::Duration;
 
 // Re-exported for convenience; a test that uses only some of them must not warn.
 #[allow(unused_imports)]
-pub use self::fake_upstream::{Close, FakeUpstream, Handshake, Incoming};
+pub use self::fake_upstream::{Close, FakeUpstream, Handshake, Incoming, Received};
 #[allow(unused_imports)]
 pub use self::http::{Client, H2Client, RawTcp, Response, post, raw_tcp, request};
 
