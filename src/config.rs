@@ -445,6 +445,9 @@ impl Config {
         let raw_json = |text: &str| serde_json::from_str::<&serde_json::value::RawValue>(text).is_ok_and(|v| {
             matches!(v.get().as_bytes().first(), Some(b'[' | b'{'))
         });
+        if self.balance.health_params.is_some() && self.balance.health_method.is_none() {
+            p.push("balance.health_params: set without balance.health_method".into());
+        }
         if let Some(params) = &self.balance.health_params
             && !raw_json(params)
         {

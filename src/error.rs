@@ -32,7 +32,7 @@ pub enum Error {
         "no upstream connection became available within {0:?}; the upstream may be down, retry later"
     )]
     NoUpstream(Duration),
-    #[error("every upstream connection is at max_in_flight; retry later")]
+    #[error("upstream capacity exhausted: connections are at max_in_flight or too many calls are waiting; retry later")]
     Overloaded,
     #[error("upstream connection lost before the reply arrived; the call may or may not have run")]
     UpstreamLost,

@@ -15,9 +15,12 @@
 //! - [`server`]: the HTTP listener (HTTP/1.1 + h2c), connection limits and timeouts;
 //!   `server/rpc.rs` turns one HTTP request into exactly one answer.
 //! - [`upstream`]: persistent WebSocket connections: the pending-id map
-//!   (`upstream/pending.rs`), the socket task (`upstream/connection.rs`), connecting
-//!   with TLS (`upstream/connect.rs`), reconnect backoff (`upstream/backoff.rs`) and
-//!   picking a connection for a call (`upstream/pool.rs`).
+//!   (`upstream/pending.rs`), the socket task with on_connect and replay
+//!   (`upstream/connection.rs`), connecting with TLS (`upstream/connect.rs`),
+//!   reconnect backoff (`upstream/backoff.rs`), the upstream set, failover and
+//!   picking a connection for a call (`upstream/pool.rs`), power of two choices and
+//!   rendezvous hashing (`upstream/balance.rs`), per-session connections
+//!   (`upstream/sessions.rs`) and DNS discovery (`upstream/discovery.rs`).
 //! - [`echo`]: a small JSON-RPC-over-WebSocket backend for demos, tests and benchmarks.
 
 pub mod config;

@@ -492,7 +492,14 @@ pub async fn run(
                 _ = shutdown.cancelled() => break,
             }
         };
-        *shared.upstream.lock() = Some(target.authority().to_string());
+        {
+            let mut current = shared.upstream.lock();
+            if current.as_deref() != Some(target.authority()) {
+                // Another upstream's cookies (its load balancer's affinity) mean nothing here.
+                shared.cookies.lock().clear();
+                *current = Some(target.authority().to_string());
+            }
+        }
         let cookies = shared.cookie_header();
         let attempt = tokio::select! {
             r = timeout(ws.handshake_timeout, connect_and_prepare(&shared, &target, &ws, &on_connect, cookies.as_deref())) => r,

@@ -46,8 +46,8 @@ pub enum Route<'a> {
 
 /// One upstream address and its pool of persistent connections.
 pub struct Upstream {
-    /// What it dials (`ip:port` with DNS discovery, else `host:port`): its identity
-    /// for rendezvous hashing, the same on every rpcgate replica.
+    /// Its identity for rendezvous hashing, the same on every rpcgate replica: the
+    /// address it dials (`ip:port`) with DNS discovery, else its configured URL.
     pub id: String,
     /// The configured URL it came from.
     pub url: String,
@@ -632,10 +632,13 @@ impl Upstreams {
                 load: u.load(),
             })
             .collect();
-        let order = match route {
-            Route::Sticky(key) => balance::rendezvous_order(key, &candidates),
-            _ => balance::p2c_order(&candidates, |n| fastrand::u64(..n)),
-        };
+        if let Route::Sticky(key) = route {
+            // A session stays on its upstream while that one is usable, even when it is
+            // busy (the call waits for a slot there); only a down upstream moves it on.
+            let first = balance::rendezvous_order(key, &candidates)[0];
+            return self.pick_in(usable[first], count);
+        }
+        let order = balance::p2c_order(&candidates, |n| fastrand::u64(..n));
         for i in order {
             if let Pick::Got(permit) = self.pick_in(usable[i], count) {
                 return Pick::Got(permit);

@@ -1,7 +1,7 @@
 //! `affinity = "connection"`: each session gets its own upstream WebSocket.
 //!
 //! A session is exactly what a client holding its own WebSocket would have: one
-//! socket, so per-connection state on the service (a login, a subscription) works.
+//! socket, so per-connection state on the service (a login) works.
 //! The socket follows the session key's rendezvous order, so it reconnects to the
 //! same address while that address is present; cookies its handshakes set are sent
 //! again; successful calls to `replay_methods` are replayed, in order, before the
