@@ -422,7 +422,10 @@ impl Config {
             }
         }
         for (key, d) in [
-            ("discovery.resolve_interval", self.discovery.resolve_interval),
+            (
+                "discovery.resolve_interval",
+                self.discovery.resolve_interval,
+            ),
             ("balance.health_interval", self.balance.health_interval),
             ("balance.health_timeout", self.balance.health_timeout),
             ("sessions.idle_timeout", self.sessions.idle_timeout),
@@ -442,9 +445,10 @@ impl Config {
                 p.push(format!("{key}: {name:?} is not a valid name"));
             }
         }
-        let raw_json = |text: &str| serde_json::from_str::<&serde_json::value::RawValue>(text).is_ok_and(|v| {
-            matches!(v.get().as_bytes().first(), Some(b'[' | b'{'))
-        });
+        let raw_json = |text: &str| {
+            serde_json::from_str::<&serde_json::value::RawValue>(text)
+                .is_ok_and(|v| matches!(v.get().as_bytes().first(), Some(b'[' | b'{')))
+        };
         if self.balance.health_params.is_some() && self.balance.health_method.is_none() {
             p.push("balance.health_params: set without balance.health_method".into());
         }
@@ -460,7 +464,9 @@ impl Config {
             if let Some(params) = &call.params
                 && !raw_json(params)
             {
-                p.push(format!("on_connect[{i}].params: must be a JSON array or object"));
+                p.push(format!(
+                    "on_connect[{i}].params: must be a JSON array or object"
+                ));
             }
         }
         if self.websocket.reconnect_max < self.websocket.reconnect_base {
@@ -575,7 +581,11 @@ impl<'a> Section<'a> {
                 Some(out)
             }
             other => {
-                p.push(format!("{}: expected an array of strings, found {}", self.key(key), other.type_str()));
+                p.push(format!(
+                    "{}: expected an array of strings, found {}",
+                    self.key(key),
+                    other.type_str()
+                ));
                 None
             }
         }
@@ -643,7 +653,9 @@ fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
             match mode.as_str() {
                 "static" => c.discovery.mode = DiscoveryMode::Static,
                 "dns" => c.discovery.mode = DiscoveryMode::Dns,
-                _ => p.push(format!("discovery.mode: {mode:?} must be \"static\" or \"dns\"")),
+                _ => p.push(format!(
+                    "discovery.mode: {mode:?} must be \"static\" or \"dns\""
+                )),
             }
         }
         s.duration("resolve_interval", &mut c.discovery.resolve_interval, p);
@@ -766,7 +778,9 @@ fn read_sessions(t: &Table, c: &mut SessionConfig, p: &mut Vec<String>) {
         match w.as_str() {
             "reject" => c.when_full = WhenFull::Reject,
             "evict" => c.when_full = WhenFull::Evict,
-            _ => p.push(format!("sessions.when_full: {w:?} must be \"reject\" or \"evict\"")),
+            _ => p.push(format!(
+                "sessions.when_full: {w:?} must be \"reject\" or \"evict\""
+            )),
         }
     }
     if let Some(list) = s.strings("replay_methods", p) {
@@ -782,7 +796,9 @@ pub fn parse_affinity(text: &str) -> Result<Affinity, String> {
         "none" => Ok(Affinity::None),
         "upstream" => Ok(Affinity::Upstream),
         "connection" => Ok(Affinity::Connection),
-        _ => Err(format!("{text:?} must be \"none\", \"upstream\" or \"connection\"")),
+        _ => Err(format!(
+            "{text:?} must be \"none\", \"upstream\" or \"connection\""
+        )),
     }
 }
 

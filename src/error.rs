@@ -32,13 +32,17 @@ pub enum Error {
         "no upstream connection became available within {0:?}; the upstream may be down, retry later"
     )]
     NoUpstream(Duration),
-    #[error("upstream capacity exhausted: connections are at max_in_flight or too many calls are waiting; retry later")]
+    #[error(
+        "upstream capacity exhausted: connections are at max_in_flight or too many calls are waiting; retry later"
+    )]
     Overloaded,
     #[error("upstream connection lost before the reply arrived; the call may or may not have run")]
     UpstreamLost,
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("the session's upstream connection was reopened but replaying {0:?} failed, so its state is gone; start a new session")]
+    #[error(
+        "the session's upstream connection was reopened but replaying {0:?} failed, so its state is gone; start a new session"
+    )]
     ReplayFailed(String),
     #[error("too many sessions open (max_sessions {0}); retry later")]
     TooManySessions(usize),

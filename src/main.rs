@@ -47,10 +47,18 @@ struct RunArgs {
     #[arg(long, env = "RPCGATE_SESSION_HEADER")]
     session_header: Option<String>,
     /// A method safe to send again after its connection died mid-call; repeat for several.
-    #[arg(long = "retry-method", env = "RPCGATE_RETRY_METHODS", value_delimiter = ',')]
+    #[arg(
+        long = "retry-method",
+        env = "RPCGATE_RETRY_METHODS",
+        value_delimiter = ','
+    )]
     retry_methods: Vec<String>,
     /// A method whose successful calls are replayed when a session reconnects; repeat.
-    #[arg(long = "replay-method", env = "RPCGATE_REPLAY_METHODS", value_delimiter = ',')]
+    #[arg(
+        long = "replay-method",
+        env = "RPCGATE_REPLAY_METHODS",
+        value_delimiter = ','
+    )]
     replay_methods: Vec<String>,
     /// Where upstream addresses come from: static (the URLs) or dns (every address of each URL's host).
     #[arg(long, env = "RPCGATE_DISCOVERY", value_parser = discovery)]
@@ -132,7 +140,10 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
         }
         b
     };
-    builder.enable_all().build().context("starting the tokio runtime")
+    builder
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
 
 fn init_tracing() {

@@ -61,6 +61,8 @@ pub struct HttpTarget {
     addr: SocketAddr,
     uri: Uri,
     host: HeaderValue,
+    /// Each connection sends its own random `rpcgate-session` key.
+    sessions: bool,
 }
 
 impl HttpTarget {
@@ -81,7 +83,18 @@ impl HttpTarget {
             .ok_or_else(|| format!("{url}: host has no address"))?;
         let uri = path.parse().map_err(|e| format!("{url}: {e}"))?;
         let host = HeaderValue::from_str(authority).map_err(|e| format!("{url}: {e}"))?;
-        Ok(HttpTarget { addr, uri, host })
+        Ok(HttpTarget {
+            addr,
+            uri,
+            host,
+            sessions: false,
+        })
+    }
+
+    /// The same target, each connection a sticky session of its own.
+    pub fn with_sessions(mut self) -> HttpTarget {
+        self.sessions = true;
+        self
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -91,6 +104,7 @@ impl HttpTarget {
 
 pub struct HttpConn {
     sender: http1::SendRequest<Full<Bytes>>,
+    session: Option<HeaderValue>,
 }
 
 impl HttpConn {
@@ -115,7 +129,11 @@ impl Target for HttpTarget {
             .map_err(|e| format!("handshake: {e}"))?;
         // Its errors surface on the next call through `sender`.
         tokio::spawn(connection);
-        Ok(HttpConn { sender })
+        let session = self.sessions.then(|| {
+            HeaderValue::from_str(&format!("bench-{:032x}", fastrand::u128(..)))
+                .unwrap_or(HeaderValue::from_static("bench"))
+        });
+        Ok(HttpConn { sender, session })
     }
 
     async fn call(&self, conn: &mut HttpConn, body: &Bytes) -> Result<Bytes, String> {
@@ -125,6 +143,9 @@ impl Target for HttpTarget {
         let headers = request.headers_mut();
         headers.insert(HOST, self.host.clone());
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(key) = &conn.session {
+            headers.insert("rpcgate-session", key.clone());
+        }
         conn.sender
             .ready()
             .await

@@ -483,30 +483,65 @@ impl Bench {
                 self.echo.url()
             ),
         )?;
-        let scenarios: [(&str, usize, Arc<Workload>, Option<&Path>); 5] = [
+        // Two more backends, for the multi-upstream and sticky-session scenarios.
+        let mut extra = Vec::new();
+        for name in ["bench-echo-2", "bench-echo-3"] {
+            extra.push(
+                Proc::spawn(
+                    "echo-server",
+                    rpcgate_bin(),
+                    ["echo-server", "--listen", "127.0.0.1:0", "--name", name],
+                    &[],
+                    "echo-server listening on ",
+                )
+                .await?,
+            );
+        }
+        let three: String = [self.echo.url(), extra[0].url(), extra[1].url()]
+            .iter()
+            .map(|url| format!("[[upstreams]]\nurl = \"{url}\"\n\n"))
+            .collect();
+        let three_upstreams = write_config(&self.out_dir, "gateway-three.toml", &three)?;
+        let sticky_upstream = write_config(
+            &self.out_dir,
+            "gateway-sticky-upstream.toml",
+            &format!("[sessions]\naffinity = \"upstream\"\n\n{three}"),
+        )?;
+        let sticky_connection = write_config(
+            &self.out_dir,
+            "gateway-sticky-connection.toml",
+            &format!("[sessions]\naffinity = \"connection\"\n\n{three}"),
+        )?;
+        // (name, clients, workload, gateway config, each client its own session)
+        type Scenario<'a> = (&'a str, usize, Arc<Workload>, Option<&'a Path>, bool);
+        let scenarios: Vec<Scenario<'_>> = vec![
             (
                 "params 10 KB",
                 32,
                 Workload::only(echo_of(&string_of(10 * 1024))),
                 None,
+                false,
             ),
             (
                 "params 1 MB",
                 4,
                 Workload::only(echo_of(&string_of(1024 * 1024))),
                 Some(&large_body),
+                false,
             ),
             (
                 "batch of 10",
                 32,
                 Workload::only(Call::batch(10, "echo", hello, hello)),
                 None,
+                false,
             ),
             (
                 "batch of 100",
                 32,
                 Workload::only(Call::batch(100, "echo", hello, hello)),
                 None,
+                false,
             ),
             (
                 "10% sleep [50], 90% echo",
@@ -516,13 +551,40 @@ impl Bench {
                     other: Some((Call::single("sleep", "[50]", "50"), 0.1)),
                 }),
                 None,
+                false,
+            ),
+            (
+                "3 upstreams",
+                256,
+                Workload::only(echo_of(hello)),
+                Some(&three_upstreams),
+                false,
+            ),
+            (
+                "1,000 sticky sessions, affinity upstream, 3 upstreams",
+                1000,
+                Workload::only(echo_of(hello)),
+                Some(&sticky_upstream),
+                true,
+            ),
+            (
+                "1,000 sticky sessions, affinity connection (own socket each)",
+                1000,
+                Workload::only(echo_of(hello)),
+                Some(&sticky_connection),
+                true,
             ),
         ];
         let mut rows = Vec::new();
-        for (name, clients, work, config) in scenarios {
+        for (name, clients, work, config, sessions) in scenarios {
             let m = self
                 .quietest(name, async || {
                     let (gateway, target) = self.gateway(config).await?;
+                    let target = if sessions {
+                        target.with_sessions()
+                    } else {
+                        target
+                    };
                     let pids = (Some(gateway.pid()), Some(self.echo.pid()));
                     let m = self.measure(&target, clients, &work, pids.0, pids.1).await;
                     gateway.stop().await;
@@ -533,6 +595,9 @@ impl Bench {
                 name: name.into(),
                 m,
             });
+        }
+        for proc in extra {
+            proc.stop().await;
         }
         Ok(rows)
     }

@@ -10,7 +10,6 @@ use crate::error::Error;
 use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
 use crate::upstream::sessions::{self, MAX_KEY_LEN};
 use crate::upstream::{Reply, Route, Shared};
-use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE};
@@ -19,6 +18,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use std::convert::Infallible;
+use std::sync::Arc;
 use tokio::time::Instant;
 
 type HttpResponse = Response<Full<Bytes>>;
@@ -84,7 +84,11 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
         Ok(Body::Single(entry)) => single(entry, &via, deadline).await,
         Ok(Body::Batch(entries)) => batch(entries, &via, deadline).await,
     };
-    if let Some(SessionKey { key, issued: Some(secure) }) = &session {
+    if let Some(SessionKey {
+        key,
+        issued: Some(secure),
+    }) = &session
+    {
         let cfg = &state.config.sessions;
         let mut cookie = format!("{}={key}; Path=/; HttpOnly; SameSite=Lax", cfg.cookie);
         if *secure {
@@ -145,9 +149,16 @@ fn session_of(headers: &http::HeaderMap, state: &AppState) -> Result<Option<Sess
 
 /// Whether the client reached the proxy in front of us over TLS.
 fn behind_tls(headers: &http::HeaderMap) -> bool {
-    let proto = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let proto = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
     proto("x-forwarded-proto").eq_ignore_ascii_case("https")
-        || proto("forwarded").to_ascii_lowercase().contains("proto=https")
+        || proto("forwarded")
+            .to_ascii_lowercase()
+            .contains("proto=https")
 }
 
 /// Where this request's calls go, decided once per request.
@@ -167,7 +178,9 @@ impl<'a> Via<'a> {
         };
         if let Some(SessionKey { key, .. }) = session {
             match (&state.sessions, state.config.sessions.affinity) {
-                (Some(sessions), Affinity::Connection) => via.session = Some(sessions.connection(key)?),
+                (Some(sessions), Affinity::Connection) => {
+                    via.session = Some(sessions.connection(key)?)
+                }
                 (_, Affinity::Upstream) => via.route = Route::Sticky(key.as_bytes()),
                 _ => {}
             }
@@ -187,9 +200,16 @@ impl<'a> Via<'a> {
         self.state.upstreams.notify(call, deadline, route).await
     }
 
-    async fn forward(&self, calls: &[Call<'_>], deadline: Instant) -> Result<Vec<Result<Reply, Error>>, Error> {
+    async fn forward(
+        &self,
+        calls: &[Call<'_>],
+        deadline: Instant,
+    ) -> Result<Vec<Result<Reply, Error>>, Error> {
         let route = self.session.as_ref().map_or(self.route, Route::Own);
-        self.state.upstreams.forward_batch(calls, deadline, route).await
+        self.state
+            .upstreams
+            .forward_batch(calls, deadline, route)
+            .await
     }
 }
 
@@ -317,7 +337,8 @@ pub fn error_response(id: Option<&RawValue>, error: &Error) -> HttpResponse {
     let mut resp = json_response(error.status(), error_bytes(id, error));
     if error.status() == StatusCode::SERVICE_UNAVAILABLE {
         // Unavailable for now, not for good: tell well-behaved clients when to retry.
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }

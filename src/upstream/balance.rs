@@ -113,7 +113,10 @@ mod tests {
         for k in 0..2000 {
             let key = format!("session-{k}");
             let first = all[rendezvous_order(key.as_bytes(), &cands(&all))[0]];
-            assert_eq!(first, all[rendezvous_order(key.as_bytes(), &cands(&all))[0]]);
+            assert_eq!(
+                first,
+                all[rendezvous_order(key.as_bytes(), &cands(&all))[0]]
+            );
             let after = without_b[rendezvous_order(key.as_bytes(), &cands(&without_b))[0]];
             if first != "10.0.0.2:80" {
                 assert_eq!(first, after, "a session not on the leaver stays put");
@@ -131,8 +134,14 @@ mod tests {
         let b = ["z:1", "x:1", "y:1"];
         for k in 0..100 {
             let key = format!("k{k}");
-            let oa: Vec<&str> = rendezvous_order(key.as_bytes(), &cands(&a)).iter().map(|&i| a[i]).collect();
-            let ob: Vec<&str> = rendezvous_order(key.as_bytes(), &cands(&b)).iter().map(|&i| b[i]).collect();
+            let oa: Vec<&str> = rendezvous_order(key.as_bytes(), &cands(&a))
+                .iter()
+                .map(|&i| a[i])
+                .collect();
+            let ob: Vec<&str> = rendezvous_order(key.as_bytes(), &cands(&b))
+                .iter()
+                .map(|&i| b[i])
+                .collect();
             assert_eq!(oa, ob);
         }
     }

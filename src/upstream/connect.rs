@@ -104,8 +104,14 @@ impl Target {
     pub fn host_port(&self) -> (String, u16) {
         let secure = self.tls.is_some();
         let host = self.uri.host().unwrap_or_default();
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        (host, self.uri.port_u16().unwrap_or(if secure { 443 } else { 80 }))
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        (
+            host,
+            self.uri.port_u16().unwrap_or(if secure { 443 } else { 80 }),
+        )
     }
 
     /// What this target dials, `ip:port` or `host:port`: its identity for balancing.

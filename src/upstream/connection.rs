@@ -211,7 +211,9 @@ impl Shared {
 
     /// The method whose replay failed on the last connect, if it did.
     pub fn replay_failed(&self) -> Option<String> {
-        self.replay.as_ref().and_then(|log| log.lock().failed.clone())
+        self.replay
+            .as_ref()
+            .and_then(|log| log.lock().failed.clone())
     }
 
     fn replay_calls(&self) -> Vec<PreludeCall> {
@@ -372,7 +374,11 @@ impl Shared {
 
     /// The socket is gone: answer every caller now. Frames still in `queue` were never
     /// written, so their callers may retry elsewhere; the rest may have run.
-    fn closed(&self, queue: &mut mpsc::Receiver<Outgoing>, unsent: Vec<Outgoing>) -> (usize, usize) {
+    fn closed(
+        &self,
+        queue: &mut mpsc::Receiver<Outgoing>,
+        unsent: Vec<Outgoing>,
+    ) -> (usize, usize) {
         self.open.store(false, Ordering::Release);
         let drained = {
             let mut slot = self.slot.lock();

@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub type ResolveFuture<'a> = Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+pub type ResolveFuture<'a> =
+    Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
 
 /// Turns a host name and port into addresses.
 pub trait Resolver: Send + Sync + 'static {
@@ -60,7 +61,9 @@ pub async fn run(
             match resolver.resolve(host, *port).await {
                 Ok(addrs) if !addrs.is_empty() => apply(&upstreams, source, &addrs),
                 Ok(_) => tracing::warn!(%host, "DNS returned no address; keeping the current set"),
-                Err(e) => tracing::warn!(%host, error = %e, "DNS resolution failed; keeping the current set"),
+                Err(e) => {
+                    tracing::warn!(%host, error = %e, "DNS resolution failed; keeping the current set")
+                }
             }
         }
         tokio::select! {

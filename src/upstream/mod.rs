@@ -23,6 +23,6 @@ pub use backoff::Backoff;
 pub use connect::TargetError;
 pub use connection::{ConnState, Reply, Shared};
 pub use discovery::{Resolver, SystemResolver};
-pub use sessions::Sessions;
 pub use pending::{CallId, PendingMap};
 pub use pool::{Route, Upstream, Upstreams};
+pub use sessions::Sessions;

@@ -19,7 +19,9 @@ use super::connection::{
     self, ConnState, Failure, PoolSignals, PreludeCall, Refused, Reply, Shared, TargetFn,
 };
 use super::pending::CallId;
-use crate::config::{BalanceConfig, CallConfig, Config, DiscoveryMode, UpstreamConfig, WebSocketConfig};
+use crate::config::{
+    BalanceConfig, CallConfig, Config, DiscoveryMode, UpstreamConfig, WebSocketConfig,
+};
 use crate::error::Error;
 use crate::jsonrpc::{Call, finish_frame};
 use parking_lot::{Mutex, RwLock};
@@ -666,7 +668,11 @@ impl Upstreams {
                 }
             }
             let Some(conn) = best else {
-                return if any_open { Pick::AllFull } else { Pick::NoneOpen };
+                return if any_open {
+                    Pick::AllFull
+                } else {
+                    Pick::NoneOpen
+                };
             };
             if let Pick::Got(permit) = self.pick_on(conn, count, Some(upstream)) {
                 return Pick::Got(permit);

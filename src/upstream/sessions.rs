@@ -44,7 +44,11 @@ struct Session {
 
 impl Sessions {
     /// Creates the table and its idle sweeper.
-    pub fn start(config: SessionConfig, upstreams: Arc<Upstreams>, max_in_flight: usize) -> Arc<Self> {
+    pub fn start(
+        config: SessionConfig,
+        upstreams: Arc<Upstreams>,
+        max_in_flight: usize,
+    ) -> Arc<Self> {
         let sessions = Arc::new(Sessions {
             replay_methods: config.replay_methods.iter().cloned().collect(),
             config,
@@ -54,7 +58,11 @@ impl Sessions {
             epoch: Instant::now(),
             shutdown: CancellationToken::new(),
         });
-        tokio::spawn(sweep(Arc::downgrade(&sessions), sessions.shutdown.clone(), sessions.config.idle_timeout));
+        tokio::spawn(sweep(
+            Arc::downgrade(&sessions),
+            sessions.shutdown.clone(),
+            sessions.config.idle_timeout,
+        ));
         sessions
     }
 
@@ -116,11 +124,19 @@ impl Sessions {
 
     /// Sends a call on the session's connection, recording it for replay if it is one
     /// of `replay_methods` and succeeded.
-    pub async fn call(&self, conn: &Arc<Shared>, call: &Call<'_>, deadline: Instant) -> Result<Reply, Error> {
+    pub async fn call(
+        &self,
+        conn: &Arc<Shared>,
+        call: &Call<'_>,
+        deadline: Instant,
+    ) -> Result<Reply, Error> {
         if let Some(method) = conn.replay_failed() {
             return Err(Error::ReplayFailed(method));
         }
-        let reply = self.upstreams.call(call, deadline, Route::Own(conn)).await?;
+        let reply = self
+            .upstreams
+            .call(call, deadline, Route::Own(conn))
+            .await?;
         if !reply.is_error() && !self.replay_methods.is_empty() {
             let method = call.method_name();
             if self.replay_methods.contains(method.as_ref()) {
@@ -163,7 +179,9 @@ async fn sweep(sessions: std::sync::Weak<Sessions>, token: CancellationToken, id
             _ = tokio::time::sleep(step) => {}
             _ = token.cancelled() => return,
         }
-        let Some(sessions) = sessions.upgrade() else { return };
+        let Some(sessions) = sessions.upgrade() else {
+            return;
+        };
         sessions.sweep_idle();
     }
 }
@@ -187,6 +205,9 @@ mod tests {
     fn keys_are_128_bit_hex_and_distinct() {
         let keys: HashSet<String> = (0..1000).map(|_| new_key().unwrap()).collect();
         assert_eq!(keys.len(), 1000);
-        assert!(keys.iter().all(|k| k.len() == 32 && k.chars().all(|c| c.is_ascii_hexdigit())));
+        assert!(
+            keys.iter()
+                .all(|k| k.len() == 32 && k.chars().all(|c| c.is_ascii_hexdigit()))
+        );
     }
 }
