@@ -27,6 +27,66 @@ pub struct Config {
     /// Calls run on every new upstream connection before it carries traffic.
     pub on_connect: Vec<PreludeCall>,
     pub runtime: RuntimeConfig,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); `None` turns it off.
+    pub admin_listen: Option<SocketAddr>,
+    pub shutdown: ShutdownConfig,
+    pub log: LogConfig,
+    /// Method names that get their own `method` label value in metrics.
+    pub metric_methods: Vec<String>,
+}
+
+/// How a SIGTERM is handled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShutdownConfig {
+    /// Readiness is false at once, but the listener keeps serving this long, so load
+    /// balancers (Kubernetes endpoints) stop sending traffic before it closes.
+    pub delay: Duration,
+    /// Then open requests get this long to finish before connections are cut.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            delay: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// One line per HTTP request (target `rpcgate::access`, level info).
+    pub access_log: bool,
+    /// Share of requests that get an access-log line, 0.0 to 1.0.
+    pub access_log_sample: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            access_log: true,
+            access_log_sample: 1.0,
+        }
+    }
+}
+
+/// `text` or `json`.
+pub fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("{text:?} must be \"text\" or \"json\"")),
+    }
 }
 
 /// The async runtime's shape.
@@ -302,6 +362,10 @@ impl Default for Config {
             sessions: SessionConfig::default(),
             on_connect: Vec::new(),
             runtime: RuntimeConfig::default(),
+            admin_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9464))),
+            shutdown: ShutdownConfig::default(),
+            log: LogConfig::default(),
+            metric_methods: Vec::new(),
         }
     }
 }
@@ -681,6 +745,51 @@ fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
     }
     if let Some(t) = root.table("sessions", p) {
         read_sessions(t, &mut c.sessions, p);
+    }
+    if let Some(admin) = root.string("admin_listen", p) {
+        match admin.as_str() {
+            "" | "off" => c.admin_listen = None,
+            addr => match addr.parse() {
+                Ok(a) => c.admin_listen = Some(a),
+                Err(_) => p.push(format!(
+                    "admin_listen: {addr:?} is not an address like 0.0.0.0:9464 (or \"off\")"
+                )),
+            },
+        }
+    }
+    if let Some(t) = root.table("shutdown", p) {
+        let mut s = Section::new(t, "shutdown");
+        s.duration("delay", &mut c.shutdown.delay, p);
+        s.duration("drain_timeout", &mut c.shutdown.drain_timeout, p);
+        s.finish(p);
+    }
+    if let Some(t) = root.table("log", p) {
+        let mut s = Section::new(t, "log");
+        if let Some(f) = s.string("format", p) {
+            match parse_log_format(&f) {
+                Ok(f) => c.log.format = f,
+                Err(e) => p.push(format!("log.format: {e}")),
+            }
+        }
+        match s.get("access_log") {
+            None => {}
+            Some(Value::Boolean(b)) => c.log.access_log = *b,
+            Some(_) => p.push("log.access_log: expected true or false".into()),
+        }
+        match s.get("access_log_sample") {
+            None => {}
+            Some(Value::Float(f)) if (0.0..=1.0).contains(f) => c.log.access_log_sample = *f,
+            Some(Value::Integer(i)) if (0..=1).contains(i) => c.log.access_log_sample = *i as f64,
+            Some(_) => p.push("log.access_log_sample: expected a number from 0.0 to 1.0".into()),
+        }
+        s.finish(p);
+    }
+    if let Some(t) = root.table("metrics", p) {
+        let mut s = Section::new(t, "metrics");
+        if let Some(list) = s.strings("methods", p) {
+            c.metric_methods = list;
+        }
+        s.finish(p);
     }
     if let Some(t) = root.table("runtime", p) {
         let mut s = Section::new(t, "runtime");

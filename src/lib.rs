@@ -21,12 +21,15 @@
 //!   picking a connection for a call (`upstream/pool.rs`), power of two choices and
 //!   rendezvous hashing (`upstream/balance.rs`), per-session connections
 //!   (`upstream/sessions.rs`) and DNS discovery (`upstream/discovery.rs`).
+//! - [`metrics`]: Prometheus metrics on a registry of our own; `server/admin.rs` serves
+//!   them with `/healthz` and `/readyz`.
 //! - [`echo`]: a small JSON-RPC-over-WebSocket backend for demos, tests and benchmarks.
 
 pub mod config;
 pub mod echo;
 pub mod error;
 pub mod jsonrpc;
+pub mod metrics;
 pub mod server;
 pub mod upstream;
 

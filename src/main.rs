@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use rpcgate::config::{Affinity, Config, DiscoveryMode, UpstreamConfig, parse_duration};
+use rpcgate::config::{Affinity, Config, DiscoveryMode, LogFormat, UpstreamConfig, parse_duration};
 use rpcgate::{Gateway, echo};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +67,22 @@ struct RunArgs {
     /// 0 = one per CPU.
     #[arg(long, env = "RPCGATE_WORKERS")]
     workers: Option<usize>,
+    /// Admin listener for /metrics, /healthz and /readyz (`off` disables it).
+    #[arg(long, env = "RPCGATE_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, env = "RPCGATE_LOG_FORMAT", value_parser = log_format)]
+    log_format: Option<LogFormat>,
+    /// After SIGTERM, keep serving (not ready) this long before closing the listener.
+    #[arg(long, env = "RPCGATE_SHUTDOWN_DELAY", value_parser = duration)]
+    shutdown_delay: Option<Duration>,
+    /// After the listener closes, how long open requests get to finish.
+    #[arg(long, env = "RPCGATE_DRAIN_TIMEOUT", value_parser = duration)]
+    drain_timeout: Option<Duration>,
+}
+
+fn log_format(text: &str) -> Result<LogFormat, String> {
+    rpcgate::config::parse_log_format(text)
 }
 
 fn affinity(text: &str) -> Result<Affinity, String> {
@@ -108,20 +124,30 @@ fn duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing();
     match cli.command {
-        Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::CheckConfig { file }) => {
+            init_tracing(LogFormat::Text);
+            check_config(&file)
+        }
         Some(Command::EchoServer {
             listen,
             name,
             workers,
-        }) => runtime(workers)?.block_on(echo_server(listen, name)),
+        }) => {
+            init_tracing(LogFormat::Text);
+            runtime(workers)?.block_on(echo_server(listen, name))
+        }
         Some(Command::Demo {
             listen,
             upstream_listen,
-        }) => runtime(0)?.block_on(demo(listen, upstream_listen)),
+        }) => {
+            init_tracing(LogFormat::Text);
+            runtime(0)?.block_on(demo(listen, upstream_listen))
+        }
         None => {
+            let format = cli.run.log_format;
             let config = build_config(cli.run)?;
+            init_tracing(format.unwrap_or(config.log.format));
             runtime(config.runtime.workers)?.block_on(run(config))
         }
     }
@@ -146,13 +172,16 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 fn check_config(file: &std::path::Path) -> Result<()> {
@@ -215,6 +244,24 @@ fn build_config(args: RunArgs) -> Result<Config> {
     if let Some(w) = args.workers {
         config.runtime.workers = w;
     }
+    if let Some(admin) = args.admin_listen {
+        config.admin_listen = match admin.as_str() {
+            "" | "off" => None,
+            addr => Some(
+                addr.parse()
+                    .with_context(|| format!("--admin-listen {addr:?} is not an address"))?,
+            ),
+        };
+    }
+    if let Some(f) = args.log_format {
+        config.log.format = f;
+    }
+    if let Some(d) = args.shutdown_delay {
+        config.shutdown.delay = d;
+    }
+    if let Some(d) = args.drain_timeout {
+        config.shutdown.drain_timeout = d;
+    }
     let problems = config.check();
     if !problems.is_empty() {
         bail!("{}", rpcgate::config::Problems(problems));
@@ -225,6 +272,10 @@ fn build_config(args: RunArgs) -> Result<Config> {
 async fn run(config: Config) -> Result<()> {
     let gateway = Gateway::bind(config.clone()).await?;
     let addr = gateway.local_addr()?;
+    if let Some(admin) = gateway.admin_addr() {
+        tracing::info!(%admin, "admin listener: /metrics /healthz /readyz");
+        println!("rpcgate admin on http://{admin}/");
+    }
     tracing::info!(listen = %addr, upstreams = config.upstreams.len(), "rpcgate serving");
     // A stable stdout line for scripts and harnesses that bind port 0.
     println!("rpcgate listening on http://{addr}{}", config.http.path);
@@ -305,6 +356,8 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
         listen: addr,
         ..Config::default()
     };
+    // Nothing routes to the demo through a load balancer: Ctrl-C stops at once.
+    config.shutdown.delay = std::time::Duration::ZERO;
     config
         .upstreams
         .push(UpstreamConfig::new(format!("ws://{backend_addr}/")));

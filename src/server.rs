@@ -3,16 +3,20 @@
 //! HTTP/1.1 with keep-alive and HTTP/2 without TLS (h2c, prior knowledge) share one
 //! port through hyper-util's protocol detection.
 
+mod admin;
 mod rpc;
 mod watch;
 
 use crate::config::{Affinity, Config, DiscoveryMode};
+use crate::metrics::Metrics;
 use crate::upstream::{Resolver, Sessions, SystemResolver, TargetError, Upstreams, discovery};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -38,27 +42,56 @@ pub struct AppState {
     pub upstreams: Arc<Upstreams>,
     /// Present with `affinity = "connection"`.
     pub sessions: Option<Arc<Sessions>>,
+    pub metrics: Arc<Metrics>,
+    /// Set when shutdown starts: `/readyz` answers 503 from then on.
+    pub stopping: AtomicBool,
+}
+
+impl AppState {
+    /// Ready: not shutting down, and some upstream can take a call.
+    pub fn is_ready(&self) -> bool {
+        !self.stopping.load(Ordering::Acquire) && self.upstreams.any_usable()
+    }
 }
 
 /// A bound, not yet running gateway.
 pub struct Gateway {
     listener: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`, when enabled.
+    admin: Option<TcpListener>,
     state: Arc<AppState>,
     /// Stops discovery, after the HTTP side has drained.
     background: CancellationToken,
 }
 
 impl Gateway {
-    /// Binds the listener and starts the upstream connections (in the background).
+    /// Binds the listeners and starts the upstream connections (in the background).
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
-        let listener =
-            TcpListener::bind(config.listen)
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.listen,
-                    source,
-                })?;
-        Gateway::from_listener(listener, config)
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let listener = bind(config.listen).await?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Gateway::from_listener(listener, config)?.with_admin(admin))
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `admin` too.
+    pub fn with_admin(mut self, admin: Option<TcpListener>) -> Gateway {
+        self.admin = admin;
+        self
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
     }
 
     /// Serves on an already bound listener (tests and `demo` bind port 0 themselves).
@@ -74,7 +107,15 @@ impl Gateway {
         resolver: Arc<dyn Resolver>,
     ) -> Result<Gateway, StartError> {
         let background = CancellationToken::new();
-        let upstreams = Upstreams::start(&config)?;
+        let methods = config
+            .metric_methods
+            .iter()
+            .chain(&config.balance.retry_methods)
+            .chain(&config.sessions.replay_methods)
+            .chain(&config.balance.health_method)
+            .cloned();
+        let metrics = Arc::new(Metrics::new(methods));
+        let upstreams = Upstreams::start(&config, Some(metrics.clone()))?;
         if config.discovery.mode == DiscoveryMode::Dns {
             tokio::spawn(discovery::run(
                 upstreams.clone(),
@@ -89,10 +130,13 @@ impl Gateway {
         });
         Ok(Gateway {
             listener,
+            admin: None,
             state: Arc::new(AppState {
                 config,
                 upstreams,
                 sessions,
+                metrics,
+                stopping: AtomicBool::new(false),
             }),
             background,
         })
@@ -106,9 +150,29 @@ impl Gateway {
         self.state.upstreams.clone()
     }
 
-    /// Serves until `shutdown` is cancelled, then stops accepting, lets open
-    /// requests finish (none outlives its `request_timeout`), and closes upstreams.
+    /// Serves until `shutdown` is cancelled. Then: readiness goes false at once; after
+    /// `shutdown.delay` (so load balancers stop routing here) the listener closes and
+    /// connections are asked to finish; open requests get `shutdown.drain_timeout`;
+    /// then the upstream sockets close with 1001.
     pub async fn run(self, shutdown: CancellationToken) {
+        let admin_stop = CancellationToken::new();
+        if let Some(admin) = self.admin {
+            tokio::spawn(admin::serve(admin, self.state.clone(), admin_stop.clone()));
+        }
+        // `closing` is what the listener and connections obey: `shutdown` plus the delay.
+        let closing = CancellationToken::new();
+        {
+            let (state, closing) = (self.state.clone(), closing.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                state.stopping.store(true, Ordering::Release);
+                state.metrics.ready.set(0);
+                tracing::info!(delay = ?state.config.shutdown.delay, "shutting down: not ready; draining after the delay");
+                tokio::time::sleep(state.config.shutdown.delay).await;
+                closing.cancel();
+            });
+        }
+        let shutdown = closing;
         let http = &self.state.config.http;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // Head and idle timeouts are ours (see `watch`): hyper's would merge them.
@@ -161,7 +225,7 @@ impl Gateway {
             while connections.try_join_next().is_some() {}
         }
         drop(self.listener);
-        let drain = self.state.config.calls.request_timeout + Duration::from_secs(1);
+        let drain = self.state.config.shutdown.drain_timeout;
         if tokio::time::timeout(drain, async {
             while connections.join_next().await.is_some() {}
         })
@@ -179,6 +243,7 @@ impl Gateway {
             sessions.close();
         }
         self.state.upstreams.close().await;
+        admin_stop.cancel();
     }
 }
 
@@ -195,13 +260,36 @@ async fn serve_connection(
     let (header_timeout, keep_alive) = (http.header_read_timeout, http.keep_alive_timeout);
     let service = {
         let activity = activity.clone();
-        service_fn(move |req| {
+        service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let state = state.clone();
             let guard = activity.request_started();
             async move {
-                let answer = rpc::handle(req, &state).await;
+                let started = tokio::time::Instant::now();
+                let method = req.method().clone();
+                let Ok(resp) = rpc::handle(req, &state).await;
                 drop(guard);
-                answer
+                let m = &state.metrics;
+                m.http_requests
+                    .with_label_values(&[resp.status().as_str()])
+                    .inc();
+                let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+                m.bytes_out.inc_by(sent);
+                let log = &state.config.log;
+                if log.access_log
+                    && (log.access_log_sample >= 1.0 || fastrand::f64() < log.access_log_sample)
+                {
+                    let batch = resp.extensions().get::<rpc::BatchLen>().map(|b| b.0);
+                    tracing::info!(
+                        target: "rpcgate::access",
+                        %peer,
+                        method = %method,
+                        status = resp.status().as_u16(),
+                        duration_us = started.elapsed().as_micros() as u64,
+                        bytes = sent,
+                        batch,
+                    );
+                }
+                Ok::<_, Infallible>(resp)
             }
         })
     };

@@ -95,7 +95,16 @@ async fn flags_and_environment_configure_the_gateway_and_sigterm_stops_it() {
     let mut child = rpcgate()
         .env("RPCGATE_UPSTREAM", up.url())
         .env("RPCGATE_CONNECTIONS", "3")
-        .args(["--listen", "127.0.0.1:0", "--request-timeout", "300ms"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--request-timeout",
+            "300ms",
+            "--shutdown-delay",
+            "0s",
+        ])
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -117,9 +126,13 @@ async fn flags_and_environment_configure_the_gateway_and_sigterm_stops_it() {
 
 #[tokio::test]
 async fn bad_flags_fail_fast_with_a_message() {
-    let out = with_timeout(rpcgate().args(["--listen", "127.0.0.1:0"]).output())
-        .await
-        .unwrap();
+    let out = with_timeout(
+        rpcgate()
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "off"])
+            .output(),
+    )
+    .await
+    .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no upstream"));
     let out = with_timeout(

@@ -692,7 +692,12 @@ async fn wait_for_quiet() {
 /// Starts a gateway in front of `upstream`, from a config file when the defaults will
 /// not do.
 async fn start_gateway(upstream: &str, config: Option<&Path>) -> Result<Proc> {
-    let mut args = vec!["--listen".to_owned(), "127.0.0.1:0".to_owned()];
+    let mut args = vec![
+        "--listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--admin-listen".to_owned(),
+        "off".to_owned(),
+    ];
     match config {
         // The file names the upstream: `--upstream` would replace its per-upstream
         // settings with the defaults.

@@ -73,6 +73,7 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
             ));
         }
     };
+    state.metrics.bytes_in.inc_by(body.len() as u64);
     // The deadline starts once the request is in: slow clients don't eat upstream time.
     let deadline = Instant::now() + state.config.calls.request_timeout;
     let via = match Via::new(state, session.as_ref()) {
@@ -100,6 +101,23 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
     }
     Ok(resp)
 }
+
+/// Runs `f` when dropped.
+struct Guard<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}
+
+/// Elements in the request's batch, noted on the response for the access log.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLen(pub usize);
 
 /// A request's session key.
 struct SessionKey {
@@ -189,10 +207,22 @@ impl<'a> Via<'a> {
     }
 
     async fn call(&self, call: &Call<'_>, deadline: Instant) -> Result<Reply, Error> {
-        match (&self.session, &self.state.sessions) {
+        let metrics = &self.state.metrics;
+        let started = Instant::now();
+        metrics.in_flight.inc();
+        // Decrements even when the client goes away and this future is dropped.
+        let _in_flight = scopeguard(|| metrics.in_flight.dec());
+        let result = match (&self.session, &self.state.sessions) {
             (Some(conn), Some(sessions)) => sessions.call(conn, call, deadline).await,
             _ => self.state.upstreams.call(call, deadline, self.route).await,
-        }
+        };
+        let outcome = match &result {
+            Ok(reply) if reply.is_error() => "rpc_error",
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        metrics.call_done(&call.method_name(), outcome, started.elapsed());
+        result
     }
 
     async fn notify(&self, call: &Call<'_>, deadline: Instant) -> Result<(), Error> {
@@ -225,7 +255,14 @@ fn is_json(value: Option<&HeaderValue>) -> bool {
 async fn single(entry: Entry<'_>, via: &Via<'_>, deadline: Instant) -> HttpResponse {
     let call = match entry {
         Ok(call) => call,
-        Err(Invalid { id, reason }) => return error_response(id, &Error::InvalidRequest(reason)),
+        Err(Invalid { id, reason }) => {
+            via.state
+                .metrics
+                .rpc_calls
+                .with_label_values(&["other", "invalid"])
+                .inc();
+            return error_response(id, &Error::InvalidRequest(reason));
+        }
     };
     match call.id {
         None => match via.notify(&call, deadline).await {
@@ -243,6 +280,14 @@ async fn single(entry: Entry<'_>, via: &Via<'_>, deadline: Instant) -> HttpRespo
 type Slot = Option<Vec<u8>>;
 
 async fn batch(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> HttpResponse {
+    let n = entries.len();
+    via.state.metrics.batch_size.observe(n as f64);
+    let mut resp = batch_answer(entries, via, deadline).await;
+    resp.extensions_mut().insert(BatchLen(n));
+    resp
+}
+
+async fn batch_answer(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> HttpResponse {
     let slots: Vec<Slot> = match via.state.config.http.batch {
         BatchMode::Split => {
             join_all(entries.iter().map(|entry| element(entry, via, deadline))).await
@@ -269,7 +314,14 @@ async fn batch(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> Htt
 /// One batch element sent as its own upstream call.
 async fn element(entry: &Entry<'_>, via: &Via<'_>, deadline: Instant) -> Slot {
     match entry {
-        Err(Invalid { id, reason }) => Some(error_bytes(*id, &Error::InvalidRequest(reason))),
+        Err(Invalid { id, reason }) => {
+            via.state
+                .metrics
+                .rpc_calls
+                .with_label_values(&["other", "invalid"])
+                .inc();
+            Some(error_bytes(*id, &Error::InvalidRequest(reason)))
+        }
         Ok(call) => match call.id {
             // A notification's failure has nobody to be told to, by definition.
             None => {

@@ -107,6 +107,7 @@ pub struct PoolSignals {
     pub unmatched: AtomicU64,
     /// Upstream frames that were not JSON-RPC at all.
     pub garbage: AtomicU64,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The part of a connection callers see.
@@ -269,6 +270,14 @@ impl Shared {
         self.open.load(Ordering::Acquire)
     }
 
+    /// The `upstream` metric label: the upstream's id, or `session` for a session's
+    /// own connection (one label for all of them keeps the label set bounded).
+    pub fn metric_label(&self) -> &str {
+        self.label
+            .rsplit_once('#')
+            .map_or(self.label.as_str(), |(id, _)| id)
+    }
+
     pub fn state(&self) -> ConnState {
         *self.state.lock()
     }
@@ -418,6 +427,9 @@ impl Shared {
     fn deliver(&self, frame: Bytes) {
         let Ok(text) = std::str::from_utf8(&frame) else {
             self.signals.garbage.fetch_add(1, Ordering::Relaxed);
+            if let Some(m) = &self.signals.metrics {
+                m.unmatched.with_label_values(&["garbage"]).inc();
+            }
             tracing::debug!(conn = %self.label, "binary frame is not UTF-8 text; ignored");
             return;
         };
@@ -445,12 +457,22 @@ impl Shared {
             self.signals
                 .unmatched
                 .fetch_add(unmatched, Ordering::Relaxed);
+            if let Some(m) = &self.signals.metrics {
+                m.unmatched
+                    .with_label_values(&["unsolicited"])
+                    .inc_by(unmatched);
+            }
             tracing::debug!(conn = %self.label, count = unmatched, "upstream message matched no pending call");
         }
         if seen.garbage > 0 {
             self.signals
                 .garbage
                 .fetch_add(seen.garbage as u64, Ordering::Relaxed);
+            if let Some(m) = &self.signals.metrics {
+                m.unmatched
+                    .with_label_values(&["garbage"])
+                    .inc_by(seen.garbage as u64);
+            }
             tracing::debug!(conn = %self.label, "upstream sent a frame that is not JSON-RPC; ignored");
         }
     }
@@ -525,6 +547,11 @@ pub async fn run(
                     break;
                 }
                 tracing::warn!(conn = %shared.label, reason = %end, in_flight_lost = lost, requeued = not_sent, "upstream connection lost");
+                if let Some(m) = &shared.signals.metrics {
+                    m.reconnects
+                        .with_label_values(&[shared.metric_label()])
+                        .inc();
+                }
                 // A connection that stayed up a while earns a fast reconnect; one that
                 // dies right after its handshake keeps backing off, so a server that
                 // accepts and drops at once is not hammered.
@@ -578,11 +605,19 @@ async fn connect_and_prepare(
             return Err(PrepareError::OnConnect(call.method.clone()));
         }
     }
-    for call in shared.replay_calls() {
+    let replay = shared.replay_calls();
+    let replaying = !replay.is_empty();
+    for call in replay {
         if !prelude_call(&mut socket, &call, shared).await? {
             shared.set_replay_failed(Some(call.method.clone()));
+            if let Some(m) = &shared.signals.metrics {
+                m.replays.with_label_values(&["failed"]).inc();
+            }
             return Err(PrepareError::Replay(call.method));
         }
+    }
+    if replaying && let Some(m) = &shared.signals.metrics {
+        m.replays.with_label_values(&["ok"]).inc();
     }
     shared.set_replay_failed(None);
     Ok(socket)

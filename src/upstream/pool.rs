@@ -168,7 +168,10 @@ impl Upstreams {
     /// Builds the upstreams and starts their connections; sockets open in the
     /// background, so the gateway serves (with 503s) even while upstreams are down.
     /// With DNS discovery the set starts empty and `discovery` fills it.
-    pub fn start(config: &Config) -> Result<Arc<Self>, TargetError> {
+    pub fn start(
+        config: &Config,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Arc<Self>, TargetError> {
         let mut sources = Vec::new();
         for up in &config.upstreams {
             sources.push((up.clone(), Arc::new(Target::new(up)?)));
@@ -183,7 +186,10 @@ impl Upstreams {
             .collect();
         let upstreams = Arc::new(Upstreams {
             set: RwLock::new(Arc::new(Vec::new())),
-            signals: Arc::new(PoolSignals::default()),
+            signals: Arc::new(PoolSignals {
+                metrics,
+                ..PoolSignals::default()
+            }),
             calls: config.calls.clone(),
             balance: config.balance.clone(),
             retry_methods: config.balance.retry_methods.iter().cloned().collect(),
@@ -324,6 +330,35 @@ impl Upstreams {
                 return;
             }
             notified.await;
+        }
+    }
+
+    /// Whether any upstream can take a call now (readiness).
+    pub fn any_usable(&self) -> bool {
+        self.snapshot().iter().any(|u| u.usable())
+    }
+
+    /// Sets the per-upstream gauges from the current set (at scrape time).
+    pub fn refresh_metrics(&self, m: &crate::metrics::Metrics) {
+        m.upstream_connections.reset();
+        m.upstream_healthy.reset();
+        for u in self.snapshot().iter() {
+            let mut counts = [0i64; 3];
+            for c in &u.conns {
+                match c.state() {
+                    ConnState::Open => counts[0] += 1,
+                    ConnState::Connecting => counts[1] += 1,
+                    ConnState::Backoff | ConnState::Stopped => counts[2] += 1,
+                }
+            }
+            for (state, n) in ["open", "connecting", "backoff"].iter().zip(counts) {
+                m.upstream_connections
+                    .with_label_values(&[u.id.as_str(), state])
+                    .set(n);
+            }
+            m.upstream_healthy
+                .with_label_values(&[u.id.as_str()])
+                .set(i64::from(u.is_healthy()));
         }
     }
 
@@ -563,6 +598,12 @@ impl Upstreams {
         connect_deadline: &mut Option<Instant>,
     ) -> Result<Permit, Error> {
         let mut queue_deadline = None;
+        let mut waiting_since: Option<Instant> = None;
+        let observe = |since: Option<Instant>| {
+            if let (Some(since), Some(m)) = (since, &self.signals.metrics) {
+                m.queue_wait.observe(since.elapsed().as_secs_f64());
+            }
+        };
         loop {
             let notified = self.signals.changed.notified();
             tokio::pin!(notified);
@@ -579,12 +620,16 @@ impl Upstreams {
                 _ => self.pick(count, route, avoid),
             };
             let until = match pick {
-                Pick::Got(permit) => return Ok(permit),
+                Pick::Got(permit) => {
+                    observe(waiting_since);
+                    return Ok(permit);
+                }
                 Pick::NoneOpen => {
                     let until = *connect_deadline.get_or_insert_with(|| {
                         (Instant::now() + self.calls.connect_wait).min(deadline)
                     });
                     if Instant::now() >= until {
+                        observe(waiting_since);
                         return Err(Error::NoUpstream(self.calls.connect_wait));
                     }
                     until
@@ -594,6 +639,7 @@ impl Upstreams {
                         (Instant::now() + self.calls.queue_timeout).min(deadline)
                     });
                     if Instant::now() >= until {
+                        observe(waiting_since);
                         return Err(Error::Overloaded);
                     }
                     until
@@ -605,6 +651,7 @@ impl Upstreams {
                 self.signals.waiters.fetch_sub(1, Ordering::AcqRel);
                 return Err(Error::Overloaded);
             }
+            waiting_since.get_or_insert_with(Instant::now);
             let _ = timeout_at(until, notified).await;
             self.signals.waiters.fetch_sub(1, Ordering::AcqRel);
         }

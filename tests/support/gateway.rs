@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 /// A gateway serving on a free loopback port; stops when dropped.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The admin listener: `/metrics`, `/healthz`, `/readyz`.
+    pub admin: SocketAddr,
     pub upstreams: Arc<Upstreams>,
     shutdown: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -31,6 +33,10 @@ pub fn config_for(urls: &[String], connections: usize) -> Config {
             .collect(),
         ..Config::default()
     };
+    // Tests bind their own admin listener on port 0; stopping should not wait out a
+    // production shutdown delay.
+    config.admin_listen = None;
+    config.shutdown.delay = std::time::Duration::ZERO;
     // Reconnects in tests should not wait out production-sized backoffs.
     config.websocket.reconnect_base = Duration::from_millis(10);
     config.websocket.reconnect_max = Duration::from_millis(200);
@@ -41,12 +47,17 @@ pub fn config_for(urls: &[String], connections: usize) -> Config {
 pub async fn start_gateway(config: Config) -> TestGateway {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let addr = listener.local_addr().expect("local addr");
-    let gateway = Gateway::from_listener(listener, config).expect("gateway starts");
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let admin = admin_listener.local_addr().expect("local addr");
+    let gateway = Gateway::from_listener(listener, config)
+        .expect("gateway starts")
+        .with_admin(Some(admin_listener));
     let upstreams = gateway.upstreams();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(gateway.run(shutdown.clone()));
     TestGateway {
         addr,
+        admin,
         upstreams,
         shutdown,
         task: Some(task),

@@ -1,0 +1,258 @@
+//! Prometheus metrics, registered on a [`Registry`] of our own.
+//!
+//! Never the global default registry: parallel tests run several gateways in one
+//! process, and each must count only its own traffic. Labels are bounded: `method`
+//! is one of the configured method names or `other`, `upstream` one of the
+//! configured or discovered upstreams, the rest fixed sets.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::collections::HashSet;
+use std::time::Duration;
+
+/// Every metric rpcgate exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Method names that get their own label value; the rest count as `other`.
+    methods: HashSet<String>,
+    pub http_requests: IntCounterVec,
+    pub rpc_calls: IntCounterVec,
+    pub call_duration: HistogramVec,
+    pub in_flight: IntGauge,
+    pub batch_size: Histogram,
+    pub upstream_connections: IntGaugeVec,
+    pub upstream_healthy: IntGaugeVec,
+    pub reconnects: IntCounterVec,
+    pub unmatched: IntCounterVec,
+    pub queue_wait: Histogram,
+    pub sessions_active: IntGauge,
+    pub replays: IntCounterVec,
+    pub bytes_in: IntCounter,
+    pub bytes_out: IntCounter,
+    pub ready: IntGauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Registering a metric fails only on a name clash, which is a bug in this file.
+fn reg<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    if let Err(e) = registry.register(Box::new(metric.clone())) {
+        tracing::error!(error = %e, "metric registration failed");
+    }
+    metric
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    reg(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition"),
+    )
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    reg(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition"),
+    )
+}
+
+impl Metrics {
+    /// Creates and registers every metric; `methods` are the method names worth a label
+    /// value of their own.
+    pub fn new(methods: impl IntoIterator<Item = String>) -> Metrics {
+        let r = Registry::new();
+        let latency = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0, 30.0,
+        ];
+        #[cfg(target_os = "linux")]
+        {
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            if let Err(e) = r.register(Box::new(process)) {
+                tracing::warn!(error = %e, "process metrics unavailable");
+            }
+        }
+        Metrics {
+            methods: methods.into_iter().collect(),
+            http_requests: counter_vec(
+                &r,
+                "rpcgate_http_requests_total",
+                "HTTP requests answered, by status code.",
+                &["status"],
+            ),
+            rpc_calls: counter_vec(
+                &r,
+                "rpcgate_rpc_calls_total",
+                "JSON-RPC calls (batch elements count one each), by method and outcome.",
+                &["method", "outcome"],
+            ),
+            call_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "rpcgate_rpc_call_duration_seconds",
+                        "Time from a call's request being read to its answer, by method.",
+                    )
+                    .buckets(latency.clone()),
+                    &["method"],
+                )
+                .expect("valid metric definition"),
+            ),
+            in_flight: reg(
+                &r,
+                IntGauge::new(
+                    "rpcgate_rpc_calls_in_flight",
+                    "JSON-RPC calls being served now.",
+                )
+                .expect("valid metric definition"),
+            ),
+            batch_size: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("rpcgate_batch_size", "Elements per JSON-RPC batch.")
+                        .buckets(vec![
+                            1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0,
+                        ]),
+                )
+                .expect("valid metric definition"),
+            ),
+            upstream_connections: gauge_vec(
+                &r,
+                "rpcgate_upstream_connections",
+                "Pooled upstream WebSocket connections, by upstream and state (open, connecting, backoff).",
+                &["upstream", "state"],
+            ),
+            upstream_healthy: gauge_vec(
+                &r,
+                "rpcgate_upstream_healthy",
+                "1 while the upstream passes its health check (always 1 without health_method).",
+                &["upstream"],
+            ),
+            reconnects: counter_vec(
+                &r,
+                "rpcgate_upstream_reconnects_total",
+                "Upstream connections lost and reopened, by upstream.",
+                &["upstream"],
+            ),
+            unmatched: counter_vec(
+                &r,
+                "rpcgate_upstream_unmatched_messages_total",
+                "Upstream messages that matched no pending call: unsolicited (notifications, late replies) or garbage (not JSON-RPC).",
+                &["kind"],
+            ),
+            queue_wait: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "rpcgate_queue_wait_seconds",
+                        "Time calls waited for an open upstream connection or a free slot.",
+                    )
+                    .buckets(latency),
+                )
+                .expect("valid metric definition"),
+            ),
+            sessions_active: reg(
+                &r,
+                IntGauge::new(
+                    "rpcgate_sessions_active",
+                    "Sticky sessions with their own upstream connection (affinity = connection).",
+                )
+                .expect("valid metric definition"),
+            ),
+            replays: counter_vec(
+                &r,
+                "rpcgate_session_replays_total",
+                "Session reconnects whose recorded calls were replayed, by result (ok, failed).",
+                &["result"],
+            ),
+            bytes_in: reg(
+                &r,
+                IntCounter::new(
+                    "rpcgate_http_request_bytes_total",
+                    "Bytes of JSON-RPC request bodies read.",
+                )
+                .expect("valid metric definition"),
+            ),
+            bytes_out: reg(
+                &r,
+                IntCounter::new(
+                    "rpcgate_http_response_bytes_total",
+                    "Bytes of JSON-RPC response bodies sent.",
+                )
+                .expect("valid metric definition"),
+            ),
+            ready: reg(
+                &r,
+                IntGauge::new("rpcgate_ready", "1 while /readyz answers 200.")
+                    .expect("valid metric definition"),
+            ),
+            registry: r,
+        }
+    }
+
+    /// The label value for `method`: itself if configured, else `other`.
+    pub fn method_label<'a>(&self, method: &'a str) -> &'a str {
+        if self.methods.contains(method) {
+            method
+        } else {
+            "other"
+        }
+    }
+
+    /// Counts one finished call.
+    pub fn call_done(&self, method: &str, outcome: &str, took: Duration) {
+        let method = self.method_label(method);
+        self.rpc_calls.with_label_values(&[method, outcome]).inc();
+        self.call_duration
+            .with_label_values(&[method])
+            .observe(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of everything registered.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_outside_the_configured_set_are_other() {
+        let m = Metrics::new(["login".to_string()]);
+        assert_eq!(m.method_label("login"), "login");
+        assert_eq!(m.method_label("anything-a-client-sends"), "other");
+        m.call_done("anything", "ok", Duration::from_millis(3));
+        m.call_done("login", "timeout", Duration::from_millis(3));
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(
+            text.contains(r#"rpcgate_rpc_calls_total{method="other",outcome="ok"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"rpcgate_rpc_calls_total{method="login",outcome="timeout"} 1"#));
+        assert!(text.contains("# HELP rpcgate_rpc_call_duration_seconds"));
+    }
+
+    #[test]
+    fn two_instances_do_not_share_counts() {
+        let a = Metrics::new([]);
+        let b = Metrics::new([]);
+        a.bytes_in.inc_by(10);
+        assert!(
+            String::from_utf8(b.render())
+                .unwrap()
+                .contains("rpcgate_http_request_bytes_total 0")
+        );
+    }
+}

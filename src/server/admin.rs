@@ -1,0 +1,96 @@
+//! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive) and
+//! `/readyz` (ready: an upstream can take calls and shutdown has not started).
+//!
+//! A listener of its own so probes and scrapes never queue behind client traffic,
+//! and so the admin port can stay inside the cluster while the JSON-RPC port is exposed.
+
+use super::AppState;
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&req, &state)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            // Probes are short; a stuck one must not hold a task forever.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+        });
+    }
+}
+
+fn route(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let m = &state.metrics;
+            state.upstreams.refresh_metrics(m);
+            m.sessions_active
+                .set(state.sessions.as_ref().map_or(0, |s| s.len()) as i64);
+            m.ready.set(i64::from(state.is_ready()));
+            let mut resp = Response::new(Full::new(Bytes::from(m.render())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            if state.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: shutting down\n",
+                )
+            } else if !state.upstreams.any_usable() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no usable upstream\n",
+                )
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "admin paths: /metrics /healthz /readyz\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
