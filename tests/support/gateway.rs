@@ -70,6 +70,11 @@ impl TestGateway {
         super::with_timeout(self.upstreams.wait_for_open(n)).await;
     }
 
+    /// Starts a graceful stop without waiting for it (see `shutdown.delay`).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Requests a graceful stop and waits for it to finish.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
