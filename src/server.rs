@@ -279,6 +279,10 @@ async fn serve_connection(
                     && (log.access_log_sample >= 1.0 || fastrand::f64() < log.access_log_sample)
                 {
                     let batch = resp.extensions().get::<rpc::BatchLen>().map(|b| b.0);
+                    let upstream = resp
+                        .extensions()
+                        .get::<rpc::AnsweredBy>()
+                        .map(|u| u.0.clone());
                     tracing::info!(
                         target: "rpcgate::access",
                         %peer,
@@ -287,6 +291,7 @@ async fn serve_connection(
                         duration_us = started.elapsed().as_micros() as u64,
                         bytes = sent,
                         batch,
+                        upstream = upstream.as_deref(),
                     );
                 }
                 Ok::<_, Infallible>(resp)

@@ -196,3 +196,58 @@ async fn echo_server_subcommand_serves_websocket_json_rpc() {
     sigterm(&child);
     assert!(with_timeout(child.wait()).await.unwrap().success());
 }
+
+#[tokio::test]
+async fn json_logs_carry_an_access_line_per_request() {
+    let up = FakeUpstream::start().await;
+    up.auto_reply(|f| Some(f.result_text(json!("ok"))));
+    let mut child = rpcgate()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--upstream",
+            &up.url(),
+            "--log-format",
+            "json",
+            "--shutdown-delay",
+            "0s",
+        ])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = addr_of(&line_after(&mut lines, "rpcgate listening on").await);
+    up.wait_for_connections(4).await;
+    let resp = post(
+        addr,
+        "/",
+        r#"{"jsonrpc":"2.0","id":1,"method":"secret-method","params":["password"]}"#,
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::OK);
+    sigterm(&child);
+    let out = with_timeout(child.wait_with_output()).await.unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let access: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "rpcgate::access")
+        .collect();
+    assert_eq!(access.len(), 1, "{stderr}");
+    assert_eq!(access[0]["status"], 200);
+    assert_eq!(access[0]["method"], "POST");
+    assert!(
+        access[0]["upstream"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("ws://"))
+    );
+    assert!(!stderr.contains("password"), "bodies are never logged");
+    assert!(
+        stderr
+            .lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "{stderr}"
+    );
+}

@@ -115,6 +115,10 @@ fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
     Guard(f)
 }
 
+/// The upstream that answered a single call, noted on the response for the access log.
+#[derive(Debug, Clone)]
+pub struct AnsweredBy(pub Arc<str>);
+
 /// Elements in the request's batch, noted on the response for the access log.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLen(pub usize);
@@ -270,7 +274,13 @@ async fn single(entry: Entry<'_>, via: &Via<'_>, deadline: Instant) -> HttpRespo
             Err(e) => error_response(None, &e),
         },
         Some(id) => match via.call(&call, deadline).await {
-            Ok(reply) => json_response(StatusCode::OK, reply_bytes(id, &reply)),
+            Ok(reply) => {
+                let mut resp = json_response(StatusCode::OK, reply_bytes(id, &reply));
+                if let Some(upstream) = reply.upstream {
+                    resp.extensions_mut().insert(AnsweredBy(upstream));
+                }
+                resp
+            }
             Err(e) => error_response(Some(id), &e),
         },
     }
@@ -352,6 +362,20 @@ async fn forward(entries: &[Entry<'_>], via: &Via<'_>, deadline: Instant) -> Vec
             Err(e) => vec![Err(e); expecting],
         }
     };
+    let expecting = calls.iter().filter(|c| !c.is_notification());
+    for (call, answer) in expecting.zip(&answers) {
+        let outcome = match answer {
+            Ok(reply) if reply.is_error() => "rpc_error",
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        let metrics = &via.state.metrics;
+        let method = call.method_name();
+        metrics
+            .rpc_calls
+            .with_label_values(&[metrics.method_label(&method), outcome])
+            .inc();
+    }
     let mut answers = answers.into_iter();
     entries
         .iter()

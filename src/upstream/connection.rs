@@ -34,6 +34,9 @@ pub struct Reply {
     frame: Bytes,
     range: Range<usize>,
     is_error: bool,
+    /// The upstream that answered (none for a session's own connection), for the
+    /// access log.
+    pub upstream: Option<Arc<str>>,
 }
 
 impl Reply {
@@ -446,6 +449,7 @@ impl Shared {
                             frame: frame.clone(),
                             range: start..start + payload.len(),
                             is_error: outcome.is_error(),
+                            upstream: None,
                         }));
                     }
                     None => unmatched += 1,

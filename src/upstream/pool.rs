@@ -51,6 +51,8 @@ pub struct Upstream {
     /// Its identity for rendezvous hashing, the same on every rpcgate replica: the
     /// address it dials (`ip:port`) with DNS discovery, else its configured URL.
     pub id: String,
+    /// `id` again, shared: handed to every reply for the access log without copying.
+    pub label: Arc<str>,
     /// The configured URL it came from.
     pub url: String,
     pub weight: u32,
@@ -245,6 +247,7 @@ impl Upstreams {
             })
             .collect();
         let upstream = Arc::new(Upstream {
+            label: Arc::from(id.as_str()),
             id,
             url: cfg.url.clone(),
             weight: cfg.weight.max(1),
@@ -474,7 +477,10 @@ impl Upstreams {
                     // The connection already removed the entry when it answered.
                     registered.ids.clear();
                     match answer {
-                        Ok(Ok(reply)) => return Ok(reply),
+                        Ok(Ok(mut reply)) => {
+                            reply.upstream = permit.upstream.as_ref().map(|u| u.label.clone());
+                            return Ok(reply);
+                        }
                         Ok(Err(Failure::NotSent)) => avoid = permit.upstream.clone(),
                         Ok(Err(Failure::Lost)) if self.retryable(call) => {
                             avoid = permit.upstream.clone();
