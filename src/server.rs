@@ -276,6 +276,7 @@ async fn serve_connection(
                 m.bytes_out.inc_by(sent);
                 let log = &state.config.log;
                 if log.access_log
+                    && tracing::enabled!(target: "rpcgate::access", tracing::Level::INFO)
                     && (log.access_log_sample >= 1.0 || fastrand::f64() < log.access_log_sample)
                 {
                     let batch = resp.extensions().get::<rpc::BatchLen>().map(|b| b.0);
