@@ -58,6 +58,8 @@ impl Default for ShutdownConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// Filter used when `RUST_LOG` is not set, e.g. `info` or `rpcgate=debug,warn`.
+    pub level: String,
     /// One line per HTTP request (target `rpcgate::access`, level info).
     pub access_log: bool,
     /// Share of requests that get an access-log line, 0.0 to 1.0.
@@ -74,6 +76,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             format: LogFormat::Text,
+            level: "info".into(),
             access_log: true,
             access_log_sample: 1.0,
         }
@@ -769,6 +772,13 @@ fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
             match parse_log_format(&f) {
                 Ok(f) => c.log.format = f,
                 Err(e) => p.push(format!("log.format: {e}")),
+            }
+        }
+        if let Some(level) = s.string("level", p) {
+            if tracing_subscriber::EnvFilter::try_new(&level).is_ok() {
+                c.log.level = level;
+            } else {
+                p.push(format!("log.level: {level:?} is not a filter like info or rpcgate=debug,warn"));
             }
         }
         match s.get("access_log") {

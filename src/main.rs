@@ -147,7 +147,7 @@ fn main() -> Result<()> {
         None => {
             let format = cli.run.log_format;
             let config = build_config(cli.run)?;
-            init_tracing(format.unwrap_or(config.log.format));
+            init_tracing_with(format.unwrap_or(config.log.format), &config.log.level);
             runtime(config.runtime.workers)?.block_on(run(config))
         }
     }
@@ -173,8 +173,13 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
 }
 
 fn init_tracing(format: LogFormat) {
+    init_tracing_with(format, "info");
+}
+
+/// `RUST_LOG` wins over the configured level.
+fn init_tracing_with(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
