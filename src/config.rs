@@ -778,7 +778,9 @@ fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
             if tracing_subscriber::EnvFilter::try_new(&level).is_ok() {
                 c.log.level = level;
             } else {
-                p.push(format!("log.level: {level:?} is not a filter like info or rpcgate=debug,warn"));
+                p.push(format!(
+                    "log.level: {level:?} is not a filter like info or rpcgate=debug,warn"
+                ));
             }
         }
         match s.get("access_log") {

@@ -180,9 +180,13 @@ fn init_tracing(format: LogFormat) {
 fn init_tracing_with(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // A closed stderr (`rpcgate 2>&1 | head`) must not turn every log line into a
+    // panic: tracing-subscriber would report the write error with eprintln!, which
+    // panics in turn and takes the signal watcher down with it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
