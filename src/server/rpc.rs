@@ -102,6 +102,15 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
     Ok(resp)
 }
 
+/// The `outcome` metric label of a finished call.
+fn outcome(result: &Result<Reply, Error>) -> &'static str {
+    match result {
+        Ok(reply) if reply.is_error() => "rpc_error",
+        Ok(_) => "ok",
+        Err(e) => e.kind(),
+    }
+}
+
 /// Runs `f` when dropped.
 struct Guard<F: FnMut()>(F);
 
@@ -220,13 +229,17 @@ impl<'a> Via<'a> {
             (Some(conn), Some(sessions)) => sessions.call(conn, call, deadline).await,
             _ => self.state.upstreams.call(call, deadline, self.route).await,
         };
-        let outcome = match &result {
-            Ok(reply) if reply.is_error() => "rpc_error",
-            Ok(_) => "ok",
-            Err(e) => e.kind(),
-        };
-        metrics.call_done(&call.method_name(), outcome, started.elapsed());
+        metrics.call_done(&call.method_name(), outcome(&result), started.elapsed());
         result
+    }
+
+    /// Counts a request object that was not a valid call.
+    fn count_invalid(&self) {
+        self.state
+            .metrics
+            .rpc_calls
+            .with_label_values(&["other", "invalid"])
+            .inc();
     }
 
     async fn notify(&self, call: &Call<'_>, deadline: Instant) -> Result<(), Error> {
@@ -260,11 +273,7 @@ async fn single(entry: Entry<'_>, via: &Via<'_>, deadline: Instant) -> HttpRespo
     let call = match entry {
         Ok(call) => call,
         Err(Invalid { id, reason }) => {
-            via.state
-                .metrics
-                .rpc_calls
-                .with_label_values(&["other", "invalid"])
-                .inc();
+            via.count_invalid();
             return error_response(id, &Error::InvalidRequest(reason));
         }
     };
@@ -325,11 +334,7 @@ async fn batch_answer(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant)
 async fn element(entry: &Entry<'_>, via: &Via<'_>, deadline: Instant) -> Slot {
     match entry {
         Err(Invalid { id, reason }) => {
-            via.state
-                .metrics
-                .rpc_calls
-                .with_label_values(&["other", "invalid"])
-                .inc();
+            via.count_invalid();
             Some(error_bytes(*id, &Error::InvalidRequest(reason)))
         }
         Ok(call) => match call.id {
@@ -364,17 +369,15 @@ async fn forward(entries: &[Entry<'_>], via: &Via<'_>, deadline: Instant) -> Vec
     };
     let expecting = calls.iter().filter(|c| !c.is_notification());
     for (call, answer) in expecting.zip(&answers) {
-        let outcome = match answer {
-            Ok(reply) if reply.is_error() => "rpc_error",
-            Ok(_) => "ok",
-            Err(e) => e.kind(),
-        };
         let metrics = &via.state.metrics;
         let method = call.method_name();
         metrics
             .rpc_calls
-            .with_label_values(&[metrics.method_label(&method), outcome])
+            .with_label_values(&[metrics.method_label(&method), outcome(answer)])
             .inc();
+    }
+    for _ in entries.iter().filter(|e| e.is_err()) {
+        via.count_invalid();
     }
     let mut answers = answers.into_iter();
     entries
