@@ -44,25 +44,43 @@ pub fn rendezvous_order(key: &[u8], candidates: &[Candidate<'_>]) -> Vec<usize> 
     let mut scored: Vec<(f64, usize)> = candidates
         .iter()
         .enumerate()
-        .map(|(i, c)| {
-            let h = stable_hash(&[key, c.id.as_bytes()]);
-            // 53 random bits in (0, 1): never 0, so ln is finite.
-            let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-            (-f64::from(c.weight.max(1)) / u.ln(), i)
-        })
+        .map(|(i, c)| (rendezvous_score(key, c), i))
         .collect();
     scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     scored.into_iter().map(|(_, i)| i).collect()
 }
 
+/// The first of [`rendezvous_order`], without ordering the rest: what a call needs.
+pub fn rendezvous_first(key: &[u8], candidates: &[Candidate<'_>]) -> Option<usize> {
+    candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (rendezvous_score(key, c), i))
+        // Ties go to the lower index, as in the full order.
+        .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|(_, i)| i)
+}
+
+fn rendezvous_score(key: &[u8], c: &Candidate<'_>) -> f64 {
+    let h = stable_hash(&[key, c.id.as_bytes()]);
+    // 53 random bits in (0, 1): never 0, so ln is finite.
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -f64::from(c.weight.max(1)) / u.ln()
+}
+
+fn load_per_weight(c: &Candidate<'_>) -> f64 {
+    c.load as f64 / f64::from(c.weight.max(1))
+}
+
 /// Power of two choices, honouring weights: draws two candidates with probability
-/// proportional to weight and keeps the one with less load per weight. Returns
-/// candidate indices in preference order (the pick, then the rest by load per weight)
-/// so a caller whose pick turns out full can fall through.
-pub fn p2c_order(candidates: &[Candidate<'_>], mut random: impl FnMut(u64) -> u64) -> Vec<usize> {
+/// proportional to weight and keeps the one with less load per weight.
+pub fn p2c_choice(
+    candidates: &[Candidate<'_>],
+    mut random: impl FnMut(u64) -> u64,
+) -> Option<usize> {
     let n = candidates.len();
     if n == 0 {
-        return Vec::new();
+        return None;
     }
     let total: u64 = candidates.iter().map(|c| u64::from(c.weight.max(1))).sum();
     let draw = |random: &mut dyn FnMut(u64) -> u64| {
@@ -81,13 +99,32 @@ pub fn p2c_order(candidates: &[Candidate<'_>], mut random: impl FnMut(u64) -> u6
     if n > 1 && a == b {
         b = (a + 1 + (random(n as u64 - 1) as usize)) % n;
     }
-    let per_weight = |i: usize| candidates[i].load as f64 / f64::from(candidates[i].weight.max(1));
-    let first = if per_weight(b) < per_weight(a) { b } else { a };
-    let mut rest: Vec<usize> = (0..n).filter(|&i| i != first).collect();
-    rest.sort_by(|&x, &y| per_weight(x).total_cmp(&per_weight(y)));
-    let mut order = Vec::with_capacity(n);
-    order.push(first);
-    order.extend(rest);
+    Some(
+        if load_per_weight(&candidates[b]) < load_per_weight(&candidates[a]) {
+            b
+        } else {
+            a
+        },
+    )
+}
+
+/// Every candidate but `first`, least load per weight first: the fallback order when
+/// the chosen one turns out full.
+pub fn by_load_except(candidates: &[Candidate<'_>], first: usize) -> Vec<usize> {
+    let mut rest: Vec<usize> = (0..candidates.len()).filter(|&i| i != first).collect();
+    rest.sort_by(|&x, &y| {
+        load_per_weight(&candidates[x]).total_cmp(&load_per_weight(&candidates[y]))
+    });
+    rest
+}
+
+/// [`p2c_choice`], then [`by_load_except`] it: the whole preference order.
+pub fn p2c_order(candidates: &[Candidate<'_>], random: impl FnMut(u64) -> u64) -> Vec<usize> {
+    let Some(first) = p2c_choice(candidates, random) else {
+        return Vec::new();
+    };
+    let mut order = vec![first];
+    order.extend(by_load_except(candidates, first));
     order
 }
 
@@ -103,6 +140,21 @@ mod tests {
                 load: 0,
             })
             .collect()
+    }
+
+    #[test]
+    fn rendezvous_first_is_the_head_of_the_order() {
+        let ids = ["a:1", "b:1", "c:1", "d:1"];
+        let mut c = cands(&ids);
+        c[1].weight = 3;
+        for k in 0..500 {
+            let key = format!("k{k}");
+            assert_eq!(
+                rendezvous_first(key.as_bytes(), &c),
+                rendezvous_order(key.as_bytes(), &c).first().copied()
+            );
+        }
+        assert_eq!(rendezvous_first(b"k", &[]), None);
     }
 
     #[test]

@@ -427,7 +427,7 @@ impl Upstreams {
                     load: 0,
                 })
                 .collect();
-            let first = *balance::rendezvous_order(&key, &candidates).first()?;
+            let first = balance::rendezvous_first(&key, &candidates)?;
             Some(present[first].target.clone())
         });
         self.tasks.lock().spawn(connection::run(
@@ -690,11 +690,15 @@ impl Upstreams {
         if let Route::Sticky(key) = route {
             // A session stays on its upstream while that one is usable, even when it is
             // busy (the call waits for a slot there); only a down upstream moves it on.
-            let first = balance::rendezvous_order(key, &candidates)[0];
+            let first = balance::rendezvous_first(key, &candidates).unwrap_or(0);
             return self.pick_in(usable[first], count);
         }
-        let order = balance::p2c_order(&candidates, |n| fastrand::u64(..n));
-        for i in order {
+        let first = balance::p2c_choice(&candidates, |n| fastrand::u64(..n)).unwrap_or(0);
+        if let Pick::Got(permit) = self.pick_in(usable[first], count) {
+            return Pick::Got(permit);
+        }
+        // Only a full pick pays for ordering the rest.
+        for i in balance::by_load_except(&candidates, first) {
             if let Pick::Got(permit) = self.pick_in(usable[i], count) {
                 return Pick::Got(permit);
             }
