@@ -26,6 +26,7 @@
 //! - [`echo`]: a small JSON-RPC-over-WebSocket backend for demos, tests and benchmarks.
 
 pub mod config;
+pub mod dispatch;
 pub mod echo;
 pub mod error;
 pub mod jsonrpc;

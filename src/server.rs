@@ -115,7 +115,7 @@ impl Gateway {
             .chain(&config.balance.health_method)
             .cloned();
         let metrics = Arc::new(Metrics::new(methods));
-        let upstreams = Upstreams::start(&config, Some(metrics.clone()))?;
+        let upstreams = Upstreams::start(&config, metrics.clone())?;
         if config.discovery.mode == DiscoveryMode::Dns {
             tokio::spawn(discovery::run(
                 upstreams.clone(),

@@ -6,10 +6,11 @@
 
 use super::AppState;
 use crate::config::{Affinity, BatchMode};
+use crate::dispatch::{self, Outbound, Route, Sent};
 use crate::error::Error;
 use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
 use crate::upstream::sessions::{self, MAX_KEY_LEN};
-use crate::upstream::{Reply, Route, Shared};
+use crate::upstream::{Conn, Reply};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE};
@@ -76,9 +77,14 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
     state.metrics.bytes_in.inc_by(body.len() as u64);
     // The deadline starts once the request is in: slow clients don't eat upstream time.
     let deadline = Instant::now() + state.config.calls.request_timeout;
-    let via = match Via::new(state, session.as_ref()) {
-        Ok(via) => via,
+    // `affinity = "connection"`: the session's own socket, held for the whole request.
+    let own = match own_connection(state, session.as_ref()) {
+        Ok(own) => own,
         Err(e) => return Ok(error_response(None, &e)),
+    };
+    let via = Via {
+        state,
+        route: route_of(state, session.as_ref(), own.as_ref()),
     };
     let mut resp = match jsonrpc::parse_body(&body, http.max_batch_size) {
         Err(e) => error_response(None, &e),
@@ -100,28 +106,6 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
         }
     }
     Ok(resp)
-}
-
-/// The `outcome` metric label of a finished call.
-fn outcome(result: &Result<Reply, Error>) -> &'static str {
-    match result {
-        Ok(reply) if reply.is_error() => "rpc_error",
-        Ok(_) => "ok",
-        Err(e) => e.kind(),
-    }
-}
-
-/// Runs `f` when dropped.
-struct Guard<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for Guard<F> {
-    fn drop(&mut self) {
-        (self.0)()
-    }
-}
-
-fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
-    Guard(f)
 }
 
 /// The upstream that answered a single call, noted on the response for the access log.
@@ -192,59 +176,56 @@ fn behind_tls(headers: &http::HeaderMap) -> bool {
             .contains("proto=https")
 }
 
-/// Where this request's calls go, decided once per request.
+/// The session's own connection, opening it if needed (`affinity = "connection"`).
+fn own_connection(
+    state: &AppState,
+    session: Option<&SessionKey>,
+) -> Result<Option<Arc<Conn>>, Error> {
+    match (session, &state.sessions) {
+        (Some(SessionKey { key, .. }), Some(sessions))
+            if state.config.sessions.affinity == Affinity::Connection =>
+        {
+            sessions.connection(key).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Where this request's calls go: one value, decided once per request.
+fn route_of<'a>(
+    state: &AppState,
+    session: Option<&'a SessionKey>,
+    own: Option<&'a Arc<Conn>>,
+) -> Route<'a> {
+    match (own, session) {
+        (Some(conn), _) => Route::Own(conn),
+        (None, Some(SessionKey { key, .. }))
+            if state.config.sessions.affinity == Affinity::Upstream =>
+        {
+            Route::Sticky(key.as_bytes())
+        }
+        _ => Route::Any,
+    }
+}
+
+/// A request's calls on their way upstream.
 struct Via<'a> {
     state: &'a AppState,
     route: Route<'a>,
-    /// `affinity = "connection"`: the session's own connection.
-    session: Option<Arc<Shared>>,
 }
 
-impl<'a> Via<'a> {
-    fn new(state: &'a AppState, session: Option<&'a SessionKey>) -> Result<Via<'a>, Error> {
-        let mut via = Via {
-            state,
-            route: Route::Any,
-            session: None,
-        };
-        if let Some(SessionKey { key, .. }) = session {
-            match (&state.sessions, state.config.sessions.affinity) {
-                (Some(sessions), Affinity::Connection) => {
-                    via.session = Some(sessions.connection(key)?)
-                }
-                (_, Affinity::Upstream) => via.route = Route::Sticky(key.as_bytes()),
-                _ => {}
-            }
-        }
-        Ok(via)
-    }
-
+impl Via<'_> {
     async fn call(&self, call: &Call<'_>, deadline: Instant) -> Result<Reply, Error> {
-        let metrics = &self.state.metrics;
-        let started = Instant::now();
-        metrics.in_flight.inc();
-        // Decrements even when the client goes away and this future is dropped.
-        let _in_flight = scopeguard(|| metrics.in_flight.dec());
-        let result = match (&self.session, &self.state.sessions) {
-            (Some(conn), Some(sessions)) => sessions.call(conn, call, deadline).await,
-            _ => self.state.upstreams.call(call, deadline, self.route).await,
-        };
-        metrics.call_done(&call.method_name(), outcome(&result), started.elapsed());
-        result
-    }
-
-    /// Counts a request object that was not a valid call.
-    fn count_invalid(&self) {
-        self.state
-            .metrics
-            .rpc_calls
-            .with_label_values(&["other", "invalid"])
-            .inc();
+        match self.send(Outbound::Call(call), deadline).await? {
+            Sent::Reply(reply) => Ok(reply),
+            _ => Err(Error::Internal("a call was answered as if it were not one")),
+        }
     }
 
     async fn notify(&self, call: &Call<'_>, deadline: Instant) -> Result<(), Error> {
-        let route = self.session.as_ref().map_or(self.route, Route::Own);
-        self.state.upstreams.notify(call, deadline, route).await
+        self.send(Outbound::Notification(call), deadline)
+            .await
+            .map(|_| ())
     }
 
     async fn forward(
@@ -252,11 +233,26 @@ impl<'a> Via<'a> {
         calls: &[Call<'_>],
         deadline: Instant,
     ) -> Result<Vec<Result<Reply, Error>>, Error> {
-        let route = self.session.as_ref().map_or(self.route, Route::Own);
+        match self.send(Outbound::Batch(calls), deadline).await? {
+            Sent::Batch(answers) => Ok(answers),
+            _ => Err(Error::Internal(
+                "a batch was answered as if it were not one",
+            )),
+        }
+    }
+
+    async fn send(&self, msg: Outbound<'_>, deadline: Instant) -> Result<Sent, Error> {
+        dispatch::send(&self.state.upstreams, msg, self.route, deadline).await
+    }
+
+    /// Counts a request object that was not a valid call: it never reaches the
+    /// dispatch pipeline, which counts every other call.
+    fn count_invalid(&self) {
         self.state
-            .upstreams
-            .forward_batch(calls, deadline, route)
-            .await
+            .metrics
+            .rpc_calls
+            .with_label_values(&["other", "invalid"])
+            .inc();
     }
 }
 
@@ -367,15 +363,6 @@ async fn forward(entries: &[Entry<'_>], via: &Via<'_>, deadline: Instant) -> Vec
             Err(e) => vec![Err(e); expecting],
         }
     };
-    let expecting = calls.iter().filter(|c| !c.is_notification());
-    for (call, answer) in expecting.zip(&answers) {
-        let metrics = &via.state.metrics;
-        let method = call.method_name();
-        metrics
-            .rpc_calls
-            .with_label_values(&[metrics.method_label(&method), outcome(answer)])
-            .inc();
-    }
     for _ in entries.iter().filter(|e| e.is_err()) {
         via.count_invalid();
     }

@@ -3,7 +3,7 @@
 //!
 //! Resolution goes through [`Resolver`] so tests can feed addresses without DNS.
 
-use super::pool::Upstreams;
+use super::set::Upstreams;
 use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,28 +1,42 @@
 //! Upstream WebSocket connections: opening, multiplexing, reconnecting.
 //!
 //! - `pending`: the id map of one connection (pure data).
-//! - `connection`: the task that owns one socket; id rewriting and reply matching.
+//! - `mux`: a connection's multiplexer state: pending calls, the send queue, matching
+//!   replies (pure data; **ids are allocated and replies matched here**).
+//! - `conn`: the handle callers see: lifecycle state, slots, cookies, replay log.
+//! - `socket`: serving one open socket (writer, reader, liveness).
+//! - `reconnect`: the connection task's state machine: connect, prepare, serve, back off.
 //! - `connect`: TCP, TLS and the WebSocket handshake.
 //! - `backoff`: reconnect delays.
-//! - `pool`: the upstreams and their pools; choosing a connection for a call,
-//!   waiting for room, failover.
+//! - `set`: the upstreams and their pools; adding and draining them.
+//! - `health`: health checks.
 //! - `balance`: power of two choices and rendezvous hashing (pure).
 //! - `sessions`: `affinity = "connection"`, a connection per session, with replay.
 //! - `discovery`: DNS discovery behind a `Resolver` trait.
 
 mod backoff;
 pub mod balance;
+mod conn;
 mod connect;
-mod connection;
 pub mod discovery;
+mod health;
+mod mux;
 mod pending;
-mod pool;
+mod reconnect;
 pub mod sessions;
+mod set;
+mod socket;
 
 pub use backoff::Backoff;
+pub(crate) use conn::{Conn, ConnState, PoolSignals, PreludeCall};
 pub use connect::TargetError;
-pub use connection::{ConnState, Reply, Shared};
 pub use discovery::{Resolver, SystemResolver};
-pub use pending::{CallId, PendingMap};
-pub use pool::{Route, Upstream, Upstreams};
+pub use mux::{Failure, Reply};
+pub(crate) use mux::{FrameIds, Refused};
+pub(crate) use pending::CallId;
 pub use sessions::Sessions;
+pub use set::{Upstream, Upstreams};
+
+/// The pending map, for `benches/micro.rs` only: not part of the API.
+#[doc(hidden)]
+pub use pending::PendingMap;

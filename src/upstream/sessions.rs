@@ -4,16 +4,15 @@
 //! socket, so per-connection state on the service (a login) works.
 //! The socket follows the session key's rendezvous order, so it reconnects to the
 //! same address while that address is present; cookies its handshakes set are sent
-//! again; successful calls to `replay_methods` are replayed, in order, before the
-//! session's next call goes through.
+//! again; successful calls to `replay_methods` are recorded by the dispatch pipeline
+//! and replayed, in order, before the session's next call goes through.
 
-use super::connection::{PreludeCall, Reply, Shared};
-use super::pool::{Route, Upstreams};
+use super::conn::Conn;
+use super::set::Upstreams;
 use crate::config::{SessionConfig, WhenFull};
 use crate::error::Error;
-use crate::jsonrpc::Call;
 use parking_lot::Mutex;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,7 +25,6 @@ pub const MAX_KEY_LEN: usize = 256;
 /// The open sessions.
 pub struct Sessions {
     config: SessionConfig,
-    replay_methods: HashSet<String>,
     upstreams: Arc<Upstreams>,
     /// Calls in flight per session connection at most.
     max_in_flight: usize,
@@ -37,7 +35,7 @@ pub struct Sessions {
 }
 
 struct Session {
-    conn: Arc<Shared>,
+    conn: Arc<Conn>,
     token: CancellationToken,
     last_used_ms: AtomicU64,
 }
@@ -50,7 +48,6 @@ impl Sessions {
         max_in_flight: usize,
     ) -> Arc<Self> {
         let sessions = Arc::new(Sessions {
-            replay_methods: config.replay_methods.iter().cloned().collect(),
             config,
             upstreams,
             max_in_flight,
@@ -80,7 +77,7 @@ impl Sessions {
     }
 
     /// The connection of session `key`, opening one if needed.
-    pub fn connection(&self, key: &str) -> Result<Arc<Shared>, Error> {
+    pub(crate) fn connection(&self, key: &str) -> Result<Arc<Conn>, Error> {
         let now = self.now_ms();
         let mut table = self.table.lock();
         if let Some(session) = table.get(key) {
@@ -120,35 +117,6 @@ impl Sessions {
             },
         );
         Ok(conn)
-    }
-
-    /// Sends a call on the session's connection, recording it for replay if it is one
-    /// of `replay_methods` and succeeded.
-    pub async fn call(
-        &self,
-        conn: &Arc<Shared>,
-        call: &Call<'_>,
-        deadline: Instant,
-    ) -> Result<Reply, Error> {
-        if let Some(method) = conn.replay_failed() {
-            return Err(Error::ReplayFailed(method));
-        }
-        let reply = self
-            .upstreams
-            .call(call, deadline, Route::Own(conn))
-            .await?;
-        if !reply.is_error() && !self.replay_methods.is_empty() {
-            let method = call.method_name();
-            if self.replay_methods.contains(method.as_ref()) {
-                let mut prefix = String::with_capacity(call.frame_len_hint());
-                call.encode_prefix(&mut prefix);
-                conn.record_replay(PreludeCall {
-                    method: method.into_owned(),
-                    prefix,
-                });
-            }
-        }
-        Ok(reply)
     }
 
     /// Closes every session's connection.
@@ -203,7 +171,8 @@ mod tests {
 
     #[test]
     fn keys_are_128_bit_hex_and_distinct() {
-        let keys: HashSet<String> = (0..1000).map(|_| new_key().unwrap()).collect();
+        let keys: std::collections::HashSet<String> =
+            (0..1000).map(|_| new_key().unwrap()).collect();
         assert_eq!(keys.len(), 1000);
         assert!(
             keys.iter()

@@ -1,0 +1,169 @@
+//! Serving one open WebSocket: writing queued frames, reading replies, and noticing
+//! when the upstream has gone quiet.
+//!
+//! The reader and the writer are two futures in one task, polled together: the
+//! writer may wait on a full socket while the reader keeps draining replies, so a slow
+//! upstream cannot deadlock us with both directions blocked.
+
+use super::conn::Conn;
+use super::connect::WsStream;
+use super::mux::Frame;
+use crate::config::WebSocketConfig;
+use bytes::Bytes;
+use futures_util::stream::SplitSink;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::{Instant, timeout};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+/// Frames written per flush at most.
+const WRITE_BATCH: usize = 256;
+
+/// Why a socket ended.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum End {
+    #[error("shutting down")]
+    Shutdown,
+    #[error("closed by upstream ({})", .0.as_ref().map_or_else(|| "no close frame".to_string(), |f| format!("{} {}", f.code, f.reason)))]
+    ClosedByPeer(Option<CloseFrame>),
+    #[error("socket closed without a close frame")]
+    Eof,
+    #[error("no pong within pong_timeout")]
+    PongTimeout,
+    #[error("upstream stopped reading: a write blocked past ping_interval + pong_timeout")]
+    WriteStalled,
+    #[error("{0}")]
+    Error(tokio_tungstenite::tungstenite::Error),
+}
+
+/// Serves `socket` until it ends. Frames the writer took but did not write are left
+/// in `unsent`, for [`Conn::closed`] to hand back as not sent.
+pub(super) async fn serve(
+    socket: WsStream,
+    conn: &Conn,
+    unsent: &mut Vec<Frame>,
+    ws: &WebSocketConfig,
+    stop: &CancellationToken,
+) -> End {
+    let (mut sink, mut stream) = socket.split();
+    let epoch = Instant::now();
+    let ms = |at: Instant| at.duration_since(epoch).as_millis() as u64 + 1;
+    // Milliseconds since `epoch` + 1 (0: none) when the unanswered ping went out, and
+    // when the write in progress began. The liveness check reads them from a future of
+    // its own, because a writer blocked on a full socket cannot check anything itself.
+    let ping_sent = AtomicU64::new(0);
+    let write_began = AtomicU64::new(0);
+
+    let writer = async {
+        // Whether the last flush carried several frames: the connection is under load.
+        let mut busy = false;
+        let start = Instant::now() + ws.ping_interval;
+        let mut ping = tokio::time::interval_at(start, ws.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let batch = unsent;
+        loop {
+            // Checked every round too: under constant load the select below never runs.
+            if stop.is_cancelled() {
+                return go_away(&mut sink, ws.handshake_timeout).await;
+            }
+            let due = if conn.take(batch, WRITE_BATCH) > 0 {
+                // Under constant load the queue is never empty: look at the ping
+                // timer without waiting, or pings would never go out.
+                ping.tick().now_or_never().is_some()
+            } else {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return go_away(&mut sink, ws.handshake_timeout).await,
+                    _ = conn.wake.notified() => continue,
+                    _ = ping.tick() => true,
+                }
+            };
+            if due && ping_sent.load(Ordering::Acquire) == 0 {
+                ping_sent.store(ms(Instant::now()), Ordering::Release);
+                if let Err(e) = sink.send(Message::Ping(Bytes::new())).await {
+                    return End::Error(e);
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            write_began.store(ms(Instant::now()), Ordering::Release);
+            // Many frames, one flush: under load this turns hundreds of small writes
+            // into a few syscalls. Under load, one yield first lets the callers already
+            // running on this worker queue theirs too; on loopback a send costs far more
+            // than a scheduler round. A lone caller (the last flush carried one frame)
+            // skips it: nobody else is coming, and the round would only add latency.
+            if batch.len() < WRITE_BATCH && (batch.len() > 1 || busy) {
+                tokio::task::yield_now().await;
+                conn.take(batch, WRITE_BATCH);
+            }
+            busy = batch.len() > 1;
+            // Written front to back; what is left on an error was never sent.
+            batch.reverse();
+            while let Some(frame) = batch.pop() {
+                if let Err(e) = sink.feed(Message::text(frame.text)).await {
+                    return End::Error(e);
+                }
+            }
+            if let Err(e) = sink.flush().await {
+                return End::Error(e);
+            }
+            write_began.store(0, Ordering::Release);
+        }
+    };
+
+    // Dead if a ping goes unanswered for pong_timeout, or if one write stays blocked for
+    // ping_interval + pong_timeout: an upstream that stopped reading is as dead as one
+    // that stopped answering.
+    let liveness = async {
+        let stalled_write = ws.ping_interval + ws.pong_timeout;
+        let step = (ws.pong_timeout / 4).max(Duration::from_millis(5));
+        loop {
+            tokio::time::sleep(step).await;
+            let now = ms(Instant::now());
+            let older_than = |mark: u64, limit: Duration| {
+                mark != 0 && now.saturating_sub(mark) > limit.as_millis() as u64
+            };
+            if older_than(ping_sent.load(Ordering::Acquire), ws.pong_timeout) {
+                return End::PongTimeout;
+            }
+            if older_than(write_began.load(Ordering::Acquire), stalled_write) {
+                return End::WriteStalled;
+            }
+        }
+    };
+
+    let reader = async {
+        while let Some(message) = stream.next().await {
+            match message {
+                Ok(Message::Text(text)) => conn.deliver(Bytes::from(text)),
+                Ok(Message::Binary(data)) => conn.deliver(data),
+                Ok(Message::Pong(_)) => ping_sent.store(0, Ordering::Release),
+                Ok(Message::Close(frame)) => return End::ClosedByPeer(frame),
+                Ok(Message::Ping(_) | Message::Frame(_)) => {}
+                Err(e) => return End::Error(e),
+            }
+        }
+        End::Eof
+    };
+
+    tokio::select! {
+        end = writer => end,
+        end = reader => end,
+        end = liveness => end,
+    }
+}
+
+/// Says goodbye (1001) to an upstream we are leaving, waiting at most `limit`.
+async fn go_away(sink: &mut SplitSink<WsStream, Message>, limit: Duration) -> End {
+    let close = CloseFrame {
+        code: CloseCode::Away,
+        reason: "rpcgate shutting down".into(),
+    };
+    let _ = timeout(limit, sink.send(Message::Close(Some(close)))).await;
+    End::Shutdown
+}
