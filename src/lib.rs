@@ -23,11 +23,9 @@
 //!   (`upstream/sessions.rs`) and DNS discovery (`upstream/discovery.rs`).
 //! - [`metrics`]: Prometheus metrics on a registry of our own; `server/admin.rs` serves
 //!   them with `/healthz` and `/readyz`.
-//! - [`echo`]: a small JSON-RPC-over-WebSocket backend for demos, tests and benchmarks.
 
 pub mod config;
 pub mod dispatch;
-pub mod echo;
 pub mod error;
 pub mod jsonrpc;
 pub mod metrics;

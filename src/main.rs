@@ -2,8 +2,8 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use rpcgate::Gateway;
 use rpcgate::config::{Affinity, Config, DiscoveryMode, LogFormat, UpstreamConfig, parse_duration};
-use rpcgate::{Gateway, echo};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -332,7 +332,7 @@ async fn echo_server(listen: SocketAddr, name: String) -> Result<()> {
     println!("echo-server listening on ws://{addr}/");
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
-    echo::serve(listener, Arc::from(name), shutdown).await?;
+    rpcgate_echo::serve(listener, Arc::from(name), shutdown).await?;
     Ok(())
 }
 
@@ -355,7 +355,7 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
     tokio::spawn(watch_signals(shutdown.clone()));
     // The backend outlives the gateway's drain, so calls still open at Ctrl-C finish.
     let backend_shutdown = CancellationToken::new();
-    let echo_task = tokio::spawn(echo::serve(
+    let echo_task = tokio::spawn(rpcgate_echo::serve(
         backend,
         Arc::from("demo-echo"),
         backend_shutdown.clone(),

@@ -1,0 +1,303 @@
+//! The pure part: one incoming WebSocket message in, what to send back out. No I/O,
+//! so every method and every malformed input is unit-tested without a socket.
+
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use crate::methods::{sleep_ms, sum};
+use crate::wire::{
+    INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, Outcome, PARSE_ERROR, REQUESTED_FAILURE,
+    Reply, Request, invalid, notification, single, valid_id, write_reply,
+};
+
+#[derive(Debug)]
+pub(crate) struct Backend {
+    /// The server name as a JSON string literal, encoded once for every `whoami`.
+    name_json: Box<str>,
+}
+
+/// What one incoming WebSocket message asks the connection to send.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Dispatched {
+    /// Server-initiated notifications from `notify`, sent before the reply.
+    pub(crate) notifications: Vec<String>,
+    /// `None` when the message held only notifications.
+    pub(crate) reply: Option<String>,
+    /// How long to hold the reply back: the longest `sleep` the message asked for.
+    /// The sleeps of a batch run side by side, so the batch waits for the longest.
+    pub(crate) delay: Duration,
+}
+
+impl Backend {
+    pub(crate) fn new(name: &str) -> Self {
+        // Display on a `Value` cannot fail, unlike `to_string`'s `Result`.
+        let name_json = serde_json::Value::from(name).to_string().into_boxed_str();
+        Backend { name_json }
+    }
+
+    pub(crate) fn dispatch_bytes(&self, bytes: &[u8]) -> Dispatched {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => self.dispatch(text),
+            Err(_) => Dispatched {
+                reply: Some(single(&Reply {
+                    id: "null",
+                    outcome: Outcome::error(PARSE_ERROR, "parse error: not UTF-8"),
+                })),
+                ..Dispatched::default()
+            },
+        }
+    }
+
+    pub(crate) fn dispatch(&self, text: &str) -> Dispatched {
+        let mut out = Dispatched::default();
+        let is_batch = text.trim_ascii_start().starts_with('[');
+        if !is_batch {
+            let reply = self.call(text, &mut out);
+            out.reply = reply.map(|reply| single(&reply));
+            return out;
+        }
+        let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(text) else {
+            out.reply = Some(single(&Reply {
+                id: "null",
+                outcome: Outcome::error(PARSE_ERROR, "parse error"),
+            }));
+            return out;
+        };
+        if items.is_empty() {
+            out.reply = Some(single(&Reply {
+                id: "null",
+                outcome: Outcome::error(INVALID_REQUEST, "invalid request: empty batch"),
+            }));
+            return out;
+        }
+        let mut buf = String::with_capacity(text.len() + 64);
+        buf.push('[');
+        for item in items {
+            if let Some(reply) = self.call(item.get(), &mut out) {
+                if buf.len() > 1 {
+                    buf.push(',');
+                }
+                write_reply(&mut buf, &reply);
+            }
+        }
+        // A batch of notifications gets no reply at all, not `[]`.
+        if buf.len() > 1 {
+            buf.push(']');
+            out.reply = Some(buf);
+        }
+        out
+    }
+
+    /// Runs one request object and returns its reply, `None` for a notification.
+    fn call<'a>(&'a self, text: &'a str, out: &mut Dispatched) -> Option<Reply<'a>> {
+        let request = match serde_json::from_str::<Request<'_>>(text) {
+            Ok(request) => request,
+            Err(error) => return Some(invalid(text, &error)),
+        };
+        let id = match request.id {
+            Some(id) if !valid_id(id) => {
+                return Some(Reply {
+                    id: "null",
+                    outcome: Outcome::error(INVALID_REQUEST, "invalid request: bad id"),
+                });
+            }
+            id => id.map(RawValue::get),
+        };
+        if request.jsonrpc != "2.0" {
+            return Some(Reply {
+                id: id.unwrap_or("null"),
+                outcome: Outcome::error(INVALID_REQUEST, "invalid request: jsonrpc must be 2.0"),
+            });
+        }
+        let params = request.params.map(RawValue::get);
+        let outcome = match &*request.method {
+            "echo" => Outcome::Raw(params.unwrap_or("null")),
+            "sum" => sum(params),
+            "sleep" => match sleep_ms(params) {
+                Some(ms) => {
+                    // Only a call holds its reply back; a notification has none to hold.
+                    if id.is_some() {
+                        out.delay = out.delay.max(Duration::from_millis(ms));
+                    }
+                    Outcome::Int(i64::try_from(ms).unwrap_or(i64::MAX))
+                }
+                None => Outcome::error(
+                    INVALID_PARAMS,
+                    "invalid params: sleep expects [milliseconds]",
+                ),
+            },
+            "whoami" => Outcome::Raw(&self.name_json),
+            "fail" => Outcome::Error {
+                code: REQUESTED_FAILURE,
+                message: "requested failure",
+                data: params,
+            },
+            "notify" => {
+                out.notifications.push(notification(params));
+                Outcome::Raw("true")
+            }
+            _ => Outcome::error(METHOD_NOT_FOUND, "method not found"),
+        };
+        Some(Reply { id: id?, outcome })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The helpers here are shared with the tests of `methods.rs` and `wire.rs`, which
+    //! also go through `dispatch`: that is where their behaviour becomes a reply.
+
+    use super::*;
+    use serde::de::IgnoredAny;
+
+    pub(crate) fn backend() -> Backend {
+        Backend::new("unit")
+    }
+
+    /// The immediate reply text, asserting there was no delay or notification.
+    pub(crate) fn reply(request: &str) -> String {
+        let out = backend().dispatch(request);
+        assert!(out.notifications.is_empty(), "{out:?}");
+        assert_eq!(out.delay, Duration::ZERO, "{out:?}");
+        out.reply.unwrap_or_else(|| panic!("no reply to {request}"))
+    }
+
+    pub(crate) fn result(id: &str, result: &str) -> String {
+        format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{result}}}"#)
+    }
+
+    pub(crate) fn error(id: &str, code: i32) -> impl Fn(&str) -> bool {
+        let prefix = format!(r#"{{"jsonrpc":"2.0","id":{id},"error":{{"code":{code},"message":""#);
+        move |reply: &str| {
+            reply.starts_with(&prefix) && serde_json::from_str::<IgnoredAny>(reply).is_ok()
+        }
+    }
+
+    #[test]
+    fn echo_returns_params_byte_for_byte() {
+        let params = r#"{"b": [1, 2.50, "\u00e9", null],  "a":{}}"#;
+        let request = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"echo","params":{params}}}"#);
+        assert_eq!(reply(&request), result("1", params));
+        assert_eq!(
+            reply(r#"{"jsonrpc":"2.0","id":2,"method":"echo"}"#),
+            result("2", "null")
+        );
+    }
+
+    #[test]
+    fn whoami_returns_the_name_as_a_json_string() {
+        let backend = Backend::new("up \"1\"");
+        let out = backend.dispatch(r#"{"jsonrpc":"2.0","id":1,"method":"whoami"}"#);
+        assert_eq!(out.reply, Some(result("1", r#""up \"1\"""#)));
+    }
+
+    #[test]
+    fn fail_returns_params_as_error_data() {
+        assert_eq!(
+            reply(r#"{"jsonrpc":"2.0","id":1,"method":"fail","params":{"x":[1]}}"#),
+            r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":"requested failure","data":{"x":[1]}}}"#
+        );
+        assert_eq!(
+            reply(r#"{"jsonrpc":"2.0","id":1,"method":"fail"}"#),
+            r#"{"jsonrpc":"2.0","id":1,"error":{"code":-32000,"message":"requested failure"}}"#
+        );
+    }
+
+    #[test]
+    fn notify_pushes_a_notification_before_replying() {
+        let out =
+            backend().dispatch(r#"{"jsonrpc":"2.0","id":3,"method":"notify","params":["hi"]}"#);
+        assert_eq!(
+            out.notifications,
+            [r#"{"jsonrpc":"2.0","method":"notification","params":["hi"]}"#]
+        );
+        assert_eq!(out.reply, Some(result("3", "true")));
+    }
+
+    #[test]
+    fn unknown_method_is_not_found() {
+        assert!(error("1", METHOD_NOT_FOUND)(&reply(
+            r#"{"jsonrpc":"2.0","id":1,"method":"nope"}"#
+        )));
+    }
+
+    #[test]
+    fn notifications_get_no_reply_but_still_run() {
+        for request in [
+            r#"{"jsonrpc":"2.0","method":"echo","params":[1]}"#,
+            r#"{"jsonrpc":"2.0","method":"nope"}"#,
+            r#"{"jsonrpc":"2.0","method":"sum","params":"x"}"#,
+            r#"{"jsonrpc":"2.0","method":"sleep","params":[1000]}"#,
+        ] {
+            assert_eq!(
+                backend().dispatch(request),
+                Dispatched::default(),
+                "{request}"
+            );
+        }
+        let out = backend().dispatch(r#"{"jsonrpc":"2.0","method":"notify","params":{}}"#);
+        assert_eq!(out.notifications.len(), 1);
+        assert_eq!(out.reply, None);
+    }
+
+    #[test]
+    fn batch_replies_in_request_order_and_skips_notifications() {
+        let out = backend().dispatch(
+            r#" [{"jsonrpc":"2.0","id":1,"method":"echo","params":"a"},
+                {"jsonrpc":"2.0","method":"echo","params":"n"},
+                {"jsonrpc":"2.0","id":"2","method":"sum","params":[1,2]},
+                {"jsonrpc":"2.0","id":3,"method":"whoami"}]"#,
+        );
+        assert_eq!(
+            out.reply.as_deref(),
+            Some(
+                r#"[{"jsonrpc":"2.0","id":1,"result":"a"},{"jsonrpc":"2.0","id":"2","result":3},{"jsonrpc":"2.0","id":3,"result":"unit"}]"#
+            )
+        );
+    }
+
+    #[test]
+    fn batch_waits_for_its_longest_sleep_and_collects_notifications() {
+        let out = backend().dispatch(
+            r#"[{"jsonrpc":"2.0","id":1,"method":"sleep","params":[20]},
+                {"jsonrpc":"2.0","id":2,"method":"sleep","params":[50]},
+                {"jsonrpc":"2.0","method":"sleep","params":[900]},
+                {"jsonrpc":"2.0","id":3,"method":"notify","params":1}]"#,
+        );
+        assert_eq!(out.delay, Duration::from_millis(50));
+        assert_eq!(
+            out.notifications,
+            [r#"{"jsonrpc":"2.0","method":"notification","params":1}"#]
+        );
+        assert_eq!(
+            out.reply.as_deref(),
+            Some(
+                r#"[{"jsonrpc":"2.0","id":1,"result":20},{"jsonrpc":"2.0","id":2,"result":50},{"jsonrpc":"2.0","id":3,"result":true}]"#
+            )
+        );
+    }
+
+    #[test]
+    fn batch_edge_cases() {
+        assert!(error("null", INVALID_REQUEST)(&reply("[]")));
+        assert!(error("null", INVALID_REQUEST)(&reply(" [ ] ")));
+        assert_eq!(
+            backend()
+                .dispatch(r#"[{"jsonrpc":"2.0","method":"echo"},{"jsonrpc":"2.0","method":"x"}]"#),
+            Dispatched::default()
+        );
+        // Each bad element gets its own error, as in the spec's `[1,2,3]` example.
+        let bad = reply(r#"[1, {"jsonrpc":"2.0","id":9,"method":"echo","params":[]}, {"id":8}]"#);
+        let replies: Vec<&RawValue> = serde_json::from_str(&bad).expect("a JSON array");
+        assert_eq!(replies.len(), 3, "{bad}");
+        assert!(error("null", INVALID_REQUEST)(replies[0].get()), "{bad}");
+        assert_eq!(replies[1].get(), result("9", "[]"));
+        assert!(error("8", INVALID_REQUEST)(replies[2].get()), "{bad}");
+        // A nested batch is not a request.
+        let nested = reply("[[]]");
+        let replies: Vec<&RawValue> = serde_json::from_str(&nested).expect("a JSON array");
+        assert_eq!(replies.len(), 1, "{nested}");
+        assert!(error("null", INVALID_REQUEST)(replies[0].get()), "{nested}");
+    }
+}

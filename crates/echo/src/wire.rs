@@ -1,0 +1,235 @@
+//! JSON-RPC on the wire: reading one request object and writing replies, borrowing
+//! ids, params and results as raw text so they go back out byte for byte.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use serde::de::{Deserializer, IgnoredAny};
+use serde_json::value::RawValue;
+
+pub(crate) const PARSE_ERROR: i32 = -32700;
+pub(crate) const INVALID_REQUEST: i32 = -32600;
+pub(crate) const METHOD_NOT_FOUND: i32 = -32601;
+pub(crate) const INVALID_PARAMS: i32 = -32602;
+pub(crate) const REQUESTED_FAILURE: i32 = -32000;
+
+/// The reply to one call, borrowing from the request (and from the `Backend`).
+pub(crate) struct Reply<'a> {
+    /// Raw JSON text of the request's id, or `null` when it could not be read.
+    pub(crate) id: &'a str,
+    pub(crate) outcome: Outcome<'a>,
+}
+
+pub(crate) enum Outcome<'a> {
+    /// Raw JSON text of the result.
+    Raw(&'a str),
+    Int(i64),
+    Float(f64),
+    Error {
+        code: i32,
+        /// Written without escaping, so it must be plain ASCII without quotes.
+        message: &'static str,
+        /// Raw JSON text.
+        data: Option<&'a str>,
+    },
+}
+
+impl Outcome<'_> {
+    pub(crate) fn error(code: i32, message: &'static str) -> Self {
+        Outcome::Error {
+            code,
+            message,
+            data: None,
+        }
+    }
+}
+
+/// The members of a request object that we read; others are ignored.
+#[derive(Deserialize)]
+pub(crate) struct Request<'a> {
+    #[serde(borrow)]
+    pub(crate) jsonrpc: Cow<'a, str>,
+    #[serde(borrow)]
+    pub(crate) method: Cow<'a, str>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub(crate) params: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub(crate) id: Option<&'a RawValue>,
+}
+
+/// What is left to read of a request that is not valid: its id, so the error can carry it.
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+}
+
+/// A member that is present, even as `null`, becomes `Some`: a plain
+/// `Option<&RawValue>` would read `"id": null` as a notification.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
+}
+
+/// The spec allows a string, a number or null as an id.
+pub(crate) fn valid_id(id: &RawValue) -> bool {
+    matches!(
+        id.get().as_bytes().first(),
+        Some(b'"' | b'-' | b'0'..=b'9' | b'n')
+    )
+}
+
+/// The reply to text that did not parse as a request object.
+pub(crate) fn invalid<'a>(text: &'a str, error: &serde_json::Error) -> Reply<'a> {
+    // serde stops at the first member of the wrong type, so a data error does not
+    // prove that the rest of the text is JSON; only a full parse tells.
+    if !error.is_data() || serde_json::from_str::<IgnoredAny>(text).is_err() {
+        return Reply {
+            id: "null",
+            outcome: Outcome::error(PARSE_ERROR, "parse error"),
+        };
+    }
+    // Answering with the id when it can still be read lets a multiplexing client
+    // route the error back to whoever sent the request.
+    let id = serde_json::from_str::<IdOnly<'_>>(text)
+        .ok()
+        .and_then(|r| r.id)
+        .filter(|id| valid_id(id))
+        .map_or("null", RawValue::get);
+    Reply {
+        id,
+        outcome: Outcome::error(
+            INVALID_REQUEST,
+            "invalid request: expected an object with jsonrpc, method and optional params and id",
+        ),
+    }
+}
+
+pub(crate) fn single(reply: &Reply<'_>) -> String {
+    let payload = match reply.outcome {
+        Outcome::Raw(raw) => raw.len(),
+        Outcome::Error { data, .. } => data.map_or(0, str::len),
+        Outcome::Int(_) | Outcome::Float(_) => 0,
+    };
+    // Envelope, message and number fit in the 96; sized up front so a large echo is one allocation.
+    let mut buf = String::with_capacity(96 + reply.id.len() + payload);
+    write_reply(&mut buf, reply);
+    buf
+}
+
+pub(crate) fn write_reply(buf: &mut String, reply: &Reply<'_>) {
+    buf.push_str(r#"{"jsonrpc":"2.0","id":"#);
+    buf.push_str(reply.id);
+    match reply.outcome {
+        Outcome::Raw(raw) => {
+            buf.push_str(r#","result":"#);
+            buf.push_str(raw);
+        }
+        Outcome::Int(n) => {
+            buf.push_str(r#","result":"#);
+            buf.push_str(itoa::Buffer::new().format(n));
+        }
+        Outcome::Float(f) => {
+            buf.push_str(r#","result":"#);
+            match serde_json::Number::from_f64(f) {
+                // Writing to a String cannot fail.
+                Some(n) => {
+                    let _ = write!(buf, "{n}");
+                }
+                // `sum` never produces a non-finite float; keep the reply valid JSON anyway.
+                None => buf.push_str("null"),
+            }
+        }
+        Outcome::Error {
+            code,
+            message,
+            data,
+        } => {
+            buf.push_str(r#","error":{"code":"#);
+            buf.push_str(itoa::Buffer::new().format(code));
+            buf.push_str(r#","message":""#);
+            buf.push_str(message);
+            buf.push('"');
+            if let Some(data) = data {
+                buf.push_str(r#","data":"#);
+                buf.push_str(data);
+            }
+            buf.push('}');
+        }
+    }
+    buf.push('}');
+}
+
+pub(crate) fn notification(params: Option<&str>) -> String {
+    let params = params.unwrap_or("null");
+    let mut buf = String::with_capacity(64 + params.len());
+    buf.push_str(r#"{"jsonrpc":"2.0","method":"notification","params":"#);
+    buf.push_str(params);
+    buf.push('}');
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::tests::{backend, error, reply, result};
+
+    #[test]
+    fn ids_come_back_exactly() {
+        for id in [
+            r#""abc""#,
+            "1.5",
+            "12345678901234567890123",
+            "null",
+            r#""\u00e9""#,
+            "-0",
+            "1e3",
+        ] {
+            let request = format!(r#"{{"id": {id} ,"jsonrpc":"2.0","method":"echo","params":[]}}"#);
+            assert_eq!(reply(&request), result(id, "[]"), "id {id}");
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_a_parse_error_with_null_id() {
+        for request in [
+            "",
+            "{",
+            r#"{"jsonrpc":"2.0","id":1,"method":"echo""#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"echo"} x"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":5,]"#,
+            "[1,",
+            "nul",
+        ] {
+            assert!(
+                error("null", PARSE_ERROR)(&reply(request)),
+                "{request:?}: {}",
+                reply(request)
+            );
+        }
+        let out = backend().dispatch_bytes(b"\xff\xfe");
+        assert!(error("null", PARSE_ERROR)(
+            out.reply.as_deref().unwrap_or_default()
+        ));
+    }
+
+    #[test]
+    fn invalid_requests_keep_their_id_when_readable() {
+        for (request, id) in [
+            (r#"{"jsonrpc":"2.0","id":4,"method":5}"#, "4"),
+            (r#"{"jsonrpc":"1.0","id":"x","method":"echo"}"#, r#""x""#),
+            (r#"{"id":4,"method":"echo"}"#, "4"),
+            (r#"{"jsonrpc":"2.0","id":{},"method":"echo"}"#, "null"),
+            (r#"{"jsonrpc":"2.0","id":true,"method":"echo"}"#, "null"),
+            (r#"{"jsonrpc":"2.0","methd":"echo","id":5}"#, "5"),
+            ("42", "null"),
+            (r#""text""#, "null"),
+        ] {
+            assert!(
+                error(id, INVALID_REQUEST)(&reply(request)),
+                "{request}: {}",
+                reply(request)
+            );
+        }
+    }
+}
