@@ -1,4 +1,4 @@
-//! Every row of the README's answer table, end to end over real sockets.
+//! Every row of the answer table in docs/errors.md, end to end over real sockets.
 
 mod support;
 
