@@ -1,77 +1,50 @@
-//! One HTTP request in, exactly one HTTP answer out.
+//! One HTTP request in, exactly one HTTP answer out: the body read within its limits,
+//! parsed, and each call sent through the dispatch pipeline.
 //!
-//! Checks run cheapest first (path, method, content type, declared length) so a bad
-//! request costs nothing upstream. Every failure leaves through [`error_response`],
-//! the only place an [`Error`] becomes HTTP.
+//! The cheap checks (path, method, content type, declared length) already ran in the
+//! stack (`stack.rs`); every failure leaves through `response::error`, the only place
+//! an [`Error`] becomes HTTP.
 
 use super::AppState;
+use super::response::{self, HttpResponse};
 use crate::config::{Affinity, BatchMode};
 use crate::dispatch::{self, Outbound, Route, Sent};
 use crate::error::Error;
 use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
 use crate::upstream::sessions::{self, MAX_KEY_LEN};
 use crate::upstream::{Conn, Reply};
-use bytes::Bytes;
 use futures_util::future::join_all;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::header::{COOKIE, SET_COOKIE};
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde_json::value::RawValue;
-use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::time::Instant;
 
-type HttpResponse = Response<Full<Bytes>>;
-
-const JSON: HeaderValue = HeaderValue::from_static("application/json");
-
-pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResponse, Infallible> {
+/// Answers one request that passed the stack's checks (`stack.rs`).
+pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
     let http = &state.config.http;
-    if req.uri().path() != http.path {
-        return Ok(error_response(None, &Error::NotFound(http.path.clone())));
-    }
-    if req.method() != Method::POST {
-        let mut resp = error_response(None, &Error::MethodNotAllowed);
-        resp.headers_mut()
-            .insert(ALLOW, HeaderValue::from_static("POST"));
-        return Ok(resp);
-    }
-    if !is_json(req.headers().get(CONTENT_TYPE)) {
-        return Ok(error_response(None, &Error::UnsupportedMediaType));
-    }
     let limit = http.max_body_bytes;
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
-        return Ok(error_response(None, &Error::PayloadTooLarge { limit }));
-    }
     let session = match session_of(req.headers(), state) {
         Ok(s) => s,
-        Err(e) => return Ok(error_response(None, &e)),
+        Err(e) => return response::error(None, &e),
     };
     let collect = Limited::new(req.into_body(), limit).collect();
     let body = match tokio::time::timeout(http.body_read_timeout, collect).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Ok(error_response(None, &Error::PayloadTooLarge { limit }));
+            return response::error(None, &Error::PayloadTooLarge { limit });
         }
         Ok(Err(e)) => {
             // The client broke off mid-body; whatever we answer will likely not arrive.
             tracing::debug!(error = %e, "reading request body failed");
-            return Ok(error_response(
+            return response::error(
                 None,
                 &Error::InvalidRequest("request body could not be read"),
-            ));
+            );
         }
         Err(_) => {
-            return Ok(error_response(
-                None,
-                &Error::BodyTimeout(http.body_read_timeout),
-            ));
+            return response::error(None, &Error::BodyTimeout(http.body_read_timeout));
         }
     };
     state.metrics.bytes_in.inc_by(body.len() as u64);
@@ -80,14 +53,14 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
     // `affinity = "connection"`: the session's own socket, held for the whole request.
     let own = match own_connection(state, session.as_ref()) {
         Ok(own) => own,
-        Err(e) => return Ok(error_response(None, &e)),
+        Err(e) => return response::error(None, &e),
     };
     let via = Via {
         state,
         route: route_of(state, session.as_ref(), own.as_ref()),
     };
     let mut resp = match jsonrpc::parse_body(&body, http.max_batch_size) {
-        Err(e) => error_response(None, &e),
+        Err(e) => response::error(None, &e),
         Ok(Body::Single(entry)) => single(entry, &via, deadline).await,
         Ok(Body::Batch(entries)) => batch(entries, &via, deadline).await,
     };
@@ -105,16 +78,8 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> Result<HttpResp
             resp.headers_mut().insert(SET_COOKIE, v);
         }
     }
-    Ok(resp)
+    resp
 }
-
-/// The upstream that answered a single call, noted on the response for the access log.
-#[derive(Debug, Clone)]
-pub struct AnsweredBy(pub Arc<str>);
-
-/// Elements in the request's batch, noted on the response for the access log.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLen(pub usize);
 
 /// A request's session key.
 struct SessionKey {
@@ -256,37 +221,28 @@ impl Via<'_> {
     }
 }
 
-/// `application/json`, with any parameters (`; charset=utf-8`), in any letter case.
-fn is_json(value: Option<&HeaderValue>) -> bool {
-    let Some(value) = value.and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let essence = value.split(';').next().unwrap_or("").trim();
-    essence.eq_ignore_ascii_case("application/json")
-}
-
 async fn single(entry: Entry<'_>, via: &Via<'_>, deadline: Instant) -> HttpResponse {
     let call = match entry {
         Ok(call) => call,
         Err(Invalid { id, reason }) => {
             via.count_invalid();
-            return error_response(id, &Error::InvalidRequest(reason));
+            return response::error(id, &Error::InvalidRequest(reason));
         }
     };
     match call.id {
         None => match via.notify(&call, deadline).await {
-            Ok(()) => no_content(),
-            Err(e) => error_response(None, &e),
+            Ok(()) => response::no_content(),
+            Err(e) => response::error(None, &e),
         },
         Some(id) => match via.call(&call, deadline).await {
             Ok(reply) => {
-                let mut resp = json_response(StatusCode::OK, reply_bytes(id, &reply));
+                let mut resp = response::json(StatusCode::OK, response::reply_bytes(id, &reply));
                 if let Some(upstream) = reply.upstream {
-                    resp.extensions_mut().insert(AnsweredBy(upstream));
+                    resp.extensions_mut().insert(response::AnsweredBy(upstream));
                 }
                 resp
             }
-            Err(e) => error_response(Some(id), &e),
+            Err(e) => response::error(Some(id), &e),
         },
     }
 }
@@ -298,7 +254,7 @@ async fn batch(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> Htt
     let n = entries.len();
     via.state.metrics.batch_size.observe(n as f64);
     let mut resp = batch_answer(entries, via, deadline).await;
-    resp.extensions_mut().insert(BatchLen(n));
+    resp.extensions_mut().insert(response::BatchLen(n));
     resp
 }
 
@@ -311,7 +267,7 @@ async fn batch_answer(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant)
     };
     let answered: Vec<Vec<u8>> = slots.into_iter().flatten().collect();
     if answered.is_empty() {
-        return no_content();
+        return response::no_content();
     }
     let len = answered.iter().map(|a| a.len() + 1).sum::<usize>() + 1;
     let mut out = Vec::with_capacity(len);
@@ -323,7 +279,7 @@ async fn batch_answer(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant)
         out.extend_from_slice(item);
     }
     out.push(b']');
-    json_response(StatusCode::OK, out)
+    response::json(StatusCode::OK, out)
 }
 
 /// One batch element sent as its own upstream call.
@@ -331,7 +287,7 @@ async fn element(entry: &Entry<'_>, via: &Via<'_>, deadline: Instant) -> Slot {
     match entry {
         Err(Invalid { id, reason }) => {
             via.count_invalid();
-            Some(error_bytes(*id, &Error::InvalidRequest(reason)))
+            Some(response::error_bytes(*id, &Error::InvalidRequest(reason)))
         }
         Ok(call) => match call.id {
             // A notification's failure has nobody to be told to, by definition.
@@ -340,8 +296,8 @@ async fn element(entry: &Entry<'_>, via: &Via<'_>, deadline: Instant) -> Slot {
                 None
             }
             Some(id) => Some(match via.call(call, deadline).await {
-                Ok(reply) => reply_bytes(id, &reply),
-                Err(e) => error_bytes(Some(id), &e),
+                Ok(reply) => response::reply_bytes(id, &reply),
+                Err(e) => response::error_bytes(Some(id), &e),
             }),
         },
     }
@@ -370,54 +326,19 @@ async fn forward(entries: &[Entry<'_>], via: &Via<'_>, deadline: Instant) -> Vec
     entries
         .iter()
         .map(|entry| match entry {
-            Err(Invalid { id, reason }) => Some(error_bytes(*id, &Error::InvalidRequest(reason))),
+            Err(Invalid { id, reason }) => {
+                Some(response::error_bytes(*id, &Error::InvalidRequest(reason)))
+            }
             Ok(call) => {
                 let id = call.id?;
                 Some(match answers.next() {
-                    Some(Ok(reply)) => reply_bytes(id, &reply),
-                    Some(Err(e)) => error_bytes(Some(id), &e),
-                    None => error_bytes(Some(id), &Error::Internal("batch reply missing")),
+                    Some(Ok(reply)) => response::reply_bytes(id, &reply),
+                    Some(Err(e)) => response::error_bytes(Some(id), &e),
+                    None => {
+                        response::error_bytes(Some(id), &Error::Internal("batch reply missing"))
+                    }
                 })
             }
         })
         .collect()
-}
-
-fn reply_bytes(id: &RawValue, reply: &Reply) -> Vec<u8> {
-    let mut out = Vec::with_capacity(reply.payload().len() + id.get().len() + 40);
-    jsonrpc::write_reply(&mut out, id, reply.is_error(), reply.payload());
-    out
-}
-
-fn error_bytes(id: Option<&RawValue>, error: &Error) -> Vec<u8> {
-    let mut out = Vec::with_capacity(160);
-    jsonrpc::write_error(&mut out, id, error);
-    out
-}
-
-/// The single place a gateway failure becomes an HTTP answer.
-pub fn error_response(id: Option<&RawValue>, error: &Error) -> HttpResponse {
-    if error.status().is_server_error() {
-        tracing::debug!(kind = error.kind(), "call failed: {error}");
-    }
-    let mut resp = json_response(error.status(), error_bytes(id, error));
-    if error.status() == StatusCode::SERVICE_UNAVAILABLE {
-        // Unavailable for now, not for good: tell well-behaved clients when to retry.
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    resp
-}
-
-fn json_response(status: StatusCode, body: Vec<u8>) -> HttpResponse {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, JSON);
-    resp
-}
-
-fn no_content() -> HttpResponse {
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::NO_CONTENT;
-    resp
 }

@@ -1,13 +1,9 @@
-//! JSON-RPC 2.0 on the wire: client requests in, upstream frames out, replies back.
-//!
-//! Everything here borrows from the buffer it was parsed from. `params`, `result`,
-//! `error` and the client's `id` are `&RawValue`: their bytes are spliced into the
-//! outgoing text and never re-parsed or re-serialized, which is both the fast path and
-//! what makes the client's id come back byte for byte (`1.5`, `12345678901234567890123`,
-//! `"\u00e9"` all survive because nobody ever turns them into numbers or strings).
+//! A client's JSON-RPC body: parsed into borrowed calls, validated, and each call's
+//! upstream frame started (its id is the connection's to add).
 
+use super::{first_byte, present};
 use crate::error::Error;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 
@@ -55,16 +51,6 @@ struct WireRequest<'a> {
 struct WireId<'a> {
     #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
-}
-
-/// Deserializes a member that is present, even as `null`, to `Some`: a plain
-/// `Option<&RawValue>` would turn `"id": null` into "no id" and a call into a notification.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&'de RawValue>::deserialize(d).map(Some)
-}
-
-fn first_byte(bytes: &[u8]) -> Option<u8> {
-    bytes.iter().copied().find(|b| !b.is_ascii_whitespace())
 }
 
 /// Parses a client's HTTP body into calls.
@@ -207,141 +193,9 @@ impl<'a> Call<'a> {
     }
 }
 
-/// Closes a frame started by [`Call::encode_prefix`] with the connection's id,
-/// or with no id for a notification.
-pub fn finish_frame(out: &mut String, id: Option<u64>) {
-    if let Some(id) = id {
-        out.push_str(r#","id":"#);
-        out.push_str(itoa::Buffer::new().format(id));
-    }
-    out.push('}');
-}
-
-/// Fields read from an upstream message.
-#[derive(Deserialize)]
-struct WireReply<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    result: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
-    error: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    method: Option<&'a RawValue>,
-}
-
-/// A reply's payload inside an upstream frame.
-#[derive(Debug, Clone, Copy)]
-pub enum Outcome<'a> {
-    Result(&'a RawValue),
-    Error(&'a RawValue),
-}
-
-/// What an upstream frame held, for counting what could not be matched.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Inbound {
-    /// Replies handed to the callback.
-    pub replies: usize,
-    /// Valid JSON that is not a reply to one of our ids: notifications, server requests.
-    pub unsolicited: usize,
-    /// Not JSON, or JSON that is no JSON-RPC message.
-    pub garbage: usize,
-}
-
-/// Reads an upstream frame (one message or a batch of them) and calls `on_reply` with
-/// each reply's numeric id and payload. Never fails: what it can't use is counted.
-pub fn read_upstream<'a>(frame: &'a str, mut on_reply: impl FnMut(u64, Outcome<'a>)) -> Inbound {
-    let mut seen = Inbound::default();
-    if first_byte(frame.as_bytes()) == Some(b'[') {
-        match serde_json::from_str::<Vec<&'a RawValue>>(frame) {
-            Ok(items) => {
-                for item in items {
-                    read_one(item.get(), &mut on_reply, &mut seen);
-                }
-            }
-            Err(_) => seen.garbage += 1,
-        }
-    } else {
-        read_one(frame, &mut on_reply, &mut seen);
-    }
-    seen
-}
-
-fn read_one<'a>(text: &'a str, on_reply: &mut impl FnMut(u64, Outcome<'a>), seen: &mut Inbound) {
-    let Ok(wire) = serde_json::from_str::<WireReply<'a>>(text) else {
-        seen.garbage += 1;
-        return;
-    };
-    if wire.method.is_some() {
-        seen.unsolicited += 1;
-        return;
-    }
-    let outcome = match (wire.error, wire.result) {
-        (Some(e), _) if e.get() != "null" => Outcome::Error(e),
-        (_, Some(r)) => Outcome::Result(r),
-        _ => {
-            seen.garbage += 1;
-            return;
-        }
-    };
-    match wire.id.and_then(|id| parse_our_id(id.get())) {
-        Some(id) => {
-            seen.replies += 1;
-            on_reply(id, outcome);
-        }
-        None => seen.unsolicited += 1,
-    }
-}
-
-/// Our ids are u64 numbers; some servers echo them back as strings.
-fn parse_our_id(text: &str) -> Option<u64> {
-    let digits = text
-        .strip_prefix('"')
-        .and_then(|t| t.strip_suffix('"'))
-        .unwrap_or(text);
-    digits.parse().ok()
-}
-
-/// Appends the client's reply: its own id, byte for byte, and the upstream's payload
-/// (the raw text of `result`, or of `error` when `is_error`).
-pub fn write_reply(out: &mut Vec<u8>, client_id: &RawValue, is_error: bool, payload: &str) {
-    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
-    out.extend_from_slice(client_id.get().as_bytes());
-    out.extend_from_slice(if is_error {
-        br#","error":"#
-    } else {
-        br#","result":"#
-    });
-    out.extend_from_slice(payload.as_bytes());
-    out.push(b'}');
-}
-
-impl<'a> Outcome<'a> {
-    pub fn is_error(&self) -> bool {
-        matches!(self, Outcome::Error(_))
-    }
-
-    pub fn payload(&self) -> &'a RawValue {
-        match self {
-            Outcome::Result(r) | Outcome::Error(r) => r,
-        }
-    }
-}
-
-/// Appends a JSON-RPC error object for a gateway failure.
-pub fn write_error(out: &mut Vec<u8>, id: Option<&RawValue>, error: &Error) {
-    out.extend_from_slice(br#"{"jsonrpc":"2.0","error":{"code":"#);
-    out.extend_from_slice(itoa::Buffer::new().format(error.code()).as_bytes());
-    out.extend_from_slice(br#","message":"#);
-    // Serializing a String into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, &error.to_string());
-    out.extend_from_slice(br#"},"id":"#);
-    out.extend_from_slice(id.map_or("null", |i| i.get()).as_bytes());
-    out.push(b'}');
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::finish_frame;
     use super::*;
 
     fn single(body: &str) -> Entry<'_> {
@@ -357,38 +211,6 @@ mod tests {
         assert!(n.is_notification());
         let c = single(r#"{"jsonrpc":"2.0","method":"m","id":null}"#).unwrap();
         assert_eq!(c.id.map(|i| i.get()), Some("null"));
-    }
-
-    #[test]
-    fn id_shapes_survive_byte_for_byte() {
-        for id in [
-            r#""abc""#,
-            "1.5",
-            "12345678901234567890123",
-            "null",
-            r#""\u00e9\n""#,
-            "-0",
-            "1e400",
-        ] {
-            let body = format!(r#"{{"jsonrpc":"2.0","method":"echo","params":[1],"id":{id}}}"#);
-            let call = single(&body).unwrap();
-            let mut frame = String::new();
-            call.encode_prefix(&mut frame);
-            finish_frame(&mut frame, Some(7));
-            let upstream_reply = r#"{"jsonrpc":"2.0","id":7,"result":[1]}"#;
-            let mut out = Vec::new();
-            read_upstream(upstream_reply, |our, outcome| {
-                assert_eq!(our, 7);
-                write_reply(
-                    &mut out,
-                    call.id.unwrap(),
-                    outcome.is_error(),
-                    outcome.payload().get(),
-                );
-            });
-            let expected = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":[1]}}"#);
-            assert_eq!(String::from_utf8(out).unwrap(), expected);
-        }
     }
 
     #[test]
@@ -464,37 +286,5 @@ mod tests {
         assert!(items[0].is_ok());
         assert!(items[1].is_err());
         assert!(items[2].as_ref().unwrap().is_notification());
-    }
-
-    #[test]
-    fn upstream_frames() {
-        let mut got = Vec::new();
-        let seen = read_upstream(
-            r#"[{"jsonrpc":"2.0","id":1,"result":null},{"jsonrpc":"2.0","id":"2","error":{"code":1}},{"jsonrpc":"2.0","method":"note"},{"id":3},{"jsonrpc":"2.0","id":"zz","result":1}]"#,
-            |id, o| got.push((id, o)),
-        );
-        assert_eq!(
-            seen,
-            Inbound {
-                replies: 2,
-                unsolicited: 2,
-                garbage: 1
-            }
-        );
-        assert_eq!(got[0].0, 1);
-        assert!(matches!(got[0].1, Outcome::Result(r) if r.get() == "null"));
-        assert!(matches!(got[1].1, Outcome::Error(_)));
-        assert_eq!(read_upstream("garbage", |_, _| {}).garbage, 1);
-        assert_eq!(read_upstream("[garbage", |_, _| {}).garbage, 1);
-    }
-
-    #[test]
-    fn error_objects() {
-        let mut out = Vec::new();
-        write_error(&mut out, None, &Error::Parse("x \"y\"".into()));
-        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["error"]["code"], -32700);
-        assert_eq!(v["id"], serde_json::Value::Null);
-        assert!(v["error"]["message"].as_str().unwrap().contains("\"y\""));
     }
 }

@@ -1,0 +1,46 @@
+//! What a client gets back: its own id, byte for byte, around the upstream's payload
+//! or a gateway failure.
+
+use crate::error::Error;
+use serde_json::value::RawValue;
+
+/// Appends the client's reply: its own id, byte for byte, and the upstream's payload
+/// (the raw text of `result`, or of `error` when `is_error`).
+pub fn write_reply(out: &mut Vec<u8>, client_id: &RawValue, is_error: bool, payload: &str) {
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+    out.extend_from_slice(client_id.get().as_bytes());
+    out.extend_from_slice(if is_error {
+        br#","error":"#
+    } else {
+        br#","result":"#
+    });
+    out.extend_from_slice(payload.as_bytes());
+    out.push(b'}');
+}
+
+/// Appends a JSON-RPC error object for a gateway failure.
+pub fn write_error(out: &mut Vec<u8>, id: Option<&RawValue>, error: &Error) {
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","error":{"code":"#);
+    out.extend_from_slice(itoa::Buffer::new().format(error.code()).as_bytes());
+    out.extend_from_slice(br#","message":"#);
+    // Serializing a String into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, &error.to_string());
+    out.extend_from_slice(br#"},"id":"#);
+    out.extend_from_slice(id.map_or("null", |i| i.get()).as_bytes());
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_objects() {
+        let mut out = Vec::new();
+        write_error(&mut out, None, &Error::Parse("x \"y\"".into()));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["code"], -32700);
+        assert_eq!(v["id"], serde_json::Value::Null);
+        assert!(v["error"]["message"].as_str().unwrap().contains("\"y\""));
+    }
+}

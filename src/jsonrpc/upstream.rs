@@ -1,0 +1,140 @@
+//! Frames to and from an upstream: our id appended to a call's frame, and replies
+//! read back by that id.
+
+use super::{first_byte, present};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Closes a frame started by [`Call::encode_prefix`] with the connection's id,
+/// or with no id for a notification.
+pub fn finish_frame(out: &mut String, id: Option<u64>) {
+    if let Some(id) = id {
+        out.push_str(r#","id":"#);
+        out.push_str(itoa::Buffer::new().format(id));
+    }
+    out.push('}');
+}
+
+/// Fields read from an upstream message.
+#[derive(Deserialize)]
+struct WireReply<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    error: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    method: Option<&'a RawValue>,
+}
+
+/// A reply's payload inside an upstream frame.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    Result(&'a RawValue),
+    Error(&'a RawValue),
+}
+
+/// What an upstream frame held, for counting what could not be matched.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Inbound {
+    /// Replies handed to the callback.
+    pub replies: usize,
+    /// Valid JSON that is not a reply to one of our ids: notifications, server requests.
+    pub unsolicited: usize,
+    /// Not JSON, or JSON that is no JSON-RPC message.
+    pub garbage: usize,
+}
+
+/// Reads an upstream frame (one message or a batch of them) and calls `on_reply` with
+/// each reply's numeric id and payload. Never fails: what it can't use is counted.
+pub fn read_upstream<'a>(frame: &'a str, mut on_reply: impl FnMut(u64, Outcome<'a>)) -> Inbound {
+    let mut seen = Inbound::default();
+    if first_byte(frame.as_bytes()) == Some(b'[') {
+        match serde_json::from_str::<Vec<&'a RawValue>>(frame) {
+            Ok(items) => {
+                for item in items {
+                    read_one(item.get(), &mut on_reply, &mut seen);
+                }
+            }
+            Err(_) => seen.garbage += 1,
+        }
+    } else {
+        read_one(frame, &mut on_reply, &mut seen);
+    }
+    seen
+}
+
+fn read_one<'a>(text: &'a str, on_reply: &mut impl FnMut(u64, Outcome<'a>), seen: &mut Inbound) {
+    let Ok(wire) = serde_json::from_str::<WireReply<'a>>(text) else {
+        seen.garbage += 1;
+        return;
+    };
+    if wire.method.is_some() {
+        seen.unsolicited += 1;
+        return;
+    }
+    let outcome = match (wire.error, wire.result) {
+        (Some(e), _) if e.get() != "null" => Outcome::Error(e),
+        (_, Some(r)) => Outcome::Result(r),
+        _ => {
+            seen.garbage += 1;
+            return;
+        }
+    };
+    match wire.id.and_then(|id| parse_our_id(id.get())) {
+        Some(id) => {
+            seen.replies += 1;
+            on_reply(id, outcome);
+        }
+        None => seen.unsolicited += 1,
+    }
+}
+
+/// Our ids are u64 numbers; some servers echo them back as strings.
+fn parse_our_id(text: &str) -> Option<u64> {
+    let digits = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    digits.parse().ok()
+}
+
+impl<'a> Outcome<'a> {
+    pub fn is_error(&self) -> bool {
+        matches!(self, Outcome::Error(_))
+    }
+
+    pub fn payload(&self) -> &'a RawValue {
+        match self {
+            Outcome::Result(r) | Outcome::Error(r) => r,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_frames() {
+        let mut got = Vec::new();
+        let seen = read_upstream(
+            r#"[{"jsonrpc":"2.0","id":1,"result":null},{"jsonrpc":"2.0","id":"2","error":{"code":1}},{"jsonrpc":"2.0","method":"note"},{"id":3},{"jsonrpc":"2.0","id":"zz","result":1}]"#,
+            |id, o| got.push((id, o)),
+        );
+        assert_eq!(
+            seen,
+            Inbound {
+                replies: 2,
+                unsolicited: 2,
+                garbage: 1
+            }
+        );
+        assert_eq!(got[0].0, 1);
+        assert!(matches!(got[0].1, Outcome::Result(r) if r.get() == "null"));
+        assert!(matches!(got[1].1, Outcome::Error(_)));
+        assert_eq!(read_upstream("garbage", |_, _| {}).garbage, 1);
+        assert_eq!(read_upstream("[garbage", |_, _| {}).garbage, 1);
+    }
+}

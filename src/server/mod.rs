@@ -1,0 +1,179 @@
+//! The client-facing HTTP server: accept loop, per-connection limits, graceful stop.
+//!
+//! HTTP/1.1 with keep-alive and HTTP/2 without TLS (h2c, prior knowledge) share one
+//! port through hyper-util's protocol detection.
+
+mod admin;
+mod listener;
+mod response;
+mod rpc;
+mod stack;
+mod watch;
+
+use crate::config::{Affinity, Config, DiscoveryMode};
+use crate::metrics::Metrics;
+use crate::upstream::{Resolver, Sessions, SystemResolver, TargetError, Upstreams, discovery};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Failures starting the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("upstream: {0}")]
+    Upstream(#[from] TargetError),
+}
+
+/// State every request handler reads.
+pub struct AppState {
+    pub config: Config,
+    pub upstreams: Arc<Upstreams>,
+    /// Present with `affinity = "connection"`.
+    pub sessions: Option<Arc<Sessions>>,
+    pub metrics: Arc<Metrics>,
+    /// Set when shutdown starts: `/readyz` answers 503 from then on.
+    pub stopping: AtomicBool,
+}
+
+impl AppState {
+    /// Ready: not shutting down, and some upstream can take a call.
+    pub fn is_ready(&self) -> bool {
+        !self.stopping.load(Ordering::Acquire) && self.upstreams.any_usable()
+    }
+}
+
+/// A bound, not yet running gateway.
+pub struct Gateway {
+    listener: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`, when enabled.
+    admin: Option<TcpListener>,
+    state: Arc<AppState>,
+    /// Stops discovery, after the HTTP side has drained.
+    background: CancellationToken,
+}
+
+impl Gateway {
+    /// Binds the listeners and starts the upstream connections (in the background).
+    pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })
+        };
+        let listener = bind(config.listen).await?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Gateway::from_listener(listener, config)?.with_admin(admin))
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on `admin` too.
+    pub fn with_admin(mut self, admin: Option<TcpListener>) -> Gateway {
+        self.admin = admin;
+        self
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|a| a.local_addr().ok())
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves on an already bound listener (tests and `demo` bind port 0 themselves).
+    pub fn from_listener(listener: TcpListener, config: Config) -> Result<Gateway, StartError> {
+        Gateway::with_resolver(listener, config, Arc::new(SystemResolver))
+    }
+
+    /// Like [`Gateway::from_listener`], resolving upstream host names (DNS discovery)
+    /// with `resolver`.
+    pub fn with_resolver(
+        listener: TcpListener,
+        config: Config,
+        resolver: Arc<dyn Resolver>,
+    ) -> Result<Gateway, StartError> {
+        let background = CancellationToken::new();
+        let methods = config
+            .metric_methods
+            .iter()
+            .chain(&config.balance.retry_methods)
+            .chain(&config.sessions.replay_methods)
+            .chain(&config.balance.health_method)
+            .cloned();
+        let metrics = Arc::new(Metrics::new(methods));
+        let upstreams = Upstreams::start(&config, metrics.clone())?;
+        if config.discovery.mode == DiscoveryMode::Dns {
+            tokio::spawn(discovery::run(
+                upstreams.clone(),
+                resolver,
+                config.discovery.resolve_interval,
+                background.clone(),
+            ));
+        }
+        let sessions = (config.sessions.affinity == Affinity::Connection).then(|| {
+            let max_in_flight = config.upstreams.first().map_or(1024, |u| u.max_in_flight);
+            Sessions::start(config.sessions.clone(), upstreams.clone(), max_in_flight)
+        });
+        Ok(Gateway {
+            listener,
+            admin: None,
+            state: Arc::new(AppState {
+                config,
+                upstreams,
+                sessions,
+                metrics,
+                stopping: AtomicBool::new(false),
+            }),
+            background,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn upstreams(&self) -> Arc<Upstreams> {
+        self.state.upstreams.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled. Then: readiness goes false at once; after
+    /// `shutdown.delay` (so load balancers stop routing here) the listener closes and
+    /// connections are asked to finish; open requests get `shutdown.drain_timeout`;
+    /// then the upstream sockets close with 1001.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let admin_stop = CancellationToken::new();
+        if let Some(admin) = self.admin {
+            tokio::spawn(admin::serve(admin, self.state.clone(), admin_stop.clone()));
+        }
+        // `closing` is what the listener and connections obey: `shutdown` plus the delay.
+        let closing = CancellationToken::new();
+        {
+            let (state, closing) = (self.state.clone(), closing.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                state.stopping.store(true, Ordering::Release);
+                state.metrics.ready.set(0);
+                tracing::info!(delay = ?state.config.shutdown.delay, "shutting down: not ready; draining after the delay");
+                tokio::time::sleep(state.config.shutdown.delay).await;
+                closing.cancel();
+            });
+        }
+        let shutdown = closing;
+        listener::serve(self.listener, self.state.clone(), shutdown).await;
+        self.background.cancel();
+        if let Some(sessions) = &self.state.sessions {
+            sessions.close();
+        }
+        self.state.upstreams.close().await;
+        admin_stop.cancel();
+    }
+}

@@ -1,0 +1,306 @@
+//! The HTTP side as a tower stack: every request passes the same layers, outermost
+//! first, before `rpc.rs` turns it into calls.
+//!
+//! 1. [`AccessLog`]: one line per request, with the answer's status, size, batch
+//!    length and the upstream that answered. Outermost, so its duration covers every
+//!    layer and it logs the answer the client really got.
+//! 2. [`HttpMetrics`]: requests by status and bytes sent, for every answer, including
+//!    the ones the layers below produce themselves.
+//! 3. `CatchPanic` (tower-http): a bug that panics answers that one request with a
+//!    JSON-RPC internal error instead of dropping the connection and its other
+//!    requests. Below the observers, so such an answer is logged and counted.
+//! 4. [`Checks`]: the cheap request checks (path, method, content type, declared
+//!    length) before a body byte is read; later, CORS, authentication and rate limits
+//!    go here, each as a layer of its own.
+//! 5. `rpc::handle`: body, parsing, dispatch.
+
+use super::AppState;
+use super::response::{self, HttpResponse};
+use crate::error::Error;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response};
+use hyper::body::Incoming;
+use std::any::Any;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceBuilder};
+use tower_http::catch_panic::CatchPanicLayer;
+
+/// What the stack answers with: the handler's bodies, boxed by `CatchPanic`.
+pub type Body = tower_http::body::UnsyncBoxBody<Bytes, tower_http::BoxError>;
+
+/// The whole stack for one client connection from `peer`.
+pub fn build(
+    state: Arc<AppState>,
+    peer: SocketAddr,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    ServiceBuilder::new()
+        .layer(AccessLogLayer {
+            state: state.clone(),
+            peer,
+        })
+        .layer(HttpMetricsLayer {
+            state: state.clone(),
+        })
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(ChecksLayer {
+            state: state.clone(),
+        })
+        .service(Rpc { state })
+}
+
+/// The innermost service: `rpc::handle`.
+#[derive(Clone)]
+pub struct Rpc {
+    state: Arc<AppState>,
+}
+
+impl Service<Request<Incoming>> for Rpc {
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<HttpResponse, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let state = self.state.clone();
+        Box::pin(async move { Ok(super::rpc::handle(req, &state).await) })
+    }
+}
+
+/// A panic's answer: the request gets a JSON-RPC internal error, the log the reason.
+fn panic_response(panic: Box<dyn Any + Send + 'static>) -> HttpResponse {
+    let reason = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("unknown");
+    tracing::error!(reason, "request handler panicked; answered 500");
+    response::error(
+        None,
+        &Error::Internal("the gateway hit a bug handling this request"),
+    )
+}
+
+/// See the module doc, item 4.
+#[derive(Clone)]
+pub struct ChecksLayer {
+    state: Arc<AppState>,
+}
+
+impl<S> Layer<S> for ChecksLayer {
+    type Service = Checks<S>;
+    fn layer(&self, inner: S) -> Checks<S> {
+        Checks {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Checks<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S> Checks<S> {
+    /// The answer to a request that fails a check, cheapest check first.
+    fn refuse<B>(&self, req: &Request<B>) -> Option<HttpResponse> {
+        let http = &self.state.config.http;
+        if req.uri().path() != http.path {
+            return Some(response::error(None, &Error::NotFound(http.path.clone())));
+        }
+        if req.method() != Method::POST {
+            let mut resp = response::error(None, &Error::MethodNotAllowed);
+            resp.headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            return Some(resp);
+        }
+        if !is_json(req.headers().get(CONTENT_TYPE)) {
+            return Some(response::error(None, &Error::UnsupportedMediaType));
+        }
+        let limit = http.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Some(response::error(None, &Error::PayloadTooLarge { limit }));
+        }
+        None
+    }
+}
+
+impl<S, B> Service<Request<B>> for Checks<S>
+where
+    S: Service<Request<B>, Response = HttpResponse, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = futures_util::future::Either<
+        std::future::Ready<Result<HttpResponse, Infallible>>,
+        S::Future,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        use futures_util::future::Either;
+        match self.refuse(&req) {
+            Some(resp) => Either::Left(std::future::ready(Ok(resp))),
+            None => Either::Right(self.inner.call(req)),
+        }
+    }
+}
+
+/// `application/json`, with any parameters (`; charset=utf-8`), in any letter case.
+fn is_json(value: Option<&HeaderValue>) -> bool {
+    let Some(value) = value.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+}
+
+/// See the module doc, item 2.
+#[derive(Clone)]
+pub struct HttpMetricsLayer {
+    state: Arc<AppState>,
+}
+
+impl<S> Layer<S> for HttpMetricsLayer {
+    type Service = HttpMetrics<S>;
+    fn layer(&self, inner: S) -> HttpMetrics<S> {
+        HttpMetrics {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpMetrics<S> {
+    inner: S,
+    state: Arc<AppState>,
+}
+
+impl<S, B, R> Service<Request<B>> for HttpMetrics<S>
+where
+    S: Service<Request<B>, Response = Response<R>, Error = Infallible>,
+    S::Future: Send + 'static,
+    R: http_body::Body,
+{
+    type Response = Response<R>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<R>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let answer = self.inner.call(req);
+        let state = self.state.clone();
+        Box::pin(async move {
+            let Ok(resp) = answer.await;
+            let m = &state.metrics;
+            m.http_requests
+                .with_label_values(&[resp.status().as_str()])
+                .inc();
+            m.bytes_out
+                .inc_by(resp.body().size_hint().exact().unwrap_or(0));
+            Ok(resp)
+        })
+    }
+}
+
+/// See the module doc, item 1.
+#[derive(Clone)]
+pub struct AccessLogLayer {
+    state: Arc<AppState>,
+    peer: SocketAddr,
+}
+
+impl<S> Layer<S> for AccessLogLayer {
+    type Service = AccessLog<S>;
+    fn layer(&self, inner: S) -> AccessLog<S> {
+        AccessLog {
+            inner,
+            state: self.state.clone(),
+            peer: self.peer,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AccessLog<S> {
+    inner: S,
+    state: Arc<AppState>,
+    peer: SocketAddr,
+}
+
+impl<S, B, R> Service<Request<B>> for AccessLog<S>
+where
+    S: Service<Request<B>, Response = Response<R>, Error = Infallible>,
+    S::Future: Send + 'static,
+    R: http_body::Body,
+{
+    type Response = Response<R>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Response<R>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let answer = self.inner.call(req);
+        let (state, peer) = (self.state.clone(), self.peer);
+        Box::pin(async move {
+            let Ok(resp) = answer.await;
+            let log = &state.config.log;
+            if log.access_log
+                && tracing::enabled!(target: "rpcgate::access", tracing::Level::INFO)
+                && (log.access_log_sample >= 1.0 || fastrand::f64() < log.access_log_sample)
+            {
+                let batch = resp.extensions().get::<response::BatchLen>().map(|b| b.0);
+                let upstream = resp
+                    .extensions()
+                    .get::<response::AnsweredBy>()
+                    .map(|u| u.0.clone());
+                tracing::info!(
+                    target: "rpcgate::access",
+                    %peer,
+                    method = %method,
+                    status = resp.status().as_u16(),
+                    duration_us = started.elapsed().as_micros() as u64,
+                    bytes = resp.body().size_hint().exact().unwrap_or(0),
+                    batch,
+                    upstream = upstream.as_deref(),
+                );
+            }
+            Ok(resp)
+        })
+    }
+}
