@@ -5,24 +5,39 @@
 //! few persistent upstream WebSocket connections, rewriting each request id to one
 //! unique on its connection and restoring the client's id, byte for byte, in the reply.
 //!
-//! # Layout
+//! # Where a call goes, step by step
+//!
+//! | step | file |
+//! |---|---|
+//! | accepted, connection limits and timeouts | `server/listener.rs`, `server/watch.rs` |
+//! | access log, HTTP metrics, panics, path/method/type/length checks | `server/stack.rs` (tower layers) |
+//! | body read, parsed into borrowed calls | `server/rpc.rs`, `jsonrpc/request.rs` |
+//! | route decided once (any / sticky / the session's own socket) | `server/rpc.rs`, `dispatch/route.rs` |
+//! | one [`dispatch::Outbound`] message per call, notification or batch | `dispatch/outbound.rs` |
+//! | admission: a slot, or a bounded wait for one | `dispatch/admission.rs` |
+//! | pick: ordered candidate upstreams, least-loaded connection | `dispatch/select.rs`, `upstream/balance.rs` |
+//! | **ids allocated** and the frame queued, one critical section | `upstream/mux.rs` (`Mux::submit`), `upstream/pending.rs` |
+//! | **ids rewritten**: the frame finished with our id, appended last | `jsonrpc/upstream.rs` (`finish_frame`) |
+//! | written to the socket, coalesced per flush | `upstream/socket.rs` |
+//! | **replies matched** to their callers by our id | `upstream/mux.rs` (`Mux::deliver`), `jsonrpc/upstream.rs` (`read_upstream`) |
+//! | failover, retries, call metrics | `dispatch/mod.rs` (`send`) |
+//! | **ids restored**: the client's id bytes around the upstream's payload | `jsonrpc/reply.rs` (`write_reply`), `server/response.rs` |
+//!
+//! # Modules
 //!
 //! - [`config`]: the TOML file, defaults, and validation that reports every problem.
+//! - [`dispatch`]: the one way into an upstream socket, for every kind of message.
 //! - [`error`]: every failure a client can see, with its HTTP status and JSON-RPC code.
 //! - [`jsonrpc`]: wire parsing and writing; params, results and ids stay raw bytes.
-//!   **Ids are rewritten** by `Call::encode_prefix` + `finish_frame` and restored by
-//!   `write_reply`.
-//! - [`server`]: the HTTP listener (HTTP/1.1 + h2c), connection limits and timeouts;
-//!   `server/rpc.rs` turns one HTTP request into exactly one answer.
-//! - [`upstream`]: persistent WebSocket connections: the pending-id map
-//!   (`upstream/pending.rs`), the socket task with on_connect and replay
-//!   (`upstream/connection.rs`), connecting with TLS (`upstream/connect.rs`),
-//!   reconnect backoff (`upstream/backoff.rs`), the upstream set, failover and
-//!   picking a connection for a call (`upstream/pool.rs`), power of two choices and
-//!   rendezvous hashing (`upstream/balance.rs`), per-session connections
-//!   (`upstream/sessions.rs`) and DNS discovery (`upstream/discovery.rs`).
-//! - [`metrics`]: Prometheus metrics on a registry of our own; `server/admin.rs` serves
-//!   them with `/healthz` and `/readyz`.
+//! - [`server`]: the HTTP listener (HTTP/1.1 + h2c), its tower stack, and the admin
+//!   listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`upstream`]: persistent WebSocket connections: the multiplexer state, the socket
+//!   task and its reconnect state machine, TLS, the upstream set, health checks,
+//!   sessions with their own socket, DNS discovery.
+//! - [`metrics`]: Prometheus metrics on a registry of our own, always present.
+//!
+//! The demo backend behind `rpcgate demo` and `rpcgate echo-server` is a crate of its
+//! own (`crates/echo`), not part of the gateway.
 
 pub mod config;
 pub mod dispatch;

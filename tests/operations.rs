@@ -135,6 +135,75 @@ async fn metrics_move_with_calls_failures_and_upstream_drops() {
     .await;
 }
 
+/// Every call counts once, with its latency, whichever way it came: a single call, a
+/// notification, each element of a split batch and of a forwarded one.
+#[tokio::test]
+async fn every_path_counts_its_calls_once_with_latency() {
+    use rpcgate::config::BatchMode;
+    for batch in [BatchMode::Split, BatchMode::Forward] {
+        let up = FakeUpstream::start().await;
+        up.auto_reply(|f| match f.batch() {
+            Some(calls) => Some(
+                serde_json::Value::Array(
+                    calls
+                        .iter()
+                        .filter(|c| c.get("id").is_some())
+                        .map(|c| support::fake_upstream::result_for(c, json!("ok")))
+                        .collect(),
+                )
+                .to_string(),
+            ),
+            None if f.id().is_some() => Some(f.result_text(json!("ok"))),
+            None => None,
+        });
+        let mut config = config_for(&[up.url()], 1);
+        config.metric_methods = vec!["a".into(), "note".into()];
+        config.http.batch = batch;
+        let gw = start_gateway(config).await;
+        gw.wait_open(1).await;
+
+        post(gw.addr, "/", r#"{"jsonrpc":"2.0","id":1,"method":"a"}"#).await;
+        let note = post(gw.addr, "/", r#"{"jsonrpc":"2.0","method":"note"}"#).await;
+        assert_eq!(note.status, StatusCode::NO_CONTENT);
+        let resp = post(
+            gw.addr,
+            "/",
+            r#"[{"jsonrpc":"2.0","id":2,"method":"a"},{"jsonrpc":"2.0","id":3,"method":"a"},{"jsonrpc":"2.0","method":"note"},{"id":4}]"#,
+        )
+        .await;
+        assert_eq!(resp.status, StatusCode::OK, "{batch:?}");
+
+        let text = get(gw.admin, "/metrics").await.text();
+        let calls = |method: &str, outcome: &str| {
+            sample(
+                &text,
+                &format!(r#"rpcgate_rpc_calls_total{{method="{method}",outcome="{outcome}"}}"#),
+            )
+        };
+        assert_eq!(calls("a", "ok"), 3.0, "{batch:?}: {text}");
+        assert_eq!(
+            calls("note", "ok"),
+            2.0,
+            "{batch:?}: notifications count as calls"
+        );
+        assert_eq!(calls("other", "invalid"), 1.0, "{batch:?}");
+        let latency = |method: &str| {
+            sample(
+                &text,
+                &format!(r#"rpcgate_rpc_call_duration_seconds_count{{method="{method}"}}"#),
+            )
+        };
+        assert_eq!(
+            latency("a"),
+            3.0,
+            "{batch:?}: every call's latency is recorded"
+        );
+        assert_eq!(latency("note"), 2.0, "{batch:?}");
+        assert_eq!(sample(&text, "rpcgate_rpc_calls_in_flight"), 0.0);
+        gw.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn readiness_follows_the_upstreams_and_health_is_separate() {
     let up = FakeUpstream::start().await;

@@ -144,3 +144,221 @@ impl Drop for Seat<'_> {
         self.waiters.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, DiscoveryMode};
+    use crate::dispatch::Prelude;
+    use crate::metrics::Metrics;
+    use crate::upstream::ConnState;
+    use std::time::Duration;
+
+    /// An upstream set with nothing in it (DNS discovery that found nothing yet) and
+    /// one connection with `slots` slots and no socket.
+    fn fixture(slots: usize, tune: impl FnOnce(&mut Config)) -> (Arc<Upstreams>, Arc<Conn>) {
+        let mut config = Config::default();
+        config.discovery.mode = DiscoveryMode::Dns;
+        config.calls.connect_wait = Duration::from_secs(5);
+        config.calls.queue_timeout = Duration::from_secs(1);
+        tune(&mut config);
+        let upstreams = Upstreams::start(&config, Arc::new(Metrics::new([]))).unwrap();
+        let conn = Arc::new(Conn::new("test#0".into(), slots, upstreams.signals.clone()));
+        (upstreams, conn)
+    }
+
+    fn prelude() -> Outbound<'static> {
+        Outbound::Prelude {
+            kind: Prelude::OnConnect,
+            prefix: r#"{"jsonrpc":"2.0","method":"login""#,
+        }
+    }
+
+    fn health() -> Outbound<'static> {
+        Outbound::Health {
+            prefix: r#"{"jsonrpc":"2.0","method":"ping""#,
+        }
+    }
+
+    async fn take(
+        upstreams: &Upstreams,
+        conn: &Arc<Conn>,
+        msg: Outbound<'_>,
+        budget: Duration,
+    ) -> Result<Permit, Error> {
+        let deadline = Instant::now() + budget;
+        let mut waits = Waits::default();
+        reserve(
+            upstreams,
+            &msg,
+            Route::Own(conn),
+            None,
+            deadline,
+            &mut waits,
+        )
+        .await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_connection_makes_callers_wait_for_a_slot_and_hands_it_over() {
+        let (upstreams, conn) = fixture(1, |_| {});
+        conn.pretend(ConnState::Open);
+        let held = take(&upstreams, &conn, health(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let waiter = {
+            let (upstreams, conn) = (upstreams.clone(), conn.clone());
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let permit = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;
+                (permit.map(|_| ()), started.elapsed())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
+        let (got, waited) = waiter.await.unwrap();
+        assert!(got.is_ok(), "{got:?}");
+        assert_eq!(waited, Duration::from_millis(300));
+        assert_eq!(conn.in_flight.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_finds_no_room_within_queue_timeout_is_told_overloaded() {
+        let (upstreams, conn) = fixture(1, |_| {});
+        conn.pretend(ConnState::Open);
+        let _held = take(&upstreams, &conn, health(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;
+        assert!(matches!(refused, Err(Error::Overloaded)));
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_open_connection_a_caller_waits_connect_wait_then_gets_no_upstream() {
+        let (upstreams, conn) = fixture(4, |_| {});
+        let started = Instant::now();
+        let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;
+        assert_eq!(
+            refused.err(),
+            Some(Error::NoUpstream(Duration::from_secs(5)))
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        // The deadline bounds the wait too.
+        let started = Instant::now();
+        let refused = take(&upstreams, &conn, health(), Duration::from_secs(2)).await;
+        assert!(matches!(refused, Err(Error::NoUpstream(_))));
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_opens_during_the_wait_takes_the_caller() {
+        let (upstreams, conn) = fixture(4, |_| {});
+        let opener = {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                conn.pretend(ConnState::Open);
+            })
+        };
+        let started = Instant::now();
+        assert!(
+            take(&upstreams, &conn, health(), Duration::from_secs(30))
+                .await
+                .is_ok()
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(700));
+        opener.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_waiting_room_refuses_at_once_and_a_caller_dropped_mid_wait_frees_its_seat() {
+        let (upstreams, conn) = fixture(4, |c| c.balance.max_waiting = 1);
+        // Not open: every caller waits.
+        let first = {
+            let (upstreams, conn) = (upstreams.clone(), conn.clone());
+            tokio::spawn(async move {
+                take(&upstreams, &conn, health(), Duration::from_secs(30))
+                    .await
+                    .map(|_| ())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let started = Instant::now();
+        let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;
+        assert!(matches!(refused, Err(Error::Overloaded)));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // The first caller's client goes away.
+        first.abort();
+        let _ = first.await;
+        assert_eq!(upstreams.signals.waiters.load(Ordering::Acquire), 0);
+        let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;
+        assert!(
+            matches!(refused, Err(Error::NoUpstream(_))),
+            "{:?}",
+            refused.err()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_preparing_connection_admits_only_its_prelude() {
+        let (upstreams, conn) = fixture(4, |c| c.calls.connect_wait = Duration::from_millis(100));
+        conn.pretend(ConnState::Preparing);
+        assert!(
+            take(&upstreams, &conn, prelude(), Duration::from_secs(30))
+                .await
+                .is_ok()
+        );
+        let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;
+        assert!(
+            matches!(refused, Err(Error::NoUpstream(_))),
+            "{:?}",
+            refused.err()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_whose_replay_failed_refuses_its_calls_but_not_the_next_replay() {
+        let (upstreams, _) = fixture(4, |_| {});
+        let conn = Arc::new(Conn::for_session(
+            "session#0".into(),
+            4,
+            upstreams.signals.clone(),
+            8,
+        ));
+        conn.pretend(ConnState::Open);
+        conn.set_replay_failed(Some("login".into()));
+        let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;
+        assert_eq!(refused.err(), Some(Error::ReplayFailed("login".into())));
+        assert!(
+            take(&upstreams, &conn, prelude(), Duration::from_secs(30))
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_takes_one_slot_per_call() {
+        let (upstreams, conn) = fixture(4, |_| {});
+        conn.pretend(ConnState::Open);
+        let text = r#"[{"jsonrpc":"2.0","method":"a","id":1},{"jsonrpc":"2.0","method":"b","id":2},{"jsonrpc":"2.0","method":"c"}]"#;
+        let crate::jsonrpc::Body::Batch(entries) =
+            crate::jsonrpc::parse_body(text.as_bytes(), 10).unwrap()
+        else {
+            panic!("a batch")
+        };
+        let calls: Vec<_> = entries.into_iter().map(|e| e.unwrap()).collect();
+        let permit = take(
+            &upstreams,
+            &conn,
+            Outbound::Batch(&calls),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert_eq!(conn.in_flight.load(Ordering::Acquire), 3);
+        drop(permit);
+        assert_eq!(conn.in_flight.load(Ordering::Acquire), 0);
+    }
+}

@@ -176,7 +176,7 @@ impl<'a> Call<'a> {
     }
 
     /// Appends the upstream frame for this call, minus its closing: the connection that
-    /// sends it appends the id it chose with [`finish_frame`]. Putting `id` last lets the
+    /// sends it appends the id it chose with [`finish_frame`](super::finish_frame). Putting `id` last lets the
     /// frame be built before the connection is known, with one allocation.
     pub fn encode_prefix(&self, out: &mut String) {
         out.push_str(r#"{"jsonrpc":"2.0","method":"#);

@@ -5,7 +5,7 @@ use super::{first_byte, present};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// Closes a frame started by [`Call::encode_prefix`] with the connection's id,
+/// Closes a frame started by [`Call::encode_prefix`](super::Call::encode_prefix) with the connection's id,
 /// or with no id for a notification.
 pub fn finish_frame(out: &mut String, id: Option<u64>) {
     if let Some(id) = id {

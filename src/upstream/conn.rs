@@ -211,6 +211,20 @@ impl Conn {
         self.signals.changed.notify_waiters();
     }
 
+    /// Puts a connection with no socket in `state`, for tests of what sits above the
+    /// socket (admission, picking).
+    #[cfg(test)]
+    pub(crate) fn pretend(&self, state: ConnState) {
+        match state {
+            ConnState::Open => self.opened(),
+            ConnState::Preparing => self.preparing(),
+            _ => {
+                let _ = self.closed(Vec::new());
+                self.set_state(state);
+            }
+        }
+    }
+
     /// The socket is gone: answer every caller now (see [`Mux::close`]).
     pub(super) fn closed(&self, unsent: Vec<Frame>) -> Closed {
         let was_open = self.is_open();
@@ -274,7 +288,7 @@ impl Conn {
             .unwrap_or_default()
     }
 
-    pub(super) fn set_replay_failed(&self, method: Option<String>) {
+    pub(crate) fn set_replay_failed(&self, method: Option<String>) {
         if let Some(log) = &self.replay {
             let failed = method.is_some();
             log.lock().failed = method;
