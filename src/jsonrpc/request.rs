@@ -195,7 +195,7 @@ impl<'a> Call<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::finish_frame;
+    use super::super::{finish_frame, read_upstream, write_reply};
     use super::*;
 
     fn single(body: &str) -> Entry<'_> {
@@ -286,5 +286,37 @@ mod tests {
         assert!(items[0].is_ok());
         assert!(items[1].is_err());
         assert!(items[2].as_ref().unwrap().is_notification());
+    }
+
+    #[test]
+    fn id_shapes_survive_byte_for_byte() {
+        for id in [
+            r#""abc""#,
+            "1.5",
+            "12345678901234567890123",
+            "null",
+            r#""\u00e9\n""#,
+            "-0",
+            "1e400",
+        ] {
+            let body = format!(r#"{{"jsonrpc":"2.0","method":"echo","params":[1],"id":{id}}}"#);
+            let call = single(&body).unwrap();
+            let mut frame = String::new();
+            call.encode_prefix(&mut frame);
+            finish_frame(&mut frame, Some(7));
+            let upstream_reply = r#"{"jsonrpc":"2.0","id":7,"result":[1]}"#;
+            let mut out = Vec::new();
+            read_upstream(upstream_reply, |our, outcome| {
+                assert_eq!(our, 7);
+                write_reply(
+                    &mut out,
+                    call.id.unwrap(),
+                    outcome.is_error(),
+                    outcome.payload().get(),
+                );
+            });
+            let expected = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":[1]}}"#);
+            assert_eq!(String::from_utf8(out).unwrap(), expected);
+        }
     }
 }

@@ -28,6 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::time::Instant;
+use tower::layer::layer_fn;
 use tower::{Layer, Service, ServiceBuilder};
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -46,18 +47,20 @@ pub fn build(
 > + Clone
 + Send
 + 'static {
+    let checks = state.clone();
     ServiceBuilder::new()
-        .layer(AccessLogLayer {
+        .layer(observe(AccessLog {
             state: state.clone(),
             peer,
-        })
-        .layer(HttpMetricsLayer {
+        }))
+        .layer(observe(HttpMetrics {
             state: state.clone(),
-        })
+        }))
         .layer(CatchPanicLayer::custom(panic_response))
-        .layer(ChecksLayer {
-            state: state.clone(),
-        })
+        .layer(layer_fn(move |inner| Checks {
+            inner,
+            state: checks.clone(),
+        }))
         .service(Rpc { state })
 }
 
@@ -97,21 +100,6 @@ fn panic_response(panic: Box<dyn Any + Send + 'static>) -> HttpResponse {
 }
 
 /// See the module doc, item 4.
-#[derive(Clone)]
-pub struct ChecksLayer {
-    state: Arc<AppState>,
-}
-
-impl<S> Layer<S> for ChecksLayer {
-    type Service = Checks<S>;
-    fn layer(&self, inner: S) -> Checks<S> {
-        Checks {
-            inner,
-            state: self.state.clone(),
-        }
-    }
-}
-
 #[derive(Clone)]
 pub struct Checks<S> {
     inner: S,
@@ -181,32 +169,26 @@ fn is_json(value: Option<&HeaderValue>) -> bool {
     essence.eq_ignore_ascii_case("application/json")
 }
 
-/// See the module doc, item 2.
-#[derive(Clone)]
-pub struct HttpMetricsLayer {
-    state: Arc<AppState>,
-}
-
-impl<S> Layer<S> for HttpMetricsLayer {
-    type Service = HttpMetrics<S>;
-    fn layer(&self, inner: S) -> HttpMetrics<S> {
-        HttpMetrics {
-            inner,
-            state: self.state.clone(),
-        }
-    }
+/// A layer that looks at each request on the way in and at its answer on the way
+/// out, without changing either: the shape both observers share.
+pub trait Observer: Clone + Send + Sync + 'static {
+    /// What is kept from the request until the answer (a start time, the method).
+    type Mark: Send + 'static;
+    fn request<B>(&self, req: &Request<B>) -> Self::Mark;
+    fn answer<R: http_body::Body>(&self, mark: Self::Mark, resp: &Response<R>);
 }
 
 #[derive(Clone)]
-pub struct HttpMetrics<S> {
+pub struct Observe<S, O> {
     inner: S,
-    state: Arc<AppState>,
+    observer: O,
 }
 
-impl<S, B, R> Service<Request<B>> for HttpMetrics<S>
+impl<S, O, B, R> Service<Request<B>> for Observe<S, O>
 where
     S: Service<Request<B>, Response = Response<R>, Error = Infallible>,
     S::Future: Send + 'static,
+    O: Observer,
     R: http_body::Body,
 {
     type Response = Response<R>;
@@ -218,89 +200,81 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let mark = self.observer.request(&req);
         let answer = self.inner.call(req);
-        let state = self.state.clone();
+        let observer = self.observer.clone();
         Box::pin(async move {
             let Ok(resp) = answer.await;
-            let m = &state.metrics;
-            m.http_requests
-                .with_label_values(&[resp.status().as_str()])
-                .inc();
-            m.bytes_out
-                .inc_by(resp.body().size_hint().exact().unwrap_or(0));
+            observer.answer(mark, &resp);
             Ok(resp)
         })
+    }
+}
+
+fn observe<S, O: Observer>(observer: O) -> impl Layer<S, Service = Observe<S, O>> + Clone {
+    layer_fn(move |inner| Observe {
+        inner,
+        observer: observer.clone(),
+    })
+}
+
+/// See the module doc, item 2.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    state: Arc<AppState>,
+}
+
+impl Observer for HttpMetrics {
+    type Mark = ();
+
+    fn request<B>(&self, _: &Request<B>) {}
+
+    fn answer<R: http_body::Body>(&self, _: (), resp: &Response<R>) {
+        let m = &self.state.metrics;
+        m.http_requests
+            .with_label_values(&[resp.status().as_str()])
+            .inc();
+        m.bytes_out
+            .inc_by(resp.body().size_hint().exact().unwrap_or(0));
     }
 }
 
 /// See the module doc, item 1.
 #[derive(Clone)]
-pub struct AccessLogLayer {
+pub struct AccessLog {
     state: Arc<AppState>,
     peer: SocketAddr,
 }
 
-impl<S> Layer<S> for AccessLogLayer {
-    type Service = AccessLog<S>;
-    fn layer(&self, inner: S) -> AccessLog<S> {
-        AccessLog {
-            inner,
-            state: self.state.clone(),
-            peer: self.peer,
+impl Observer for AccessLog {
+    type Mark = (Instant, Method);
+
+    fn request<B>(&self, req: &Request<B>) -> (Instant, Method) {
+        (Instant::now(), req.method().clone())
+    }
+
+    fn answer<R: http_body::Body>(&self, (started, method): (Instant, Method), resp: &Response<R>) {
+        let log = &self.state.config.log;
+        if !(log.access_log
+            && tracing::enabled!(target: "rpcgate::access", tracing::Level::INFO)
+            && (log.access_log_sample >= 1.0 || fastrand::f64() < log.access_log_sample))
+        {
+            return;
         }
-    }
-}
-
-#[derive(Clone)]
-pub struct AccessLog<S> {
-    inner: S,
-    state: Arc<AppState>,
-    peer: SocketAddr,
-}
-
-impl<S, B, R> Service<Request<B>> for AccessLog<S>
-where
-    S: Service<Request<B>, Response = Response<R>, Error = Infallible>,
-    S::Future: Send + 'static,
-    R: http_body::Body,
-{
-    type Response = Response<R>;
-    type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<R>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let started = Instant::now();
-        let method = req.method().clone();
-        let answer = self.inner.call(req);
-        let (state, peer) = (self.state.clone(), self.peer);
-        Box::pin(async move {
-            let Ok(resp) = answer.await;
-            let log = &state.config.log;
-            if log.access_log
-                && tracing::enabled!(target: "rpcgate::access", tracing::Level::INFO)
-                && (log.access_log_sample >= 1.0 || fastrand::f64() < log.access_log_sample)
-            {
-                let batch = resp.extensions().get::<response::BatchLen>().map(|b| b.0);
-                let upstream = resp
-                    .extensions()
-                    .get::<response::AnsweredBy>()
-                    .map(|u| u.0.clone());
-                tracing::info!(
-                    target: "rpcgate::access",
-                    %peer,
-                    method = %method,
-                    status = resp.status().as_u16(),
-                    duration_us = started.elapsed().as_micros() as u64,
-                    bytes = resp.body().size_hint().exact().unwrap_or(0),
-                    batch,
-                    upstream = upstream.as_deref(),
-                );
-            }
-            Ok(resp)
-        })
+        let batch = resp.extensions().get::<response::BatchLen>().map(|b| b.0);
+        let upstream = resp
+            .extensions()
+            .get::<response::AnsweredBy>()
+            .map(|u| u.0.clone());
+        tracing::info!(
+            target: "rpcgate::access",
+            peer = %self.peer,
+            method = %method,
+            status = resp.status().as_u16(),
+            duration_us = started.elapsed().as_micros() as u64,
+            bytes = resp.body().size_hint().exact().unwrap_or(0),
+            batch,
+            upstream = upstream.as_deref(),
+        );
     }
 }
