@@ -163,7 +163,12 @@ mod tests {
         config.calls.queue_timeout = Duration::from_secs(1);
         tune(&mut config);
         let upstreams = Upstreams::start(&config, Arc::new(Metrics::new([]))).unwrap();
-        let conn = Arc::new(Conn::new("test#0".into(), slots, upstreams.signals.clone()));
+        let conn = Arc::new(Conn::new(
+            &Arc::from("test"),
+            0,
+            slots,
+            upstreams.signals.clone(),
+        ));
         (upstreams, conn)
     }
 
@@ -317,12 +322,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_session_whose_replay_failed_refuses_its_calls_but_not_the_next_replay() {
         let (upstreams, _) = fixture(4, |_| {});
-        let conn = Arc::new(Conn::for_session(
-            "session#0".into(),
-            4,
-            upstreams.signals.clone(),
-            8,
-        ));
+        let conn = Arc::new(Conn::for_session(0, 4, upstreams.signals.clone(), 8));
         conn.pretend(ConnState::Open);
         conn.set_replay_failed(Some("login".into()));
         let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;

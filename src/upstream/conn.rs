@@ -89,6 +89,9 @@ struct ReplayLog {
 pub struct Conn {
     /// `upstream#connection`, for logs.
     pub label: String,
+    /// The `upstream` metric label: the upstream's id, or `session` for a session's own
+    /// connection (one label for all of them keeps the label set bounded).
+    metric: Arc<str>,
     state: AtomicU8,
     /// Calls holding a slot on this connection (see `Permit` in `dispatch`).
     pub in_flight: AtomicUsize,
@@ -107,9 +110,16 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(label: String, max_in_flight: usize, signals: Arc<PoolSignals>) -> Self {
+    /// Connection number `index` of `upstream`'s pool.
+    pub fn new(
+        upstream: &Arc<str>,
+        index: usize,
+        max_in_flight: usize,
+        signals: Arc<PoolSignals>,
+    ) -> Self {
         Conn {
-            label,
+            label: format!("{upstream}#{index}"),
+            metric: upstream.clone(),
             state: AtomicU8::new(ConnState::Connecting as u8),
             in_flight: AtomicUsize::new(0),
             max_in_flight,
@@ -123,9 +133,10 @@ impl Conn {
         }
     }
 
-    /// A session's connection, keeping up to `max_replay` calls to replay.
+    /// Session number `index`'s own connection, keeping up to `max_replay` calls to
+    /// replay.
     pub fn for_session(
-        label: String,
+        index: usize,
         max_in_flight: usize,
         signals: Arc<PoolSignals>,
         max_replay: usize,
@@ -136,7 +147,7 @@ impl Conn {
                 max: max_replay,
                 failed: None,
             })),
-            ..Conn::new(label, max_in_flight, signals)
+            ..Conn::new(&Arc::from("session"), index, max_in_flight, signals)
         }
     }
 
@@ -152,12 +163,8 @@ impl Conn {
         self.state() == ConnState::Open
     }
 
-    /// The `upstream` metric label: the upstream's id, or `session` for a session's
-    /// own connection (one label for all of them keeps the label set bounded).
     pub fn metric_label(&self) -> &str {
-        self.label
-            .rsplit_once('#')
-            .map_or(self.label.as_str(), |(id, _)| id)
+        &self.metric
     }
 
     /// Registers the frame's waiters and queues it (see [`Mux::submit`]).

@@ -103,7 +103,7 @@ impl Sessions {
         let token = self.shutdown.child_token();
         let conn = self.upstreams.session_connection(
             key.as_bytes(),
-            format!("session#{}", table.len()),
+            table.len(),
             self.max_in_flight,
             self.config.max_replay,
             token.clone(),

@@ -187,17 +187,19 @@ impl Upstreams {
             return false;
         }
         let token = self.shutdown.child_token();
+        let label: Arc<str> = Arc::from(id.as_str());
         let conns: Vec<Arc<Conn>> = (0..cfg.connections)
             .map(|c| {
                 Arc::new(Conn::new(
-                    format!("{id}#{c}"),
+                    &label,
+                    c,
                     cfg.max_in_flight,
                     self.signals.clone(),
                 ))
             })
             .collect();
         let upstream = Arc::new(Upstream {
-            label: Arc::from(id.as_str()),
+            label,
             id,
             url: cfg.url.clone(),
             weight: cfg.weight.max(1),
@@ -261,13 +263,13 @@ impl Upstreams {
     pub(crate) fn session_connection(
         self: &Arc<Self>,
         key: &[u8],
-        label: String,
+        index: usize,
         max_in_flight: usize,
         max_replay: usize,
         token: CancellationToken,
     ) -> Arc<Conn> {
         let conn = Arc::new(Conn::for_session(
-            label,
+            index,
             max_in_flight,
             self.signals.clone(),
             max_replay,
