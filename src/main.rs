@@ -34,14 +34,14 @@ struct RunArgs {
     #[arg(long, env = "RPCGATE_CONNECTIONS")]
     connections: Option<usize>,
     /// Deadline of each call, e.g. 30s or 250ms.
-    #[arg(long, env = "RPCGATE_REQUEST_TIMEOUT", value_parser = duration)]
+    #[arg(long, env = "RPCGATE_REQUEST_TIMEOUT", value_parser = parse_duration)]
     request_timeout: Option<Duration>,
     /// TOML config file (see deploy/rpcgate.toml).
     #[arg(long, env = "RPCGATE_CONFIG")]
     config: Option<PathBuf>,
     /// Stickiness: none, upstream (a session stays on one upstream) or connection (a
     /// session gets its own upstream WebSocket).
-    #[arg(long, env = "RPCGATE_AFFINITY", value_parser = affinity)]
+    #[arg(long, env = "RPCGATE_AFFINITY")]
     affinity: Option<Affinity>,
     /// Request header carrying the session key.
     #[arg(long, env = "RPCGATE_SESSION_HEADER")]
@@ -61,7 +61,7 @@ struct RunArgs {
     )]
     replay_methods: Vec<String>,
     /// Where upstream addresses come from: static (the URLs) or dns (every address of each URL's host).
-    #[arg(long, env = "RPCGATE_DISCOVERY", value_parser = discovery)]
+    #[arg(long, env = "RPCGATE_DISCOVERY")]
     discovery: Option<DiscoveryMode>,
     /// Runtime worker threads: 1 = single-threaded (lowest latency and CPU per call),
     /// 0 = one per CPU.
@@ -71,26 +71,14 @@ struct RunArgs {
     #[arg(long, env = "RPCGATE_ADMIN_LISTEN")]
     admin_listen: Option<String>,
     /// Log format: text or json.
-    #[arg(long, env = "RPCGATE_LOG_FORMAT", value_parser = log_format)]
+    #[arg(long, env = "RPCGATE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
     /// After SIGTERM, keep serving (not ready) this long before closing the listener.
-    #[arg(long, env = "RPCGATE_SHUTDOWN_DELAY", value_parser = duration)]
+    #[arg(long, env = "RPCGATE_SHUTDOWN_DELAY", value_parser = parse_duration)]
     shutdown_delay: Option<Duration>,
     /// After the listener closes, how long open requests get to finish.
-    #[arg(long, env = "RPCGATE_DRAIN_TIMEOUT", value_parser = duration)]
+    #[arg(long, env = "RPCGATE_DRAIN_TIMEOUT", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
-}
-
-fn log_format(text: &str) -> Result<LogFormat, String> {
-    rpcgate::config::parse_log_format(text)
-}
-
-fn affinity(text: &str) -> Result<Affinity, String> {
-    rpcgate::config::parse_affinity(text)
-}
-
-fn discovery(text: &str) -> Result<DiscoveryMode, String> {
-    rpcgate::config::parse_discovery(text)
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,10 +104,6 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         upstream_listen: SocketAddr,
     },
-}
-
-fn duration(text: &str) -> Result<Duration, String> {
-    parse_duration(text)
 }
 
 fn main() -> Result<()> {
