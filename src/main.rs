@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use rpcgate::config::{Affinity, Config, DiscoveryMode, LogFormat, UpstreamConfig, parse_duration};
+use rpcgate::config::{
+    AdminListen, Affinity, Config, DiscoveryMode, LogFormat, UpstreamConfig, parse_duration,
+};
 use rpcgate::{Gateway, echo};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,9 +69,10 @@ struct RunArgs {
     /// 0 = one per CPU.
     #[arg(long, env = "RPCGATE_WORKERS")]
     workers: Option<usize>,
-    /// Admin listener for /metrics, /healthz and /readyz (`off` disables it).
+    /// Admin listener for /metrics, /healthz and /readyz (`off` disables it). Unset:
+    /// 127.0.0.1:9464, or a free loopback port if that is taken.
     #[arg(long, env = "RPCGATE_ADMIN_LISTEN")]
-    admin_listen: Option<String>,
+    admin_listen: Option<AdminListen>,
     /// Log format: text or json.
     #[arg(long, env = "RPCGATE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -181,10 +184,11 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     match Config::load(file) {
         Ok(config) => {
             println!(
-                "{}: ok ({} upstream(s), listening on {})",
+                "{}: ok ({} upstream(s), listening on {}, admin {})",
                 file.display(),
                 config.upstreams.len(),
-                config.listen
+                config.listen,
+                config.admin_listen
             );
             Ok(())
         }
@@ -238,13 +242,7 @@ fn build_config(args: RunArgs) -> Result<Config> {
         config.runtime.workers = w;
     }
     if let Some(admin) = args.admin_listen {
-        config.admin_listen = match admin.as_str() {
-            "" | "off" => None,
-            addr => Some(
-                addr.parse()
-                    .with_context(|| format!("--admin-listen {addr:?} is not an address"))?,
-            ),
-        };
+        config.admin_listen = admin;
     }
     if let Some(f) = args.log_format {
         config.log.format = f;

@@ -7,7 +7,7 @@ mod admin;
 mod rpc;
 mod watch;
 
-use crate::config::{Affinity, Config, DiscoveryMode};
+use crate::config::{AdminListen, Affinity, Config, DiscoveryMode};
 use crate::metrics::Metrics;
 use crate::upstream::{Resolver, Sessions, SystemResolver, TargetError, Upstreams, discovery};
 use hyper::service::service_fn;
@@ -74,8 +74,34 @@ impl Gateway {
         };
         let listener = bind(config.listen).await?;
         let admin = match config.admin_listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
+            AdminListen::Off => None,
+            // Probes and scrapers are pointed at this address: no fallback, and the
+            // error says which setting to fix.
+            AdminListen::Explicit(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                let why = format!("{e} (admin_listen, --admin-listen or RPCGATE_ADMIN_LISTEN)");
+                StartError::Bind {
+                    addr,
+                    source: std::io::Error::new(e.kind(), why),
+                }
+            })?),
+            // Nobody asked for this port, so it must not keep rpcgate from starting
+            // (a second instance on the host, say): any free port on the same
+            // loopback address will do, and the caller prints the one bound.
+            AdminListen::Default(addr) => Some(match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(error) => {
+                    let any_port = SocketAddr::new(addr.ip(), 0);
+                    let fallback = bind(any_port).await?;
+                    tracing::warn!(
+                        default = %addr,
+                        %error,
+                        actual = %fallback.local_addr().unwrap_or(any_port),
+                        "admin listener: the default address is taken; serving on a free port \
+                         instead (set admin_listen or --admin-listen to choose one)"
+                    );
+                    fallback
+                }
+            }),
         };
         Ok(Gateway::from_listener(listener, config)?.with_admin(admin))
     }

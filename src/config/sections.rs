@@ -52,17 +52,8 @@ pub(super) fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
     if let Some(t) = root.table("sessions", p) {
         read_sessions(t, &mut c.sessions, p);
     }
-    if let Some(admin) = root.string("admin_listen", p) {
-        match admin.as_str() {
-            "" | "off" => c.admin_listen = None,
-            addr => match addr.parse() {
-                Ok(a) => c.admin_listen = Some(a),
-                Err(_) => p.push(format!(
-                    "admin_listen: {addr:?} is not an address like 0.0.0.0:9464 (or \"off\")"
-                )),
-            },
-        }
-    }
+    // Only a value written here is `Explicit`: absent, the default stays `Default`.
+    root.parsed("admin_listen", &mut c.admin_listen, p);
     if let Some(t) = root.table("shutdown", p) {
         let mut s = Section::new(t, "shutdown");
         s.duration("delay", &mut c.shutdown.delay, p);
@@ -236,8 +227,9 @@ fn read_upstream(t: &Table, i: usize, p: &mut Vec<String>) -> UpstreamConfig {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Affinity, BatchMode, DiscoveryMode, LogFormat, WhenFull};
+    use super::super::{AdminListen, Affinity, BatchMode, DiscoveryMode, LogFormat, WhenFull};
     use super::*;
+    use std::net::SocketAddr;
     use std::time::Duration;
 
     const UPSTREAM: &str = "[[upstreams]]\nurl = \"ws://127.0.0.1:9000/\"\n";
@@ -362,6 +354,30 @@ mod tests {
                 r#"http.batch: "join" must be "split" or "forward""#,
                 r#"sessions.affinity: "sticky" must be "none", "upstream" or "connection""#,
             ]
+        );
+    }
+
+    #[test]
+    fn admin_listen_is_explicit_only_when_written() {
+        assert_eq!(
+            parse_with_upstream("").unwrap().admin_listen,
+            AdminListen::default()
+        );
+        assert_eq!(
+            parse_with_upstream(r#"admin_listen = "0.0.0.0:9464""#)
+                .unwrap()
+                .admin_listen,
+            AdminListen::Explicit(SocketAddr::from(([0, 0, 0, 0], 9464)))
+        );
+        assert_eq!(
+            parse_with_upstream(r#"admin_listen = "off""#)
+                .unwrap()
+                .admin_listen,
+            AdminListen::Off
+        );
+        assert_eq!(
+            parse_with_upstream(r#"admin_listen = "everywhere""#).unwrap_err(),
+            [r#"admin_listen: "everywhere" is not an address like 0.0.0.0:9464 (or "off")"#]
         );
     }
 

@@ -1,7 +1,7 @@
 //! The settings themselves and their defaults. Every default lives here, so the
 //! TOML reader, the flags and tests all start from the same `Config::default()`.
 
-use super::{Affinity, BatchMode, DiscoveryMode, LogFormat, WhenFull};
+use super::{AdminListen, Affinity, BatchMode, DiscoveryMode, LogFormat, WhenFull};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,8 +29,9 @@ pub struct Config {
     pub on_connect: Vec<PreludeCall>,
     /// The async runtime's shape.
     pub runtime: RuntimeConfig,
-    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); `None` turns it off.
-    pub admin_listen: Option<SocketAddr>,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`), and whether its address
+    /// was chosen by the operator (see [`AdminListen`]).
+    pub admin_listen: AdminListen,
     /// How a SIGTERM is handled.
     pub shutdown: ShutdownConfig,
     /// Log format, filter and access log.
@@ -52,7 +53,7 @@ impl Default for Config {
             sessions: SessionConfig::default(),
             on_connect: Vec::new(),
             runtime: RuntimeConfig::default(),
-            admin_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9464))),
+            admin_listen: AdminListen::default(),
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             metric_methods: Vec::new(),
