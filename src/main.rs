@@ -3,7 +3,9 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use rpcgate::Gateway;
-use rpcgate::config::{Affinity, Config, DiscoveryMode, LogFormat, UpstreamConfig, parse_duration};
+use rpcgate::config::{
+    AdminListen, Affinity, Config, DiscoveryMode, LogFormat, UpstreamConfig, parse_duration,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,14 +36,14 @@ struct RunArgs {
     #[arg(long, env = "RPCGATE_CONNECTIONS")]
     connections: Option<usize>,
     /// Deadline of each call, e.g. 30s or 250ms.
-    #[arg(long, env = "RPCGATE_REQUEST_TIMEOUT", value_parser = duration)]
+    #[arg(long, env = "RPCGATE_REQUEST_TIMEOUT", value_parser = parse_duration)]
     request_timeout: Option<Duration>,
     /// TOML config file (see deploy/rpcgate.toml).
     #[arg(long, env = "RPCGATE_CONFIG")]
     config: Option<PathBuf>,
     /// Stickiness: none, upstream (a session stays on one upstream) or connection (a
     /// session gets its own upstream WebSocket).
-    #[arg(long, env = "RPCGATE_AFFINITY", value_parser = affinity)]
+    #[arg(long, env = "RPCGATE_AFFINITY")]
     affinity: Option<Affinity>,
     /// Request header carrying the session key.
     #[arg(long, env = "RPCGATE_SESSION_HEADER")]
@@ -61,36 +63,25 @@ struct RunArgs {
     )]
     replay_methods: Vec<String>,
     /// Where upstream addresses come from: static (the URLs) or dns (every address of each URL's host).
-    #[arg(long, env = "RPCGATE_DISCOVERY", value_parser = discovery)]
+    #[arg(long, env = "RPCGATE_DISCOVERY")]
     discovery: Option<DiscoveryMode>,
     /// Runtime worker threads: 1 = single-threaded (lowest latency and CPU per call),
     /// 0 = one per CPU.
     #[arg(long, env = "RPCGATE_WORKERS")]
     workers: Option<usize>,
-    /// Admin listener for /metrics, /healthz and /readyz (`off` disables it).
+    /// Admin listener for /metrics, /healthz and /readyz (`off` disables it). Unset:
+    /// 127.0.0.1:9464, or a free loopback port if that is taken.
     #[arg(long, env = "RPCGATE_ADMIN_LISTEN")]
-    admin_listen: Option<String>,
+    admin_listen: Option<AdminListen>,
     /// Log format: text or json.
-    #[arg(long, env = "RPCGATE_LOG_FORMAT", value_parser = log_format)]
+    #[arg(long, env = "RPCGATE_LOG_FORMAT")]
     log_format: Option<LogFormat>,
     /// After SIGTERM, keep serving (not ready) this long before closing the listener.
-    #[arg(long, env = "RPCGATE_SHUTDOWN_DELAY", value_parser = duration)]
+    #[arg(long, env = "RPCGATE_SHUTDOWN_DELAY", value_parser = parse_duration)]
     shutdown_delay: Option<Duration>,
     /// After the listener closes, how long open requests get to finish.
-    #[arg(long, env = "RPCGATE_DRAIN_TIMEOUT", value_parser = duration)]
+    #[arg(long, env = "RPCGATE_DRAIN_TIMEOUT", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
-}
-
-fn log_format(text: &str) -> Result<LogFormat, String> {
-    rpcgate::config::parse_log_format(text)
-}
-
-fn affinity(text: &str) -> Result<Affinity, String> {
-    rpcgate::config::parse_affinity(text)
-}
-
-fn discovery(text: &str) -> Result<DiscoveryMode, String> {
-    rpcgate::config::parse_discovery(text)
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,10 +107,6 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         upstream_listen: SocketAddr,
     },
-}
-
-fn duration(text: &str) -> Result<Duration, String> {
-    parse_duration(text)
 }
 
 fn main() -> Result<()> {
@@ -197,10 +184,11 @@ fn check_config(file: &std::path::Path) -> Result<()> {
     match Config::load(file) {
         Ok(config) => {
             println!(
-                "{}: ok ({} upstream(s), listening on {})",
+                "{}: ok ({} upstream(s), listening on {}, admin {})",
                 file.display(),
                 config.upstreams.len(),
-                config.listen
+                config.listen,
+                config.admin_listen
             );
             Ok(())
         }
@@ -254,13 +242,7 @@ fn build_config(args: RunArgs) -> Result<Config> {
         config.runtime.workers = w;
     }
     if let Some(admin) = args.admin_listen {
-        config.admin_listen = match admin.as_str() {
-            "" | "off" => None,
-            addr => Some(
-                addr.parse()
-                    .with_context(|| format!("--admin-listen {addr:?} is not an address"))?,
-            ),
-        };
+        config.admin_listen = admin;
     }
     if let Some(f) = args.log_format {
         config.log.format = f;

@@ -2,10 +2,11 @@
 
 mod support;
 
-use http::StatusCode;
+use http::{Method, StatusCode};
 use serde_json::json;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
-use support::{FakeUpstream, post, with_timeout};
+use support::{FakeUpstream, post, request, with_timeout};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
@@ -34,7 +35,7 @@ async fn line_after(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) -> 
     }
 }
 
-fn addr_of(url: &str) -> std::net::SocketAddr {
+fn addr_of(url: &str) -> SocketAddr {
     let hostport = url
         .trim_start_matches("http://")
         .trim_start_matches("ws://")
@@ -250,4 +251,115 @@ async fn json_logs_carry_an_access_line_per_request() {
             .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn two_instances_with_default_admin_flags_both_start_on_loopback() {
+    // The default admin port taken, by this test or by anything else on the machine:
+    // both instances must then fall back, so the fallback path always runs.
+    let held = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 9464)).ok();
+    let up = FakeUpstream::start().await;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut child = rpcgate()
+            .env_remove("RPCGATE_ADMIN_LISTEN")
+            .args(["--listen", "127.0.0.1:0", "--upstream", &up.url()])
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let admin = addr_of(&line_after(&mut lines, "rpcgate admin on").await);
+        line_after(&mut lines, "rpcgate listening on").await;
+        instances.push((child, lines, admin));
+    }
+    let (first, second) = (instances[0].2, instances[1].2);
+    assert_ne!(first, second);
+    for (_, _, admin) in &instances {
+        // The fallback keeps the default's IP, so this is the default's IP too.
+        assert_eq!(admin.ip(), Ipv4Addr::LOCALHOST, "{admin}");
+        if held.is_some() {
+            assert_ne!(admin.port(), 9464);
+        }
+        let resp = request(*admin, Method::GET, "/healthz", &[], "").await;
+        assert_eq!(resp.status, StatusCode::OK);
+    }
+    for (mut child, _lines, _) in instances {
+        child.start_kill().unwrap();
+        let out = with_timeout(child.wait_with_output()).await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if held.is_some() {
+            assert!(
+                stderr.contains("the default address is taken"),
+                "no fallback warning:\n{stderr}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_explicit_admin_address_that_is_taken_fails_startup_naming_it() {
+    let held = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = held.local_addr().unwrap().to_string();
+    let up = FakeUpstream::start().await;
+    let dir = std::env::temp_dir().join(format!("rpcgate-cli-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("admin.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "admin_listen = \"{addr}\"\n[[upstreams]]\nurl = \"{}\"\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+
+    let mut by_flag = rpcgate();
+    by_flag.args(["--listen", "127.0.0.1:0", "--upstream", &up.url()]);
+    by_flag.args(["--admin-listen", &addr]);
+    let mut by_env = rpcgate();
+    by_env.args(["--listen", "127.0.0.1:0", "--upstream", &up.url()]);
+    by_env.env("RPCGATE_ADMIN_LISTEN", &addr);
+    let mut by_file = rpcgate();
+    by_file
+        .args(["--listen", "127.0.0.1:0", "--config"])
+        .arg(&file);
+    by_file.env_remove("RPCGATE_ADMIN_LISTEN");
+    for (how, mut cmd) in [("flag", by_flag), ("env", by_env), ("file", by_file)] {
+        let out = with_timeout(cmd.output()).await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{how}: started on a taken port");
+        assert!(
+            stderr.contains(&format!("cannot listen on {addr}"))
+                && stderr.contains("admin_listen")
+                && stderr.contains("--admin-listen"),
+            "{how}: the message should name {addr} and the setting:\n{stderr}"
+        );
+    }
+    drop(held);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn check_config_shows_the_admin_address_and_the_default_is_loopback() {
+    let dir = std::env::temp_dir().join(format!("rpcgate-cli-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let upstream = "[[upstreams]]\nurl = \"ws://127.0.0.1:9000/\"\n";
+    for (admin_line, shown) in [
+        ("", "admin 127.0.0.1:9464 or a free port if taken"),
+        ("admin_listen = \"0.0.0.0:9464\"\n", "admin 0.0.0.0:9464)"),
+        ("admin_listen = \"off\"\n", "admin off)"),
+    ] {
+        let file = dir.join("check.toml");
+        std::fs::write(&file, format!("{admin_line}{upstream}")).unwrap();
+        let out = with_timeout(rpcgate().arg("check-config").arg(&file).output())
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(shown), "{shown:?} missing from {stdout}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

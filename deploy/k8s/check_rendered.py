@@ -1,20 +1,24 @@
 """Cross-checks a rendered kustomization (`kubectl kustomize DIR`) against the
 rpcgate.toml it ships, for what no schema sees: the Deployment and the config must
-agree on ports and on the shutdown timing.
+agree on ports and on the shutdown timing, and the admin listener must be on an
+address the kubelet's probes and Prometheus can reach (not rpcgate's loopback default).
 
     kubectl kustomize deploy/k8s/overlays/sidecar | python3 deploy/k8s/check_rendered.py NAME
 
 Exits 1 and names every mismatch. Needs PyYAML (installed with kubernetes-validate).
 """
 
+import ipaddress
 import re
 import sys
 import tomllib
 
 import yaml
 
-# rpcgate's built-in defaults for the keys checked here (src/config.rs).
-DEFAULT_ADMIN_LISTEN = "0.0.0.0:9464"
+# rpcgate's built-in defaults for the keys checked here (src/config/types.rs,
+# src/config/admin_listen.rs). The default admin address is loopback only, which
+# probes and scrapes from outside the Pod cannot reach: a manifest must set it.
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9464"
 DEFAULT_DELAY = "5s"
 DEFAULT_DRAIN = "30s"
 
@@ -31,6 +35,11 @@ def seconds(text):
 
 def port_of(addr):
     return int(addr.rsplit(":", 1)[1])
+
+
+def is_loopback(addr):
+    host = addr.rsplit(":", 1)[0].strip("[]")
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 def check(name, docs):
@@ -80,11 +89,20 @@ def check(name, docs):
                     f"{where}: container {c['name']}: preStop sleep {sleep}s should be at "
                     f"least delay + drain_timeout ({drain:g}s) and below the grace period ({grace}s)"
                 )
+        admin_listen = config.get("admin_listen", DEFAULT_ADMIN_LISTEN)
+        if admin_listen in ("", "off"):
+            problems.append(f"{where}: admin_listen is off, but the probes need it")
+            continue
+        if is_loopback(admin_listen):
+            problems.append(
+                f"{where}: admin_listen is {admin_listen} (loopback only); set it to a "
+                "pod address such as 0.0.0.0:9464 so probes and scrapes reach it"
+            )
         rpcgate = next(c for c in spec["containers"] if c["name"] == "rpcgate")
         ports = {p["name"]: p["containerPort"] for p in rpcgate.get("ports", [])}
         want = {
             "http": port_of(config.get("listen", "127.0.0.1:8080")),
-            "admin": port_of(config.get("admin_listen", DEFAULT_ADMIN_LISTEN)),
+            "admin": port_of(admin_listen),
         }
         for port_name, port in want.items():
             if ports.get(port_name) != port:

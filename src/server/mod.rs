@@ -10,7 +10,7 @@ mod rpc;
 mod stack;
 mod watch;
 
-use crate::config::{Affinity, Config, DiscoveryMode};
+use crate::config::{AdminListen, Affinity, Config, DiscoveryMode};
 use crate::metrics::Metrics;
 use crate::upstream::{Resolver, Sessions, SystemResolver, TargetError, Upstreams, discovery};
 use std::net::SocketAddr;
@@ -22,10 +22,18 @@ use tokio_util::sync::CancellationToken;
 /// Failures starting the gateway.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
+    // The io error is in the message, not a `source`: anyhow would print it twice.
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
+    },
+    #[error(
+        "cannot listen on {addr}: {error} (set by admin_listen, --admin-listen or RPCGATE_ADMIN_LISTEN)"
+    )]
+    AdminBind {
+        addr: SocketAddr,
+        error: std::io::Error,
     },
     #[error("upstream: {0}")]
     Upstream(#[from] TargetError),
@@ -65,12 +73,36 @@ impl Gateway {
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| StartError::Bind { addr, source })
+                .map_err(|error| StartError::Bind { addr, error })
         };
         let listener = bind(config.listen).await?;
         let admin = match config.admin_listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
+            AdminListen::Off => None,
+            // Probes and scrapers are pointed at this address: no fallback, and the
+            // error says which setting to fix.
+            AdminListen::Explicit(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|error| StartError::AdminBind { addr, error })?,
+            ),
+            // Nobody asked for this port, so it must not keep rpcgate from starting
+            // (a second instance on the host, say): any free port on the same
+            // loopback address will do, and the caller prints the one bound.
+            AdminListen::Default(addr) => Some(match TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(error) => {
+                    let any_port = SocketAddr::new(addr.ip(), 0);
+                    let fallback = bind(any_port).await?;
+                    tracing::warn!(
+                        default = %addr,
+                        %error,
+                        actual = %fallback.local_addr().unwrap_or(any_port),
+                        "admin listener: the default address is taken; serving on a free port \
+                         instead (set admin_listen or --admin-listen to choose one)"
+                    );
+                    fallback
+                }
+            }),
         };
         Ok(Gateway::from_listener(listener, config)?.with_admin(admin))
     }

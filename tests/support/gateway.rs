@@ -1,7 +1,7 @@
 //! Starting a real gateway in-process on 127.0.0.1 port 0.
 
 use rpcgate::Gateway;
-use rpcgate::config::{Config, UpstreamConfig};
+use rpcgate::config::{AdminListen, Config, UpstreamConfig};
 use rpcgate::upstream::Upstreams;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ pub fn config_for(urls: &[String], connections: usize) -> Config {
     };
     // Tests bind their own admin listener on port 0; stopping should not wait out a
     // production shutdown delay.
-    config.admin_listen = None;
+    config.admin_listen = AdminListen::Off;
     config.shutdown.delay = std::time::Duration::ZERO;
     // Reconnects in tests should not wait out production-sized backoffs.
     config.websocket.reconnect_base = Duration::from_millis(10);

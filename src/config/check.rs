@@ -1,0 +1,198 @@
+//! Validation of a whole [`Config`]: the relations between settings that no single
+//! key can check on its own. It collects every problem instead of stopping at the
+//! first, so one run of `check-config` shows the operator the whole list.
+
+use super::Config;
+
+/// Every problem found in a configuration, one line each.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} configuration problem(s):\n  {}", .0.len(), .0.join("\n  "))]
+pub struct Problems(pub Vec<String>);
+
+impl Config {
+    /// Checks the relations between settings; returns every problem.
+    pub fn check(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.upstreams.is_empty() {
+            p.push("no upstream: add an [[upstreams]] table or pass --upstream URL".to_string());
+        }
+        for (i, up) in self.upstreams.iter().enumerate() {
+            if let Err(e) = check_ws_url(&up.url) {
+                p.push(format!("upstreams[{i}].url: {e}"));
+            }
+            if up.connections == 0 {
+                p.push(format!("upstreams[{i}].connections: must be at least 1"));
+            }
+            if up.weight == 0 {
+                p.push(format!("upstreams[{i}].weight: must be at least 1"));
+            }
+            if up.max_in_flight == 0 {
+                p.push(format!("upstreams[{i}].max_in_flight: must be at least 1"));
+            }
+            for (name, value) in &up.headers {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    p.push(format!(
+                        "upstreams[{i}].headers: {name:?} is not a valid header name"
+                    ));
+                }
+                if http::HeaderValue::from_str(value).is_err() {
+                    p.push(format!(
+                        "upstreams[{i}].headers.{name}: not a valid header value"
+                    ));
+                }
+            }
+            if let Some(proto) = &up.subprotocol
+                && (proto.is_empty() || http::HeaderValue::from_str(proto).is_err())
+            {
+                p.push(format!(
+                    "upstreams[{i}].subprotocol: not a valid header value"
+                ));
+            }
+            if let Some(ca) = &up.ca_file
+                && !ca.is_file()
+            {
+                p.push(format!(
+                    "upstreams[{i}].ca_file: {} is not a readable file",
+                    ca.display()
+                ));
+            }
+        }
+        if !self.http.path.starts_with('/') {
+            p.push("http.path: must start with '/'".into());
+        }
+        let nonzero = [
+            ("http.max_body_bytes", self.http.max_body_bytes),
+            ("http.max_batch_size", self.http.max_batch_size),
+            ("http.max_connections", self.http.max_connections),
+            (
+                "http.http2_max_streams",
+                self.http.http2_max_streams as usize,
+            ),
+            (
+                "websocket.max_message_bytes",
+                self.websocket.max_message_bytes,
+            ),
+        ];
+        for (key, v) in nonzero {
+            if v == 0 {
+                p.push(format!("{key}: must be at least 1"));
+            }
+        }
+        let durations = [
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.body_read_timeout", self.http.body_read_timeout),
+            ("http.keep_alive_timeout", self.http.keep_alive_timeout),
+            ("calls.request_timeout", self.calls.request_timeout),
+            ("websocket.ping_interval", self.websocket.ping_interval),
+            ("websocket.pong_timeout", self.websocket.pong_timeout),
+            (
+                "websocket.handshake_timeout",
+                self.websocket.handshake_timeout,
+            ),
+            ("websocket.reconnect_base", self.websocket.reconnect_base),
+            ("websocket.reconnect_max", self.websocket.reconnect_max),
+        ];
+        for (key, d) in durations {
+            if d.is_zero() {
+                p.push(format!("{key}: must be longer than 0s"));
+            }
+        }
+        for (key, d) in [
+            (
+                "discovery.resolve_interval",
+                self.discovery.resolve_interval,
+            ),
+            ("balance.health_interval", self.balance.health_interval),
+            ("balance.health_timeout", self.balance.health_timeout),
+            ("sessions.idle_timeout", self.sessions.idle_timeout),
+        ] {
+            if d.is_zero() {
+                p.push(format!("{key}: must be longer than 0s"));
+            }
+        }
+        if self.sessions.max_sessions == 0 {
+            p.push("sessions.max_sessions: must be at least 1".into());
+        }
+        for (key, name) in [
+            ("sessions.header", &self.sessions.header),
+            ("sessions.cookie", &self.sessions.cookie),
+        ] {
+            if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                p.push(format!("{key}: {name:?} is not a valid name"));
+            }
+        }
+        let raw_json = |text: &str| {
+            serde_json::from_str::<&serde_json::value::RawValue>(text)
+                .is_ok_and(|v| matches!(v.get().as_bytes().first(), Some(b'[' | b'{')))
+        };
+        if self.balance.health_params.is_some() && self.balance.health_method.is_none() {
+            p.push("balance.health_params: set without balance.health_method".into());
+        }
+        if let Some(params) = &self.balance.health_params
+            && !raw_json(params)
+        {
+            p.push("balance.health_params: must be a JSON array or object".into());
+        }
+        for (i, call) in self.on_connect.iter().enumerate() {
+            if call.method.is_empty() {
+                p.push(format!("on_connect[{i}].method: missing"));
+            }
+            if let Some(params) = &call.params
+                && !raw_json(params)
+            {
+                p.push(format!(
+                    "on_connect[{i}].params: must be a JSON array or object"
+                ));
+            }
+        }
+        if self.websocket.reconnect_max < self.websocket.reconnect_base {
+            p.push("websocket.reconnect_max: must not be shorter than reconnect_base".into());
+        }
+        p
+    }
+}
+
+/// Checks that `url` is a usable `ws://` or `wss://` URL.
+pub fn check_ws_url(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+    match uri.scheme_str() {
+        Some("ws" | "wss") => {}
+        _ => return Err(format!("{url:?} must start with ws:// or wss://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_needs_an_upstream() {
+        let err = Config::parse("").unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert!(err.0[0].contains("no upstream"));
+    }
+
+    #[test]
+    fn problems_list_one_per_line() {
+        let problems = Problems(vec!["a: bad".into(), "b: worse".into()]);
+        assert_eq!(
+            problems.to_string(),
+            "2 configuration problem(s):\n  a: bad\n  b: worse"
+        );
+    }
+
+    #[test]
+    fn upstream_urls_must_be_websocket_urls_with_a_host() {
+        assert!(check_ws_url("ws://example.com/ws").is_ok());
+        assert!(check_ws_url("wss://10.0.0.1:9000").is_ok());
+        assert!(check_ws_url("http://example.com").is_err());
+        assert!(check_ws_url("ws:///nohost").is_err());
+        assert!(check_ws_url("not a url").is_err());
+    }
+}

@@ -1,0 +1,26 @@
+//! Configuration: the TOML file, its defaults, and validation that reports every
+//! problem at once.
+//!
+//! - `types.rs`: the settings and their defaults.
+//! - `choices.rs`: the settings that take one of a few names; one `FromStr` each,
+//!   shared by the file and the flags.
+//! - `admin_listen.rs`: where the admin listener binds, and whether the operator chose it.
+//! - `file.rs`: loading TOML, `${VAR}` expansion, durations, and the key-by-key reader
+//!   that reports unknown keys; `sections.rs`: what each table holds.
+//! - `check.rs`: [`Config::check`], the relations between settings.
+
+mod admin_listen;
+mod check;
+mod choices;
+mod file;
+mod sections;
+mod types;
+
+pub use admin_listen::{AdminListen, BadAdminListen};
+pub use check::{Problems, check_ws_url};
+pub use choices::{Affinity, BatchMode, DiscoveryMode, LogFormat, UnknownName, WhenFull};
+pub use file::{expand_env, parse_duration};
+pub use types::{
+    BalanceConfig, CallConfig, Config, DiscoveryConfig, HttpConfig, LogConfig, PreludeCall,
+    RuntimeConfig, SessionConfig, ShutdownConfig, UpstreamConfig, WebSocketConfig,
+};

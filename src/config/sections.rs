@@ -1,0 +1,391 @@
+//! What each table of the file holds: one reader per section, each starting from the
+//! defaults in `types.rs` and overwriting only the keys present.
+
+use super::file::{Section, expand_env};
+use super::{
+    BalanceConfig, Config, HttpConfig, LogConfig, PreludeCall, SessionConfig, UpstreamConfig,
+};
+use std::path::PathBuf;
+use toml::{Table, Value};
+
+pub(super) fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
+    let mut c = Config::default();
+    let mut root = Section::new(table, "");
+    if let Some(listen) = root.string("listen", p) {
+        match listen.parse() {
+            Ok(a) => c.listen = a,
+            Err(_) => p.push(format!(
+                "listen: {listen:?} is not an address like 0.0.0.0:8080"
+            )),
+        }
+    }
+    if let Some(t) = root.table("http", p) {
+        read_http(t, &mut c.http, p);
+    }
+    if let Some(t) = root.table("calls", p) {
+        let mut s = Section::new(t, "calls");
+        s.duration("request_timeout", &mut c.calls.request_timeout, p);
+        s.duration("connect_wait", &mut c.calls.connect_wait, p);
+        s.duration("queue_timeout", &mut c.calls.queue_timeout, p);
+        s.finish(p);
+    }
+    if let Some(t) = root.table("websocket", p) {
+        let w = &mut c.websocket;
+        let mut s = Section::new(t, "websocket");
+        s.duration("ping_interval", &mut w.ping_interval, p);
+        s.duration("pong_timeout", &mut w.pong_timeout, p);
+        s.duration("handshake_timeout", &mut w.handshake_timeout, p);
+        s.duration("reconnect_base", &mut w.reconnect_base, p);
+        s.duration("reconnect_max", &mut w.reconnect_max, p);
+        s.number("max_message_bytes", &mut w.max_message_bytes, p);
+        s.finish(p);
+    }
+    if let Some(t) = root.table("discovery", p) {
+        let mut s = Section::new(t, "discovery");
+        s.parsed("mode", &mut c.discovery.mode, p);
+        s.duration("resolve_interval", &mut c.discovery.resolve_interval, p);
+        s.finish(p);
+    }
+    if let Some(t) = root.table("balance", p) {
+        read_balance(t, &mut c.balance, p);
+    }
+    if let Some(t) = root.table("sessions", p) {
+        read_sessions(t, &mut c.sessions, p);
+    }
+    // Only a value written here is `Explicit`: absent, the default stays `Default`.
+    root.parsed("admin_listen", &mut c.admin_listen, p);
+    if let Some(t) = root.table("shutdown", p) {
+        let mut s = Section::new(t, "shutdown");
+        s.duration("delay", &mut c.shutdown.delay, p);
+        s.duration("drain_timeout", &mut c.shutdown.drain_timeout, p);
+        s.finish(p);
+    }
+    if let Some(t) = root.table("log", p) {
+        read_log(t, &mut c.log, p);
+    }
+    if let Some(t) = root.table("metrics", p) {
+        let mut s = Section::new(t, "metrics");
+        if let Some(list) = s.strings("methods", p) {
+            c.metric_methods = list;
+        }
+        s.finish(p);
+    }
+    if let Some(t) = root.table("runtime", p) {
+        let mut s = Section::new(t, "runtime");
+        s.number("workers", &mut c.runtime.workers, p);
+        s.finish(p);
+    }
+    match root.get("on_connect") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::Table(t) => c.on_connect.push(read_prelude(t, i, p)),
+                    _ => p.push(format!("on_connect[{i}]: expected a table")),
+                }
+            }
+        }
+        Some(_) => p.push("on_connect: expected an array of tables ([[on_connect]])".into()),
+    }
+    match root.get("upstreams") {
+        None => {}
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::Table(t) => c.upstreams.push(read_upstream(t, i, p)),
+                    _ => p.push(format!("upstreams[{i}]: expected a table")),
+                }
+            }
+        }
+        Some(_) => p.push("upstreams: expected an array of tables ([[upstreams]])".into()),
+    }
+    root.finish(p);
+    c
+}
+
+fn read_http(t: &Table, h: &mut HttpConfig, p: &mut Vec<String>) {
+    let mut s = Section::new(t, "http");
+    if let Some(path) = s.string("path", p) {
+        h.path = path;
+    }
+    s.number("max_body_bytes", &mut h.max_body_bytes, p);
+    s.number("max_batch_size", &mut h.max_batch_size, p);
+    s.parsed("batch", &mut h.batch, p);
+    s.duration("header_read_timeout", &mut h.header_read_timeout, p);
+    s.duration("body_read_timeout", &mut h.body_read_timeout, p);
+    s.duration("keep_alive_timeout", &mut h.keep_alive_timeout, p);
+    s.number("max_connections", &mut h.max_connections, p);
+    let mut streams = h.http2_max_streams as usize;
+    s.number("http2_max_streams", &mut streams, p);
+    h.http2_max_streams = u32::try_from(streams).unwrap_or(u32::MAX);
+    s.finish(p);
+}
+
+fn read_balance(t: &Table, b: &mut BalanceConfig, p: &mut Vec<String>) {
+    let mut s = Section::new(t, "balance");
+    if let Some(list) = s.strings("retry_methods", p) {
+        b.retry_methods = list;
+    }
+    b.health_method = s.string("health_method", p).filter(|m| !m.is_empty());
+    if let Some(params) = s.string("health_params", p) {
+        match expand_env(&params) {
+            Ok(v) => b.health_params = Some(v),
+            Err(e) => p.push(format!("balance.health_params: {e}")),
+        }
+    }
+    s.duration("health_interval", &mut b.health_interval, p);
+    s.duration("health_timeout", &mut b.health_timeout, p);
+    s.number("max_waiting", &mut b.max_waiting, p);
+    s.finish(p);
+}
+
+fn read_sessions(t: &Table, c: &mut SessionConfig, p: &mut Vec<String>) {
+    let mut s = Section::new(t, "sessions");
+    s.parsed("affinity", &mut c.affinity, p);
+    if let Some(h) = s.string("header", p) {
+        c.header = h;
+    }
+    if let Some(k) = s.string("cookie", p) {
+        c.cookie = k;
+    }
+    s.boolean("issue_cookie", &mut c.issue_cookie, p);
+    s.duration("idle_timeout", &mut c.idle_timeout, p);
+    s.number("max_sessions", &mut c.max_sessions, p);
+    s.parsed("when_full", &mut c.when_full, p);
+    if let Some(list) = s.strings("replay_methods", p) {
+        c.replay_methods = list;
+    }
+    s.number("max_replay", &mut c.max_replay, p);
+    s.finish(p);
+}
+
+fn read_log(t: &Table, l: &mut LogConfig, p: &mut Vec<String>) {
+    let mut s = Section::new(t, "log");
+    s.parsed("format", &mut l.format, p);
+    if let Some(level) = s.string("level", p) {
+        if tracing_subscriber::EnvFilter::try_new(&level).is_ok() {
+            l.level = level;
+        } else {
+            p.push(format!(
+                "log.level: {level:?} is not a filter like info or rpcgate=debug,warn"
+            ));
+        }
+    }
+    s.boolean("access_log", &mut l.access_log, p);
+    match s.get("access_log_sample") {
+        None => {}
+        Some(Value::Float(f)) if (0.0..=1.0).contains(f) => l.access_log_sample = *f,
+        Some(Value::Integer(i)) if (0..=1).contains(i) => l.access_log_sample = *i as f64,
+        Some(_) => p.push("log.access_log_sample: expected a number from 0.0 to 1.0".into()),
+    }
+    s.finish(p);
+}
+
+fn read_prelude(t: &Table, i: usize, p: &mut Vec<String>) -> PreludeCall {
+    let mut s = Section::new(t, format!("on_connect[{i}]"));
+    let method = s.string("method", p).unwrap_or_default();
+    let params = match s.string("params", p).map(|v| expand_env(&v)) {
+        Some(Ok(v)) => Some(v),
+        Some(Err(e)) => {
+            p.push(format!("on_connect[{i}].params: {e}"));
+            None
+        }
+        None => None,
+    };
+    s.finish(p);
+    PreludeCall { method, params }
+}
+
+fn read_upstream(t: &Table, i: usize, p: &mut Vec<String>) -> UpstreamConfig {
+    let mut s = Section::new(t, format!("upstreams[{i}]"));
+    let mut up = UpstreamConfig::new(String::new());
+    match s.string("url", p) {
+        Some(url) => up.url = url,
+        None => p.push(format!("upstreams[{i}].url: missing")),
+    }
+    s.number("connections", &mut up.connections, p);
+    s.number("max_in_flight", &mut up.max_in_flight, p);
+    let mut weight = up.weight as usize;
+    s.number("weight", &mut weight, p);
+    up.weight = u32::try_from(weight).unwrap_or(u32::MAX);
+    up.subprotocol = s.string("subprotocol", p);
+    up.ca_file = s.string("ca_file", p).map(PathBuf::from);
+    if let Some(headers) = s.table("headers", p) {
+        for (name, value) in headers {
+            match value {
+                Value::String(v) => match expand_env(v) {
+                    Ok(v) => up.headers.push((name.clone(), v)),
+                    Err(e) => p.push(format!("upstreams[{i}].headers.{name}: {e}")),
+                },
+                _ => p.push(format!("upstreams[{i}].headers.{name}: expected a string")),
+            }
+        }
+    }
+    s.finish(p);
+    up
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{AdminListen, Affinity, BatchMode, DiscoveryMode, LogFormat, WhenFull};
+    use super::*;
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    const UPSTREAM: &str = "[[upstreams]]\nurl = \"ws://127.0.0.1:9000/\"\n";
+
+    fn parse_with_upstream(text: &str) -> Result<Config, Vec<String>> {
+        Config::parse(&format!("{text}\n{UPSTREAM}")).map_err(|p| p.0)
+    }
+
+    #[test]
+    fn full_file_reads_every_key() {
+        let text = r#"
+            listen = "0.0.0.0:9000"
+            [http]
+            path = "/rpc"
+            max_body_bytes = 2048
+            max_batch_size = 5
+            batch = "forward"
+            header_read_timeout = "2s"
+            body_read_timeout = "3s"
+            keep_alive_timeout = "4s"
+            max_connections = 10
+            http2_max_streams = 7
+            [calls]
+            request_timeout = "250ms"
+            connect_wait = "1s"
+            queue_timeout = "5ms"
+            [websocket]
+            ping_interval = "1m"
+            pong_timeout = "20s"
+            handshake_timeout = "3s"
+            reconnect_base = "50ms"
+            reconnect_max = "5s"
+            max_message_bytes = 1000
+            [[upstreams]]
+            url = "wss://example.com/ws"
+            connections = 2
+            max_in_flight = 8
+            subprotocol = "jsonrpc"
+            headers = { Authorization = "Bearer x" }
+        "#;
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.http.path, "/rpc");
+        assert_eq!(c.http.batch, BatchMode::Forward);
+        assert_eq!(c.http.http2_max_streams, 7);
+        assert_eq!(c.calls.request_timeout, Duration::from_millis(250));
+        assert_eq!(c.websocket.ping_interval, Duration::from_secs(60));
+        assert_eq!(c.upstreams[0].connections, 2);
+        assert_eq!(
+            c.upstreams[0].headers,
+            vec![("Authorization".into(), "Bearer x".into())]
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let text = r#"
+            listen = "nowhere"
+            colour = "blue"
+            [calls]
+            request_timeout = "soon"
+            connect_wait = 5
+            [[upstreams]]
+            url = "http://example.com"
+            connections = 0
+            [[upstreams]]
+            connections = -1
+        "#;
+        let problems = Config::parse(text).unwrap_err().0;
+        let all = problems.join("\n");
+        for needle in [
+            "listen:",
+            "colour: unknown key",
+            "calls.request_timeout",
+            "calls.connect_wait: expected a string",
+            "upstreams[0].url",
+            "upstreams[0].connections",
+            "upstreams[1].url: missing",
+            "upstreams[1].connections: must not be negative",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn named_values_are_read_by_their_from_str() {
+        let c = parse_with_upstream(
+            r#"
+            [http]
+            batch = "forward"
+            [discovery]
+            mode = "dns"
+            [sessions]
+            affinity = "connection"
+            when_full = "evict"
+            [log]
+            format = "json"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.http.batch, BatchMode::Forward);
+        assert_eq!(c.discovery.mode, DiscoveryMode::Dns);
+        assert_eq!(c.sessions.affinity, Affinity::Connection);
+        assert_eq!(c.sessions.when_full, WhenFull::Evict);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_bad_named_value_lists_the_accepted_ones_under_its_key() {
+        let problems = parse_with_upstream(
+            r#"
+            [http]
+            batch = "join"
+            [sessions]
+            affinity = "sticky"
+            "#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                r#"http.batch: "join" must be "split" or "forward""#,
+                r#"sessions.affinity: "sticky" must be "none", "upstream" or "connection""#,
+            ]
+        );
+    }
+
+    #[test]
+    fn admin_listen_is_explicit_only_when_written() {
+        assert_eq!(
+            parse_with_upstream("").unwrap().admin_listen,
+            AdminListen::default()
+        );
+        assert_eq!(
+            parse_with_upstream(r#"admin_listen = "0.0.0.0:9464""#)
+                .unwrap()
+                .admin_listen,
+            AdminListen::Explicit(SocketAddr::from(([0, 0, 0, 0], 9464)))
+        );
+        assert_eq!(
+            parse_with_upstream(r#"admin_listen = "off""#)
+                .unwrap()
+                .admin_listen,
+            AdminListen::Off
+        );
+        assert_eq!(
+            parse_with_upstream(r#"admin_listen = "everywhere""#).unwrap_err(),
+            [r#"admin_listen: "everywhere" is not an address like 0.0.0.0:9464 (or "off")"#]
+        );
+    }
+
+    #[test]
+    fn absent_keys_keep_their_defaults() {
+        let c = parse_with_upstream("[calls]\nconnect_wait = \"2s\"").unwrap();
+        assert_eq!(c.calls.connect_wait, Duration::from_secs(2));
+        assert_eq!(c.calls.request_timeout, Duration::from_secs(30));
+        assert!(c.log.access_log);
+    }
+}
