@@ -1,15 +1,22 @@
 //! Every failure a client can see, with its HTTP status and JSON-RPC code.
 //!
-//! This is the one place that maps failures to answers; the README's error table is
-//! written from it, and `tests/answers.rs` checks each row end to end.
+//! This is the one place that maps failures to answers; the error table in
+//! `docs/errors.md` is written from it, and `tests/answers.rs` checks each row end to end.
+//!
+//! The gateway's own codes sit in -32080..=-32099, inside JSON-RPC's range for server
+//! errors but away from the codes clients already give a meaning to: EIP-1474
+//! (Ethereum: -32000..=-32006, which ethers and viem turn into typed errors such as
+//! "resource not found" or "transaction rejected"), Solana's -32001..=-32016 and the
+//! -32000 most services use for their own failures. Every error rpcgate makes carries
+//! `"data": {"source": "rpcgate", "kind": ...}`; errors the upstream sent are passed
+//! through as they are, so a client can always tell the two apart.
 
 use http::StatusCode;
 use std::time::Duration;
 
 /// A failure answered to the client as a JSON-RPC error object.
 ///
-/// Codes in -32000..=-32099 are the gateway's own; their numbers are part of the
-/// public contract and never change meaning.
+/// Codes are part of the public contract and never change meaning.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     #[error("parse error: the request body is not valid JSON ({0})")]
@@ -41,6 +48,10 @@ pub enum Error {
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
     #[error(
+        "the upstream's reply is not valid JSON-RPC (neither a result nor a well-formed error object); the call may have run"
+    )]
+    InvalidUpstreamReply,
+    #[error(
         "the session's upstream connection was reopened but replaying {0:?} failed, so its state is gone; start a new session"
     )]
     ReplayFailed(String),
@@ -56,18 +67,21 @@ impl Error {
         match self {
             Error::Parse(_) => -32700,
             Error::InvalidRequest(_) | Error::BatchTooLarge { .. } => -32600,
-            Error::NoUpstream(_) => -32001,
-            Error::UpstreamLost => -32002,
-            Error::Timeout(_) => -32003,
-            Error::Overloaded => -32004,
-            Error::ReplayFailed(_) => -32006,
-            Error::TooManySessions(_) => -32007,
-            Error::MethodNotAllowed => -32010,
-            Error::UnsupportedMediaType => -32011,
-            Error::PayloadTooLarge { .. } => -32012,
-            Error::NotFound(_) => -32013,
-            Error::BodyTimeout(_) => -32014,
             Error::Internal(_) => -32603,
+            // What happened upstream of us.
+            Error::NoUpstream(_) => -32080,
+            Error::UpstreamLost => -32081,
+            Error::Timeout(_) => -32082,
+            Error::Overloaded => -32083,
+            Error::InvalidUpstreamReply => -32084,
+            Error::ReplayFailed(_) => -32085,
+            Error::TooManySessions(_) => -32086,
+            // What was wrong with the HTTP request.
+            Error::MethodNotAllowed => -32090,
+            Error::UnsupportedMediaType => -32091,
+            Error::PayloadTooLarge { .. } => -32092,
+            Error::NotFound(_) => -32093,
+            Error::BodyTimeout(_) => -32094,
         }
     }
 
@@ -86,13 +100,15 @@ impl Error {
             Error::NoUpstream(_) | Error::Overloaded | Error::TooManySessions(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Error::UpstreamLost | Error::ReplayFailed(_) => StatusCode::BAD_GATEWAY,
+            Error::UpstreamLost | Error::ReplayFailed(_) | Error::InvalidUpstreamReply => {
+                StatusCode::BAD_GATEWAY
+            }
             Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    /// A short stable label, for logs and (later) metric labels.
+    /// A short stable label: the `kind` in the error's `data`, metric labels, logs.
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Parse(_) => "parse",
@@ -105,11 +121,96 @@ impl Error {
             Error::BodyTimeout(_) => "body_timeout",
             Error::NoUpstream(_) => "no_upstream",
             Error::Overloaded => "overloaded",
+            Error::InvalidUpstreamReply => "invalid_upstream_reply",
             Error::ReplayFailed(_) => "replay_failed",
             Error::TooManySessions(_) => "too_many_sessions",
             Error::UpstreamLost => "upstream_lost",
             Error::Timeout(_) => "timeout",
             Error::Internal(_) => "internal",
         }
+    }
+
+    /// Whether the call may have run upstream: a client retrying it must know the
+    /// method is safe to run twice.
+    pub fn may_have_run(&self) -> bool {
+        matches!(
+            self,
+            Error::UpstreamLost | Error::Timeout(_) | Error::InvalidUpstreamReply
+        )
+    }
+
+    /// How long the gateway waited, for failures that are about waiting.
+    pub fn waited(&self) -> Option<Duration> {
+        match self {
+            Error::NoUpstream(d) | Error::Timeout(d) | Error::BodyTimeout(d) => Some(*d),
+            _ => None,
+        }
+    }
+}
+
+/// A wait as a person reads it: to the nearest millisecond (`800ms`, `5s`, `1.25s`),
+/// not the nanoseconds a measured `Instant` difference carries.
+pub fn rounded(waited: Duration) -> Duration {
+    Duration::from_millis(((waited.as_nanos() + 500_000) / 1_000_000) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every() -> Vec<Error> {
+        vec![
+            Error::Parse("x".into()),
+            Error::InvalidRequest("x"),
+            Error::BatchTooLarge { size: 2, max: 1 },
+            Error::MethodNotAllowed,
+            Error::UnsupportedMediaType,
+            Error::PayloadTooLarge { limit: 1 },
+            Error::NotFound("/".into()),
+            Error::BodyTimeout(Duration::from_secs(1)),
+            Error::NoUpstream(Duration::from_secs(1)),
+            Error::Overloaded,
+            Error::UpstreamLost,
+            Error::Timeout(Duration::from_secs(1)),
+            Error::InvalidUpstreamReply,
+            Error::ReplayFailed("login".into()),
+            Error::TooManySessions(1),
+            Error::Internal("x"),
+        ]
+    }
+
+    #[test]
+    fn gateway_codes_stay_clear_of_the_codes_clients_already_interpret() {
+        for e in every() {
+            let code = e.code();
+            let standard = matches!(code, -32700 | -32600 | -32603);
+            assert!(
+                standard || (-32099..=-32080).contains(&code),
+                "{e:?} has {code}"
+            );
+            // EIP-1474 and Solana's server errors, and the -32000 services use.
+            assert!(!(-32016..=-32000).contains(&code), "{e:?} has {code}");
+        }
+    }
+
+    #[test]
+    fn every_kind_has_its_own_code_or_is_a_standard_one() {
+        let mut seen = std::collections::HashMap::new();
+        for e in every() {
+            if let Some(other) = seen.insert(e.code(), e.kind())
+                && e.code() != -32600
+            {
+                panic!("{} and {other} share {}", e.kind(), e.code());
+            }
+        }
+    }
+
+    #[test]
+    fn waits_are_shown_in_whole_milliseconds() {
+        let waited = rounded(Duration::from_nanos(799_623_456));
+        assert_eq!(
+            Error::Timeout(waited).to_string(),
+            "upstream did not answer within 800ms"
+        );
     }
 }

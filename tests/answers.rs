@@ -109,7 +109,7 @@ async fn client_errors_are_answered_without_touching_the_upstream() {
     let resp = request(gw.addr, Method::GET, "/", &[], "").await;
     assert_eq!(resp.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(resp.header("allow"), Some("POST"));
-    assert_eq!(error_code(&resp.json()), -32010);
+    assert_eq!(error_code(&resp.json()), -32090);
 
     let resp = request(
         gw.addr,
@@ -120,7 +120,7 @@ async fn client_errors_are_answered_without_touching_the_upstream() {
     )
     .await;
     assert_eq!(resp.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert_eq!(error_code(&resp.json()), -32011);
+    assert_eq!(error_code(&resp.json()), -32091);
     let resp = request(gw.addr, Method::POST, "/", &[], CALL).await;
     assert_eq!(
         resp.status,
@@ -134,11 +134,11 @@ async fn client_errors_are_answered_without_touching_the_upstream() {
     );
     let resp = request(gw.addr, Method::POST, "/", &json_ct, big.clone()).await;
     assert_eq!(resp.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(error_code(&resp.json()), -32012);
+    assert_eq!(error_code(&resp.json()), -32092);
 
     let resp = request(gw.addr, Method::POST, "/elsewhere", &json_ct, CALL).await;
     assert_eq!(resp.status, StatusCode::NOT_FOUND);
-    assert_eq!(error_code(&resp.json()), -32013);
+    assert_eq!(error_code(&resp.json()), -32093);
 
     assert_eq!(
         up.frames_received(),
@@ -163,7 +163,7 @@ async fn body_over_the_limit_without_content_length_is_413() {
     tcp.write(req).await.unwrap();
     let answer = String::from_utf8_lossy(&tcp.read_some().await).into_owned();
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    assert!(answer.contains("-32012"), "{answer}");
+    assert!(answer.contains("-32092"), "{answer}");
 }
 
 #[tokio::test]
@@ -194,7 +194,7 @@ async fn timeout_is_504_and_forgets_the_call() {
     let resp = with_timeout_of(Duration::from_secs(60), post(gw.addr, "/", CALL)).await;
     assert_eq!(resp.status, StatusCode::GATEWAY_TIMEOUT);
     let v = resp.json();
-    assert_eq!(error_code(&v), -32003);
+    assert_eq!(error_code(&v), -32082);
     assert_eq!(v["id"], "c-1");
     assert_eq!(
         gw.upstreams.pending_calls(),
@@ -228,7 +228,7 @@ async fn no_upstream_is_503_after_connect_wait() {
     let resp = with_timeout_of(Duration::from_secs(60), post(gw.addr, "/", CALL)).await;
     assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
     let v = resp.json();
-    assert_eq!(error_code(&v), -32001);
+    assert_eq!(error_code(&v), -32080);
     assert_eq!(v["id"], "c-1");
     let note = with_timeout_of(
         Duration::from_secs(60),
@@ -283,7 +283,7 @@ async fn dropped_upstream_answers_every_in_flight_call_with_502_then_recovers() 
         let resp = with_timeout(call).await.unwrap();
         assert_eq!(resp.status, StatusCode::BAD_GATEWAY, "call {i}");
         let v = resp.json();
-        assert_eq!(error_code(&v), -32002);
+        assert_eq!(error_code(&v), -32081);
         assert_eq!(v["id"], i);
     }
     // Reconnect, then service resumes.
@@ -336,7 +336,7 @@ async fn full_connections_make_calls_wait_then_503() {
     )
     .await;
     assert_eq!(third.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(error_code(&third.json()), -32004);
+    assert_eq!(error_code(&third.json()), -32083);
     assert_eq!(third.json()["id"], 3);
 
     // A queued call gets the slot a finished one frees.
@@ -494,5 +494,68 @@ async fn a_full_connection_queue_answers_overloaded_instead_of_spinning() {
     );
     let small = post(gw.addr, "/", r#"{"jsonrpc":"2.0","method":"n"}"#).await;
     assert_eq!(small.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(error_code(&small.json()), -32004);
+    assert_eq!(error_code(&small.json()), -32083);
+}
+
+#[tokio::test]
+async fn a_reply_with_neither_result_nor_a_proper_error_answers_502_at_once() {
+    let up = FakeUpstream::start().await;
+    let mut config = config_for(&[up.url()], 1);
+    // Long enough that a 502 can only come from the reply itself, not the deadline.
+    config.calls.request_timeout = Duration::from_secs(600);
+    let gw = start_gateway(config).await;
+    gw.wait_open(1).await;
+    for shape in [
+        r#"{"jsonrpc":"2.0","id":ID}"#,
+        r#"{"jsonrpc":"2.0","id":ID,"error":{"code":"E1"}}"#,
+        r#"{"jsonrpc":"2.0","id":ID,"error":"something broke"}"#,
+    ] {
+        let reply = tokio::spawn(post(gw.addr, "/", CALL));
+        let frame = up.next_frame().await;
+        let id = frame.id().cloned().unwrap();
+        frame.reply_text(shape.replace("ID", &id.to_string()));
+        let resp = with_timeout(reply).await.unwrap();
+        assert_eq!(resp.status, StatusCode::BAD_GATEWAY, "{shape}");
+        let v = resp.json();
+        assert_eq!(error_code(&v), -32084, "{shape}");
+        assert_eq!(v["id"], "c-1");
+        assert_eq!(v["error"]["data"]["kind"], "invalid_upstream_reply");
+        assert_eq!(v["error"]["data"]["may_have_run"], true);
+    }
+    assert_eq!(gw.upstreams.pending_calls(), 0);
+}
+
+#[tokio::test]
+async fn gateway_errors_say_they_are_the_gateways_and_upstream_errors_do_not() {
+    let up = FakeUpstream::start().await;
+    up.auto_reply(|f| Some(f.error_text(-32000, "execution reverted")));
+    let gw = start_gateway(config_for(&[up.url()], 1)).await;
+    gw.wait_open(1).await;
+    let passed = post(gw.addr, "/", CALL).await.json();
+    assert_eq!(passed["error"]["code"], -32000);
+    assert!(passed["error"].get("data").is_none(), "{passed}");
+    let ours = post(gw.addr, "/", "{nope").await.json();
+    assert_eq!(ours["error"]["data"]["source"], "rpcgate", "{ours}");
+    assert_eq!(ours["error"]["data"]["kind"], "parse");
+    let ours = request(gw.addr, Method::GET, "/", &[], "").await.json();
+    assert_eq!(ours["error"]["data"]["source"], "rpcgate", "{ours}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_shorter_than_connect_wait_is_the_wait_the_message_names() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = config_for(&[format!("ws://{free}/")], 1);
+    config.calls.connect_wait = Duration::from_secs(5);
+    config.calls.request_timeout = Duration::from_millis(800);
+    let gw = start_gateway(config).await;
+    let resp = with_timeout_of(Duration::from_secs(60), post(gw.addr, "/", CALL)).await;
+    assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
+    let v = resp.json();
+    assert_eq!(error_code(&v), -32080);
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains("within 800ms"), "{message}");
+    assert_eq!(v["error"]["data"]["waited_ms"], 800);
 }

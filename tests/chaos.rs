@@ -50,9 +50,9 @@ fn serve(up: &FakeUpstream, name: &'static str, executions: &Executions) {
 enum Outcome {
     /// 200 with this call's own result, from the named upstream.
     Answered(String),
-    /// 502 -32002: the connection died with the call written.
+    /// 502 -32081: the connection died with the call written.
     Lost,
-    /// 503 -32001 or -32004: no upstream could take it.
+    /// 503 -32080 or -32083: no upstream could take it.
     Unavailable,
 }
 
@@ -84,8 +84,8 @@ async fn call(client: &mut Client, method: &'static str, nonce: &str, id: usize)
             assert!(NAMES.contains(&upstream), "{method} {nonce}: {v}");
             Outcome::Answered(upstream.to_owned())
         }
-        (StatusCode::BAD_GATEWAY, Some(-32002)) => Outcome::Lost,
-        (StatusCode::SERVICE_UNAVAILABLE, Some(-32001 | -32004)) => Outcome::Unavailable,
+        (StatusCode::BAD_GATEWAY, Some(-32081)) => Outcome::Lost,
+        (StatusCode::SERVICE_UNAVAILABLE, Some(-32080 | -32083)) => Outcome::Unavailable,
         (status, _) => panic!("{method} {nonce}: undocumented answer {status}: {v}"),
     }
 }

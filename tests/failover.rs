@@ -162,7 +162,7 @@ async fn calls_still_queued_when_a_connection_dies_go_to_another_upstream() {
                 moved += 1;
             }
             StatusCode::BAD_GATEWAY => {
-                assert_eq!(error_code(&resp.json()), -32002, "{tag}");
+                assert_eq!(error_code(&resp.json()), -32081, "{tag}");
                 assert!(!at_b_set.contains(tag), "{tag} failed yet ran on b");
             }
             other => panic!("{tag}: unexpected {other}: {}", resp.text()),
@@ -268,7 +268,7 @@ async fn an_upstream_crashing_under_load_never_runs_a_call_twice() {
                 );
             }
             StatusCode::BAD_GATEWAY => {
-                assert_eq!(error_code(&resp.json()), -32002, "{tag}");
+                assert_eq!(error_code(&resp.json()), -32081, "{tag}");
                 assert!(!at_b.contains(tag), "{tag} failed, yet b ran it");
                 lost += 1;
             }
@@ -324,7 +324,7 @@ async fn a_written_call_is_not_sent_again_when_its_connection_dies() {
         "body: {}",
         resp.text()
     );
-    assert_eq!(error_code(&resp.json()), -32002);
+    assert_eq!(error_code(&resp.json()), -32081);
     assert_eq!(a.count_method("transfer"), 1);
     assert_eq!(
         b.count_method("transfer"),
@@ -516,7 +516,7 @@ async fn an_upstream_refusing_on_connect_gets_no_traffic() {
         "body: {}",
         resp.text()
     );
-    assert_eq!(error_code(&resp.json()), -32001);
+    assert_eq!(error_code(&resp.json()), -32080);
     assert_eq!(resp.header("retry-after"), Some("1"));
     assert!(wrong.received().iter().all(|r| r.method() == Some("auth")));
 }
@@ -552,7 +552,7 @@ async fn past_max_waiting_a_call_gets_503_at_once() {
         "body: {}",
         refused.text()
     );
-    assert_eq!(error_code(&refused.json()), -32004);
+    assert_eq!(error_code(&refused.json()), -32083);
     assert_eq!(refused.header("retry-after"), Some("1"));
 
     held.reply_result(json!("first"));

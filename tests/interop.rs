@@ -293,11 +293,11 @@ async fn killed_upstream_answers_in_flight_calls_502() {
     for call in calls {
         let resp = with_timeout(call).await.unwrap();
         assert_eq!(resp.status, StatusCode::BAD_GATEWAY);
-        assert_eq!(resp.json()["error"]["code"], -32002);
+        assert_eq!(resp.json()["error"]["code"], -32081);
     }
     // Nothing to reconnect to: new calls get 503 after connect_wait.
     let resp = post(gw.addr, "/", r#"{"jsonrpc":"2.0","id":1,"method":"echo"}"#).await;
     assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
     let v: Value = resp.json();
-    assert_eq!(v["error"]["code"], -32001);
+    assert_eq!(v["error"]["code"], -32080);
 }

@@ -317,7 +317,7 @@ async fn a_failed_replay_fails_the_sessions_calls_with_502_naming_the_method() {
         resp.text()
     );
     let v = resp.json();
-    assert_eq!(error_code(&v), -32006);
+    assert_eq!(error_code(&v), -32085);
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(
         message.contains("login"),
@@ -357,7 +357,7 @@ async fn a_call_waiting_for_its_sessions_reconnect_learns_that_the_replay_failed
     let resp = with_timeout(waiting).await.expect("call task");
     assert_eq!(
         (resp.status, error_code(&resp.json())),
-        (StatusCode::BAD_GATEWAY, -32006),
+        (StatusCode::BAD_GATEWAY, -32085),
         "the waiting call is told the session's state is gone, not to retry later: {}",
         resp.text()
     );
@@ -429,7 +429,7 @@ async fn a_full_session_table_rejects_new_sessions_with_503() {
         "body: {}",
         resp.text()
     );
-    assert_eq!(error_code(&resp.json()), -32007);
+    assert_eq!(error_code(&resp.json()), -32086);
     assert_eq!(resp.header("retry-after"), Some("1"));
     assert_eq!(
         count(&gw, "alice").await,

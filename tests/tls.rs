@@ -232,7 +232,7 @@ async fn wss_upstream_with_unknown_ca_is_never_trusted() {
         resp.text()
     );
     let v = resp.json();
-    assert_eq!(v["error"]["code"], -32001, "{v}");
+    assert_eq!(v["error"]["code"], -32080, "{v}");
     assert_eq!(v["id"], "tls-1", "{v}");
 
     // Retried (backoff is capped at 200ms in tests) and still refused, never opened.

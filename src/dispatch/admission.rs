@@ -7,7 +7,7 @@
 
 use super::select::{self, Pick};
 use super::{Outbound, Route};
-use crate::error::Error;
+use crate::error::{Error, rounded};
 use crate::upstream::{Conn, PoolSignals, Upstream, Upstreams};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,7 +55,8 @@ impl Drop for Permit {
 /// up after `connect_wait`.
 #[derive(Default)]
 pub(super) struct Waits {
-    connect_until: Option<Instant>,
+    /// When the message first found nothing open, and until when it may wait.
+    connect: Option<(Instant, Instant)>,
 }
 
 /// Takes slots for `msg` on a connection `route` allows, waiting as configured.
@@ -95,12 +96,14 @@ pub(super) async fn reserve(
                 return Ok(permit);
             }
             Pick::NoneOpen => {
-                let until = *waits
-                    .connect_until
-                    .get_or_insert_with(|| (Instant::now() + calls.connect_wait).min(deadline));
+                let (since, until) = *waits.connect.get_or_insert_with(|| {
+                    let now = Instant::now();
+                    (now, (now + calls.connect_wait).min(deadline))
+                });
                 if Instant::now() >= until {
                     observe(waiting_since);
-                    return Err(Error::NoUpstream(calls.connect_wait));
+                    // What it really waited: the deadline may have cut connect_wait short.
+                    return Err(Error::NoUpstream(rounded(since.elapsed())));
                 }
                 until
             }

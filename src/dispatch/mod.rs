@@ -24,7 +24,7 @@ mod select;
 pub use outbound::{Outbound, Prelude};
 pub use route::Route;
 
-use crate::error::Error;
+use crate::error::{Error, rounded};
 use crate::metrics::Metrics;
 use crate::upstream::{CallId, Conn, Failure, FrameIds, PreludeCall, Refused, Reply, Upstreams};
 use std::time::Duration;
@@ -72,6 +72,7 @@ async fn deliver(
     route: Route<'_>,
     deadline: Instant,
 ) -> Result<Sent, Error> {
+    let started = Instant::now();
     let mut waits = admission::Waits::default();
     let mut avoid = None;
     loop {
@@ -100,7 +101,7 @@ async fn deliver(
             answers.push(match timeout_at(deadline, rx).await {
                 Err(_) => {
                     timed_out = true;
-                    Err(Error::Timeout(upstreams.calls.request_timeout))
+                    Err(Error::Timeout(rounded(started.elapsed())))
                 }
                 Ok(Ok(Ok(mut reply))) => {
                     reply.upstream = label.clone();
@@ -110,6 +111,7 @@ async fn deliver(
                     not_sent = true;
                     Err(Error::UpstreamLost)
                 }
+                Ok(Ok(Err(Failure::InvalidReply))) => Err(Error::InvalidUpstreamReply),
                 Ok(Ok(Err(Failure::Lost)) | Err(_)) => {
                     lost = true;
                     Err(Error::UpstreamLost)

@@ -18,14 +18,26 @@ pub fn write_reply(out: &mut Vec<u8>, client_id: &RawValue, is_error: bool, payl
     out.push(b'}');
 }
 
-/// Appends a JSON-RPC error object for a gateway failure.
+/// Appends a JSON-RPC error object for a gateway failure. Its `data` says that rpcgate,
+/// not the upstream, produced it, which failure it is, and how long it waited.
 pub fn write_error(out: &mut Vec<u8>, id: Option<&RawValue>, error: &Error) {
     out.extend_from_slice(br#"{"jsonrpc":"2.0","error":{"code":"#);
     out.extend_from_slice(itoa::Buffer::new().format(error.code()).as_bytes());
     out.extend_from_slice(br#","message":"#);
     // Serializing a String into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, &error.to_string());
-    out.extend_from_slice(br#"},"id":"#);
+    out.extend_from_slice(br#","data":{"source":"rpcgate","kind":""#);
+    // Kinds are fixed lowercase identifiers: nothing to escape.
+    out.extend_from_slice(error.kind().as_bytes());
+    out.push(b'"');
+    if let Some(waited) = error.waited() {
+        out.extend_from_slice(br#","waited_ms":"#);
+        out.extend_from_slice(itoa::Buffer::new().format(waited.as_millis()).as_bytes());
+    }
+    if error.may_have_run() {
+        out.extend_from_slice(br#","may_have_run":true"#);
+    }
+    out.extend_from_slice(br#"}},"id":"#);
     out.extend_from_slice(id.map_or("null", |i| i.get()).as_bytes());
     out.push(b'}');
 }
@@ -42,5 +54,21 @@ mod tests {
         assert_eq!(v["error"]["code"], -32700);
         assert_eq!(v["id"], serde_json::Value::Null);
         assert!(v["error"]["message"].as_str().unwrap().contains("\"y\""));
+        assert_eq!(v["error"]["data"]["source"], "rpcgate");
+        assert_eq!(v["error"]["data"]["kind"], "parse");
+    }
+
+    #[test]
+    fn a_wait_says_how_long_and_a_lost_call_that_it_may_have_run() {
+        let mut out = Vec::new();
+        let waited = std::time::Duration::from_millis(800);
+        write_error(&mut out, None, &Error::Timeout(waited));
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["error"]["data"]["waited_ms"], 800);
+        assert_eq!(v["error"]["data"]["may_have_run"], true);
+        out.clear();
+        write_error(&mut out, None, &Error::Overloaded);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v["error"]["data"].get("may_have_run").is_none());
     }
 }

@@ -312,7 +312,7 @@ mod tests {
                     &mut out,
                     call.id.unwrap(),
                     outcome.is_error(),
-                    outcome.payload().get(),
+                    outcome.payload().map_or("null", |p| p.get()),
                 );
             });
             let expected = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":[1]}}"#);

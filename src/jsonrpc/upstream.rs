@@ -33,6 +33,23 @@ struct WireReply<'a> {
 pub enum Outcome<'a> {
     Result(&'a RawValue),
     Error(&'a RawValue),
+    /// A reply to one of our ids with neither a `result` nor a well-formed `error`
+    /// object: its caller is told at once rather than left to time out.
+    Invalid,
+}
+
+/// What an `error` member must hold: an integer code and a string message.
+#[derive(Deserialize)]
+struct WireError<'a> {
+    #[allow(dead_code)] // Read only to check it is an integer.
+    code: i64,
+    #[serde(borrow)]
+    message: &'a RawValue,
+}
+
+fn well_formed_error(error: &RawValue) -> bool {
+    serde_json::from_str::<WireError<'_>>(error.get())
+        .is_ok_and(|e| e.message.get().starts_with('"'))
 }
 
 /// What an upstream frame held, for counting what could not be matched.
@@ -75,18 +92,20 @@ fn read_one<'a>(text: &'a str, on_reply: &mut impl FnMut(u64, Outcome<'a>), seen
         return;
     }
     let outcome = match (wire.error, wire.result) {
-        (Some(e), _) if e.get() != "null" => Outcome::Error(e),
+        (Some(e), _) if e.get() != "null" => match well_formed_error(e) {
+            true => Outcome::Error(e),
+            false => Outcome::Invalid,
+        },
         (_, Some(r)) => Outcome::Result(r),
-        _ => {
-            seen.garbage += 1;
-            return;
-        }
+        _ => Outcome::Invalid,
     };
     match wire.id.and_then(|id| parse_our_id(id.get())) {
         Some(id) => {
             seen.replies += 1;
             on_reply(id, outcome);
         }
+        // Answers nobody, and is not JSON-RPC either.
+        None if matches!(outcome, Outcome::Invalid) => seen.garbage += 1,
         None => seen.unsolicited += 1,
     }
 }
@@ -105,9 +124,11 @@ impl<'a> Outcome<'a> {
         matches!(self, Outcome::Error(_))
     }
 
-    pub fn payload(&self) -> &'a RawValue {
+    /// The raw `result` or `error`; none for an invalid reply.
+    pub fn payload(&self) -> Option<&'a RawValue> {
         match self {
-            Outcome::Result(r) | Outcome::Error(r) => r,
+            Outcome::Result(r) | Outcome::Error(r) => Some(r),
+            Outcome::Invalid => None,
         }
     }
 }
@@ -120,7 +141,7 @@ mod tests {
     fn upstream_frames() {
         let mut got = Vec::new();
         let seen = read_upstream(
-            r#"[{"jsonrpc":"2.0","id":1,"result":null},{"jsonrpc":"2.0","id":"2","error":{"code":1}},{"jsonrpc":"2.0","method":"note"},{"id":3},{"jsonrpc":"2.0","id":"zz","result":1}]"#,
+            r#"[{"jsonrpc":"2.0","id":1,"result":null},{"jsonrpc":"2.0","id":"2","error":{"code":1,"message":"m","data":[1]}},{"jsonrpc":"2.0","method":"note"},{"jsonrpc":"2.0","id":"zz","result":1},{"nope":1}]"#,
             |id, o| got.push((id, o)),
         );
         assert_eq!(
@@ -136,5 +157,22 @@ mod tests {
         assert!(matches!(got[1].1, Outcome::Error(_)));
         assert_eq!(read_upstream("garbage", |_, _| {}).garbage, 1);
         assert_eq!(read_upstream("[garbage", |_, _| {}).garbage, 1);
+    }
+
+    #[test]
+    fn a_reply_to_our_id_without_a_result_or_a_proper_error_is_invalid() {
+        for reply in [
+            r#"{"jsonrpc":"2.0","id":7}"#,
+            r#"{"jsonrpc":"2.0","id":7,"error":{"code":1}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"error":{"code":"1","message":"m"}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"error":{"code":1.5,"message":"m"}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"error":{"code":1,"message":2}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"error":"boom"}"#,
+        ] {
+            let mut got = Vec::new();
+            let seen = read_upstream(reply, |id, o| got.push((id, o)));
+            assert_eq!(seen.replies, 1, "{reply}");
+            assert!(matches!(got[..], [(7, Outcome::Invalid)]), "{reply}");
+        }
     }
 }

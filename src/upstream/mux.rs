@@ -52,6 +52,8 @@ pub enum Failure {
     NotSent,
     /// The socket died after the frame was written: the call may have run.
     Lost,
+    /// The upstream answered with something that is no JSON-RPC reply.
+    InvalidReply,
 }
 
 pub(crate) type ReplySender = oneshot::Sender<Result<Reply, Failure>>;
@@ -238,20 +240,24 @@ impl Mux {
         let base = text.as_ptr() as usize;
         let pending = &mut self.pending;
         let inbound = crate::jsonrpc::read_upstream(text, |id, outcome| {
-            let payload = outcome.payload().get();
-            let start = payload.as_ptr() as usize - base;
-            match pending.remove(id) {
-                Some(tx) => {
-                    seen.matched += 1;
-                    let _ = tx.send(Ok(Reply {
+            let Some(tx) = pending.remove(id) else {
+                seen.unsolicited += 1;
+                return;
+            };
+            seen.matched += 1;
+            let answer = match outcome.payload() {
+                Some(payload) => {
+                    let start = payload.get().as_ptr() as usize - base;
+                    Ok(Reply {
                         frame: frame.clone(),
-                        range: start..start + payload.len(),
+                        range: start..start + payload.get().len(),
                         is_error: outcome.is_error(),
                         upstream: None,
-                    }));
+                    })
                 }
-                None => seen.unsolicited += 1,
-            }
+                None => Err(Failure::InvalidReply),
+            };
+            let _ = tx.send(answer);
         });
         seen.unsolicited += inbound.unsolicited;
         seen.garbage += inbound.garbage;
@@ -328,14 +334,17 @@ mod tests {
         assert!(frames[1].text.ends_with(&format!(r#""id":{b}}}"#)));
         // Out of order, in one upstream batch frame.
         let reply = format!(
-            r#"[{{"jsonrpc":"2.0","id":{b},"result":"B"}},{{"jsonrpc":"2.0","id":{a},"error":{{"code":1}}}}]"#
+            r#"[{{"jsonrpc":"2.0","id":{b},"result":"B"}},{{"jsonrpc":"2.0","id":{a},"error":{{"code":1,"message":"m"}}}}]"#
         );
         let seen = mux.deliver(&Bytes::from(reply));
         assert_eq!(seen.matched, 2);
         let b = answer(&mut rx_b).unwrap().unwrap();
         assert_eq!((b.payload(), b.is_error()), (r#""B""#, false));
         let a = answer(&mut rx_a).unwrap().unwrap();
-        assert_eq!((a.payload(), a.is_error()), (r#"{"code":1}"#, true));
+        assert_eq!(
+            (a.payload(), a.is_error()),
+            (r#"{"code":1,"message":"m"}"#, true)
+        );
         assert_eq!(mux.pending_len(), 0);
     }
 
