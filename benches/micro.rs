@@ -59,13 +59,9 @@ fn restore_reply(c: &mut Criterion) {
             b.iter(|| {
                 let mut out = Vec::new();
                 jsonrpc::read_upstream(frame, |_, outcome| {
-                    out.reserve(outcome.payload().get().len() + 64);
-                    jsonrpc::write_reply(
-                        &mut out,
-                        client_id,
-                        outcome.is_error(),
-                        outcome.payload().get(),
-                    );
+                    let payload = outcome.payload().map_or("null", |p| p.get());
+                    out.reserve(payload.len() + 64);
+                    jsonrpc::write_reply(&mut out, client_id, outcome.is_error(), payload);
                 });
                 black_box(out)
             })
