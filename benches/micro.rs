@@ -121,7 +121,12 @@ fn batch_split_and_reassemble(c: &mut Criterion) {
                     }
                     let id = entry.as_ref().expect("valid").id.expect("has id");
                     jsonrpc::read_upstream(text, |_, o| {
-                        jsonrpc::write_reply(&mut out, id, o.is_error(), o.payload().get())
+                        jsonrpc::write_reply(
+                            &mut out,
+                            id,
+                            o.is_error(),
+                            o.payload().map_or("null", |p| p.get()),
+                        )
                     });
                 }
                 out.push(b']');
