@@ -363,3 +363,78 @@ async fn check_config_shows_the_admin_address_and_the_default_is_loopback() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Credentials in an upstream URL authenticate the handshake and are shown nowhere:
+/// not in logs, the access log, `/metrics`, or `check-config`'s output.
+#[tokio::test]
+async fn url_credentials_reach_the_upstream_and_nothing_else() {
+    let up = FakeUpstream::start().await;
+    up.auto_reply(|f| Some(f.result_text(json!("ok"))));
+    let url = format!(
+        "ws://alice:hunter2-pw@{}/rpc?apikey=hunter2-key&net=main",
+        up.addr()
+    );
+    let mut child = rpcgate()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &url,
+            "--log-format",
+            "json",
+        ])
+        .args(["--admin-listen", "127.0.0.1:0", "--shutdown-delay", "0s"])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let admin_addr = addr_of(&line_after(&mut lines, "rpcgate admin on").await);
+    let addr = addr_of(&line_after(&mut lines, "rpcgate listening on").await);
+    up.wait_for_connections(4).await;
+    let handshake = up.handshake(0);
+    assert_eq!(
+        handshake
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok()),
+        Some("Basic YWxpY2U6aHVudGVyMi1wdw=="),
+        "the userinfo becomes Basic credentials"
+    );
+    assert_eq!(
+        handshake.uri.to_string(),
+        "/rpc?apikey=hunter2-key&net=main",
+        "the query reaches the upstream as written"
+    );
+    let resp = post(addr, "/", r#"{"jsonrpc":"2.0","id":1,"method":"m"}"#).await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let metrics = request(admin_addr, Method::GET, "/metrics", &[], "")
+        .await
+        .text();
+    assert!(
+        metrics.contains("rpcgate_upstream_connections{"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("hunter2"), "{metrics}");
+    assert!(metrics.contains("/rpc?apikey=***&net=***"), "{metrics}");
+    sigterm(&child);
+    let out = with_timeout(child.wait_with_output()).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rpcgate::access"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+
+    let dir = std::env::temp_dir().join(format!("rpcgate-secrets-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(
+        &file,
+        "[[upstreams]]\nurl = \"http://bob:hunter2-pw@example.com/?token=hunter2-key\"\n",
+    )
+    .unwrap();
+    let out = with_timeout(rpcgate().args(["check-config"]).arg(&file).output())
+        .await
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(shown.contains("must start with ws://"), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

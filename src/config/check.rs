@@ -16,10 +16,21 @@ impl Config {
         if self.upstreams.is_empty() {
             p.push("no upstream: add an [[upstreams]] table or pass --upstream URL".to_string());
         }
+        let mut names: Vec<String> = Vec::new();
         for (i, up) in self.upstreams.iter().enumerate() {
             if let Err(e) = check_ws_url(&up.url) {
                 p.push(format!("upstreams[{i}].url: {e}"));
             }
+            let name = up.shown_name();
+            if up.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+                p.push(format!("upstreams[{i}].name: must not be empty"));
+            } else if let Some(first) = names.iter().position(|n| *n == name) {
+                // Labels and logs could not tell them apart.
+                p.push(format!(
+                    "upstreams[{i}]: shown as {name:?} like upstreams[{first}]; give one of them a distinct `name`"
+                ));
+            }
+            names.push(name);
             if up.connections == 0 {
                 p.push(format!("upstreams[{i}].connections: must be at least 1"));
             }
@@ -156,13 +167,18 @@ impl Config {
 pub fn check_ws_url(url: &str) -> Result<(), String> {
     let uri: http::Uri = url
         .parse()
-        .map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+        .map_err(|e| format!("{:?} is not a URL ({e})", super::redact_url(url)))?;
     match uri.scheme_str() {
         Some("ws" | "wss") => {}
-        _ => return Err(format!("{url:?} must start with ws:// or wss://")),
+        _ => {
+            return Err(format!(
+                "{:?} must start with ws:// or wss://",
+                super::redact_url(url)
+            ));
+        }
     }
     if uri.host().is_none_or(str::is_empty) {
-        return Err(format!("{url:?} has no host"));
+        return Err(format!("{:?} has no host", super::redact_url(url)));
     }
     Ok(())
 }

@@ -8,11 +8,13 @@
 //! - `file.rs`: loading TOML, `${VAR}` expansion, durations, and the key-by-key reader
 //!   that reports unknown keys; `sections.rs`: what each table holds.
 //! - `check.rs`: [`Config::check`], the relations between settings.
+//! - `redact.rs`: upstream URLs without their credentials, for everything shown.
 
 mod admin_listen;
 mod check;
 mod choices;
 mod file;
+mod redact;
 mod sections;
 mod types;
 
@@ -20,6 +22,7 @@ pub use admin_listen::{AdminListen, BadAdminListen};
 pub use check::{Problems, check_ws_url};
 pub use choices::{Affinity, BatchMode, DiscoveryMode, LogFormat, UnknownName, WhenFull};
 pub use file::{expand_env, parse_duration};
+pub use redact::{redact_url, userinfo, without_userinfo};
 pub use types::{
     BalanceConfig, CallConfig, Config, DiscoveryConfig, HttpConfig, LogConfig, PreludeCall,
     RuntimeConfig, SessionConfig, ShutdownConfig, UpstreamConfig, WebSocketConfig,

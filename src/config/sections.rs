@@ -203,6 +203,7 @@ fn read_upstream(t: &Table, i: usize, p: &mut Vec<String>) -> UpstreamConfig {
         Some(url) => up.url = url,
         None => p.push(format!("upstreams[{i}].url: missing")),
     }
+    up.name = s.string("name", p);
     s.number("connections", &mut up.connections, p);
     s.number("max_in_flight", &mut up.max_in_flight, p);
     let mut weight = up.weight as usize;

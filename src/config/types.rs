@@ -154,8 +154,12 @@ impl Default for WebSocketConfig {
 /// One upstream service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamConfig {
-    /// `ws://` or `wss://` URL.
+    /// `ws://` or `wss://` URL. May carry credentials (`user:password@`, a query
+    /// key); it is never shown as written (see [`UpstreamConfig::name`]).
     pub url: String,
+    /// What logs, the access log and metric labels call it; `None`: the URL without
+    /// its credentials (see `redact.rs`).
+    pub name: Option<String>,
     /// Persistent connections opened to this upstream.
     pub connections: usize,
     /// Calls in flight per connection at most.
@@ -171,10 +175,19 @@ pub struct UpstreamConfig {
 }
 
 impl UpstreamConfig {
+    /// The name it is shown by: `name`, or the URL without credentials.
+    pub fn shown_name(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => super::redact_url(&self.url),
+        }
+    }
+
     /// An upstream at `url` with default settings.
     pub fn new(url: impl Into<String>) -> Self {
         UpstreamConfig {
             url: url.into(),
+            name: None,
             connections: 4,
             max_in_flight: 1024,
             headers: Vec::new(),

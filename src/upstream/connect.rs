@@ -40,6 +40,7 @@ pub enum ConnectError {
 /// Everything needed to (re)open a connection to one upstream, built once.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// The URL as it may be shown: without credentials.
     pub url: String,
     uri: Uri,
     /// `host:port` to dial: the URL's, or one resolved address (DNS discovery), while
@@ -51,11 +52,16 @@ pub struct Target {
 
 impl Target {
     pub fn new(up: &UpstreamConfig) -> Result<Target, TargetError> {
+        // Errors and logs show the URL without its credentials.
         let url_err = |reason: String| TargetError::Url {
-            url: up.url.clone(),
+            url: crate::config::redact_url(&up.url),
             reason,
         };
-        let uri: Uri = up.url.parse().map_err(|e| url_err(format!("{e}")))?;
+        // The userinfo becomes a Basic `Authorization` header, which is what a URL with
+        // `user:password@` asks for; the handshake's URI goes without it.
+        let uri: Uri = crate::config::without_userinfo(&up.url)
+            .parse()
+            .map_err(|e| url_err(format!("{e}")))?;
         let secure = match uri.scheme_str() {
             Some("ws") => false,
             Some("wss") => true,
@@ -73,6 +79,17 @@ impl Target {
                 HeaderValue::from_str(value).map_err(|e| url_err(format!("header {name}: {e}")))?;
             headers.push((name, value));
         }
+        let has_authorization = headers
+            .iter()
+            .any(|(name, _)| name == http::header::AUTHORIZATION);
+        if let Some(info) = crate::config::userinfo(&up.url)
+            && !has_authorization
+        {
+            headers.push((
+                http::header::AUTHORIZATION,
+                basic_auth(info).map_err(url_err)?,
+            ));
+        }
         if let Some(proto) = &up.subprotocol {
             let value =
                 HeaderValue::from_str(proto).map_err(|e| url_err(format!("subprotocol: {e}")))?;
@@ -84,7 +101,7 @@ impl Target {
             None
         };
         Ok(Target {
-            url: up.url.clone(),
+            url: crate::config::redact_url(&up.url),
             uri,
             authority,
             headers,
@@ -191,4 +208,51 @@ fn tls_config(up: &UpstreamConfig) -> Result<rustls::ClientConfig, TargetError> 
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// `Authorization: Basic ...` for a URL's percent-encoded `user:password`.
+fn basic_auth(userinfo: &str) -> Result<HeaderValue, String> {
+    use base64::Engine as _;
+    let decoded = percent_encoding::percent_decode_str(userinfo).collect::<Vec<u8>>();
+    let token = base64::engine::general_purpose::STANDARD.encode(decoded);
+    let mut value = HeaderValue::from_str(&format!("Basic {token}"))
+        .map_err(|_| "credentials in the URL are not a valid header".to_string())?;
+    // Kept out of any debug output of the request.
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_credentials_become_basic_auth_and_leave_the_url() {
+        let up = UpstreamConfig::new("ws://al%40ice:s3cr%3At@127.0.0.1:9/ws?key=k");
+        let target = Target::new(&up).unwrap();
+        assert_eq!(target.url, "ws://127.0.0.1:9/ws?key=***");
+        assert_eq!(target.uri.to_string(), "ws://127.0.0.1:9/ws?key=k");
+        let auth = target
+            .headers
+            .iter()
+            .find(|(n, _)| n == http::header::AUTHORIZATION)
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        // base64("al@ice:s3cr:t")
+        assert_eq!(auth, "Basic YWxAaWNlOnMzY3I6dA==");
+    }
+
+    #[test]
+    fn an_explicit_authorization_header_wins_over_url_credentials() {
+        let mut up = UpstreamConfig::new("ws://u:p@127.0.0.1:9/");
+        up.headers.push(("Authorization".into(), "Bearer t".into()));
+        let target = Target::new(&up).unwrap();
+        let auth: Vec<_> = target
+            .headers
+            .iter()
+            .filter(|(n, _)| n == http::header::AUTHORIZATION)
+            .collect();
+        assert_eq!(auth.len(), 1);
+        assert_eq!(auth[0].1, "Bearer t");
+    }
 }

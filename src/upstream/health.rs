@@ -43,9 +43,9 @@ pub(super) async fn run(
         let was = upstream.healthy.swap(passed, Ordering::AcqRel);
         if was != passed {
             if passed {
-                tracing::info!(upstream = %upstream.id, "health check passes again; back in rotation");
+                tracing::info!(upstream = %upstream.label, "health check passes again; back in rotation");
             } else {
-                tracing::warn!(upstream = %upstream.id, "health check failed; out of rotation");
+                tracing::warn!(upstream = %upstream.label, "health check failed; out of rotation");
             }
             upstreams.signals.changed.notify_waiters();
         }

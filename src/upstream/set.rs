@@ -25,11 +25,14 @@ use tokio_util::sync::CancellationToken;
 /// One upstream address and its pool of persistent connections.
 pub struct Upstream {
     /// Its identity for rendezvous hashing, the same on every rpcgate replica: the
-    /// address it dials (`ip:port`) with DNS discovery, else its configured URL.
+    /// address it dials (`ip:port`) with DNS discovery, else its configured URL. Never
+    /// shown: the URL may carry credentials.
     pub id: String,
-    /// `id` again, shared: handed to every reply for the access log without copying.
+    /// What logs, the access log and metric labels call it: `ip:port` with DNS
+    /// discovery, else its `name` (by default the URL without credentials). Shared, so
+    /// every reply carries it without copying.
     pub label: Arc<str>,
-    /// The configured URL it came from.
+    /// The configured URL it came from, without credentials.
     pub url: String,
     pub weight: u32,
     pub target: Arc<Target>,
@@ -187,7 +190,11 @@ impl Upstreams {
             return false;
         }
         let token = self.shutdown.child_token();
-        let label: Arc<str> = Arc::from(id.as_str());
+        // Shown in logs and labels; `id` may hold the URL's credentials.
+        let label: Arc<str> = match addr {
+            Some(addr) => Arc::from(addr.to_string()),
+            None => Arc::from(cfg.shown_name()),
+        };
         let conns: Vec<Arc<Conn>> = (0..cfg.connections)
             .map(|c| {
                 Arc::new(Conn::new(
@@ -201,7 +208,7 @@ impl Upstreams {
         let upstream = Arc::new(Upstream {
             label,
             id,
-            url: cfg.url.clone(),
+            url: cfg.shown_name(),
             weight: cfg.weight.max(1),
             target: target.clone(),
             source,
@@ -220,7 +227,7 @@ impl Upstreams {
             let check = health::run(self.clone(), upstream.clone(), prefix, token.clone());
             self.tasks.lock().spawn(check);
         }
-        tracing::info!(upstream = %upstream.id, url = %upstream.url, "upstream added");
+        tracing::info!(upstream = %upstream.label, url = %upstream.url, "upstream added");
         let mut set = self.set.write();
         let mut next = (**set).clone();
         next.push(upstream);
@@ -244,7 +251,7 @@ impl Upstreams {
             removed
         };
         removed.draining.store(true, Ordering::Release);
-        tracing::info!(upstream = %removed.id, in_flight = removed.load(), "upstream draining");
+        tracing::info!(upstream = %removed.label, in_flight = removed.load(), "upstream draining");
         let limit = self.calls.request_timeout;
         self.tasks.lock().spawn(async move {
             let deadline = Instant::now() + limit;
@@ -333,11 +340,11 @@ impl Upstreams {
             }
             for (state, n) in ["open", "connecting", "backoff"].iter().zip(counts) {
                 m.upstream_connections
-                    .with_label_values(&[u.id.as_str(), state])
+                    .with_label_values(&[&*u.label, state])
                     .set(n);
             }
             m.upstream_healthy
-                .with_label_values(&[u.id.as_str()])
+                .with_label_values(&[&*u.label])
                 .set(i64::from(u.is_healthy()));
         }
     }
