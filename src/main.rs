@@ -109,7 +109,20 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+/// A failure to start is the operator's to fix: one line saying what and why, the
+/// causes chained once, and no backtrace even with `RUST_BACKTRACE` set (anyhow's
+/// `Debug` output would print one, and the cause twice).
+fn main() -> std::process::ExitCode {
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rpcgate: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => {
@@ -261,6 +274,9 @@ fn build_config(args: RunArgs) -> Result<Config> {
 }
 
 async fn run(config: Config) -> Result<()> {
+    // Before anything is served, so a signal never meets its default action.
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone())?;
     let gateway = Gateway::bind(config.clone()).await?;
     let addr = gateway.local_addr()?;
     if let Some(admin) = gateway.admin_addr() {
@@ -270,39 +286,87 @@ async fn run(config: Config) -> Result<()> {
     tracing::info!(listen = %addr, upstreams = config.upstreams.len(), "rpcgate serving");
     // A stable stdout line for scripts and harnesses that bind port 0.
     println!("rpcgate listening on http://{addr}{}", config.http.path);
-    let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
     gateway.run(shutdown).await;
     tracing::info!("rpcgate stopped");
     Ok(())
 }
 
-/// First SIGTERM/SIGINT: graceful stop. Second: exit at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    if wait_for_signal().await.is_err() {
-        return;
-    }
-    tracing::info!("shutdown requested; draining (signal again to exit at once)");
-    shutdown.cancel();
-    if wait_for_signal().await.is_ok() {
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(1);
-    }
+/// First SIGTERM/SIGINT: graceful stop. Second: exit at once. SIGHUP never stops the
+/// process (its default action would kill it mid-call): there is nothing to reload
+/// yet, so it is logged and ignored.
+///
+/// Called before serving: the handlers are installed by the time it returns, so no
+/// signal can meet its default action once rpcgate is up.
+fn watch_signals(shutdown: CancellationToken) -> Result<()> {
+    let mut signals = Signals::install().context("installing signal handlers")?;
+    tokio::spawn(async move {
+        loop {
+            match signals.next().await {
+                Some(Received::Stop) if shutdown.is_cancelled() => {
+                    tracing::warn!("second signal: exiting now");
+                    std::process::exit(1);
+                }
+                Some(Received::Stop) => {
+                    tracing::info!("shutdown requested; draining (signal again to exit at once)");
+                    shutdown.cancel();
+                }
+                Some(Received::Hangup) => {
+                    tracing::info!(
+                        "SIGHUP: rpcgate has no reloadable settings yet; ignored (restart to apply a new config)"
+                    );
+                }
+                None => return,
+            }
+        }
+    });
+    Ok(())
+}
+
+enum Received {
+    /// SIGTERM or SIGINT (Ctrl-C).
+    Stop,
+    Hangup,
 }
 
 #[cfg(unix)]
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn next(&mut self) -> Option<Received> {
+        tokio::select! {
+            s = self.term.recv() => s.map(|()| Received::Stop),
+            s = self.int.recv() => s.map(|()| Received::Stop),
+            s = self.hup.recv() => s.map(|()| Received::Hangup),
+        }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() -> std::io::Result<()> {
-    tokio::signal::ctrl_c().await
+struct Signals;
+
+#[cfg(not(unix))]
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals)
+    }
+
+    async fn next(&mut self) -> Option<Received> {
+        tokio::signal::ctrl_c().await.ok().map(|()| Received::Stop)
+    }
 }
 
 async fn echo_server(listen: SocketAddr, name: String) -> Result<()> {
@@ -313,7 +377,7 @@ async fn echo_server(listen: SocketAddr, name: String) -> Result<()> {
     tracing::info!(listen = %addr, %name, "echo server ready");
     println!("echo-server listening on ws://{addr}/");
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    watch_signals(shutdown.clone())?;
     rpcgate_echo::serve(listener, Arc::from(name), shutdown).await?;
     Ok(())
 }
@@ -334,7 +398,7 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
     };
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
+    watch_signals(shutdown.clone())?;
     // The backend outlives the gateway's drain, so calls still open at Ctrl-C finish.
     let backend_shutdown = CancellationToken::new();
     let echo_task = tokio::spawn(rpcgate_echo::serve(

@@ -315,6 +315,8 @@ async fn an_explicit_admin_address_that_is_taken_fails_startup_naming_it() {
     let mut by_flag = rpcgate();
     by_flag.args(["--listen", "127.0.0.1:0", "--upstream", &up.url()]);
     by_flag.args(["--admin-listen", &addr]);
+    // An operator's mistake is one line, not a backtrace.
+    by_flag.env("RUST_BACKTRACE", "1");
     let mut by_env = rpcgate();
     by_env.args(["--listen", "127.0.0.1:0", "--upstream", &up.url()]);
     by_env.env("RPCGATE_ADMIN_LISTEN", &addr);
@@ -332,6 +334,18 @@ async fn an_explicit_admin_address_that_is_taken_fails_startup_naming_it() {
                 && stderr.contains("admin_listen")
                 && stderr.contains("--admin-listen"),
             "{how}: the message should name {addr} and the setting:\n{stderr}"
+        );
+        let said: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("rpcgate: "))
+            .collect();
+        assert_eq!(said.len(), 1, "{how}: one line says why:\n{stderr}");
+        assert!(!stderr.contains("backtrace"), "{how}:\n{stderr}");
+        assert!(!stderr.contains("Caused by"), "{how}:\n{stderr}");
+        assert_eq!(
+            stderr.matches("in use").count(),
+            1,
+            "{how}: the cause once:\n{stderr}"
         );
     }
     drop(held);
@@ -437,4 +451,43 @@ async fn url_credentials_reach_the_upstream_and_nothing_else() {
     assert!(shown.contains("must start with ws://"), "{shown}");
     assert!(!shown.contains("hunter2"), "{shown}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGHUP (a closed terminal, a reload habit) must not kill a gateway mid-call.
+#[tokio::test]
+async fn sighup_is_logged_and_ignored_while_calls_go_on() {
+    let up = FakeUpstream::start().await;
+    let mut child = rpcgate()
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "off"])
+        .args(["--upstream", &up.url(), "--shutdown-delay", "0s"])
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = addr_of(&line_after(&mut lines, "rpcgate listening on").await);
+    up.wait_for_connections(4).await;
+    let call = tokio::spawn(post(
+        addr,
+        "/",
+        r#"{"jsonrpc":"2.0","id":1,"method":"slow"}"#,
+    ));
+    let frame = up.next_frame().await;
+    let pid = child.id().expect("running child").to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("run kill");
+    assert!(hup.success());
+    // Still serving after the signal: a new call goes through...
+    up.auto_reply(|f| Some(f.result_text(json!("after"))));
+    let after = post(addr, "/", r#"{"jsonrpc":"2.0","id":2,"method":"m"}"#).await;
+    assert_eq!(after.json()["result"], "after");
+    // ...and the call in flight when it came still gets its answer.
+    frame.reply_result(json!("slow-done"));
+    let resp = with_timeout(call).await.unwrap();
+    assert_eq!(resp.json()["result"], "slow-done");
+    sigterm(&child);
+    let out = with_timeout(child.wait_with_output()).await.unwrap();
+    assert!(out.status.success(), "{:?}", out.status);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SIGHUP"), "{stderr}");
 }
