@@ -14,6 +14,46 @@
 use http::StatusCode;
 use std::time::Duration;
 
+/// Which capacity ran out when a call is refused as overloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// Every usable connection stayed at `max_in_flight` for `queue_timeout`.
+    Slots,
+    /// `max_waiting` calls were already waiting for a connection.
+    WaitingRoom,
+    /// The connection's send queue is full: the upstream stopped reading.
+    UpstreamNotReading,
+    /// The memory budget (`limits.memory` or `limits.connection_bytes`) is used up.
+    Memory,
+}
+
+impl Busy {
+    /// The `data.reason` of the error.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Busy::Slots => "max_in_flight",
+            Busy::WaitingRoom => "max_waiting",
+            Busy::UpstreamNotReading => "upstream_not_reading",
+            Busy::Memory => "memory",
+        }
+    }
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Busy::Slots => "every upstream connection is at max_in_flight",
+            Busy::WaitingRoom => "too many calls are already waiting for a connection (max_waiting)",
+            Busy::UpstreamNotReading => {
+                "the upstream stopped reading and its connection's send queue is full"
+            }
+            Busy::Memory => {
+                "the memory budget for requests and answers is used up (limits.memory, limits.connection_bytes)"
+            }
+        })
+    }
+}
+
 /// A failure answered to the client as a JSON-RPC error object.
 ///
 /// Codes are part of the public contract and never change meaning.
@@ -39,10 +79,8 @@ pub enum Error {
         "no upstream connection became available within {0:?}; the upstream may be down, retry later"
     )]
     NoUpstream(Duration),
-    #[error(
-        "upstream capacity exhausted: connections are at max_in_flight or too many calls are waiting; retry later"
-    )]
-    Overloaded,
+    #[error("overloaded: {0}; retry later")]
+    Overloaded(Busy),
     #[error("upstream connection lost before the reply arrived; the call may or may not have run")]
     UpstreamLost,
     #[error("upstream did not answer within {0:?}")]
@@ -72,7 +110,7 @@ impl Error {
             Error::NoUpstream(_) => -32080,
             Error::UpstreamLost => -32081,
             Error::Timeout(_) => -32082,
-            Error::Overloaded => -32083,
+            Error::Overloaded(_) => -32083,
             Error::InvalidUpstreamReply => -32084,
             Error::ReplayFailed(_) => -32085,
             Error::TooManySessions(_) => -32086,
@@ -97,7 +135,7 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Error::NoUpstream(_) | Error::Overloaded | Error::TooManySessions(_) => {
+            Error::NoUpstream(_) | Error::Overloaded(_) | Error::TooManySessions(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Error::UpstreamLost | Error::ReplayFailed(_) | Error::InvalidUpstreamReply => {
@@ -120,7 +158,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::BodyTimeout(_) => "body_timeout",
             Error::NoUpstream(_) => "no_upstream",
-            Error::Overloaded => "overloaded",
+            Error::Overloaded(_) => "overloaded",
             Error::InvalidUpstreamReply => "invalid_upstream_reply",
             Error::ReplayFailed(_) => "replay_failed",
             Error::TooManySessions(_) => "too_many_sessions",
@@ -137,6 +175,14 @@ impl Error {
             self,
             Error::UpstreamLost | Error::Timeout(_) | Error::InvalidUpstreamReply
         )
+    }
+
+    /// Which capacity ran out, for an overloaded answer.
+    pub fn busy(&self) -> Option<Busy> {
+        match self {
+            Error::Overloaded(busy) => Some(*busy),
+            _ => None,
+        }
     }
 
     /// How long the gateway waited, for failures that are about waiting.
@@ -169,7 +215,7 @@ mod tests {
             Error::NotFound("/".into()),
             Error::BodyTimeout(Duration::from_secs(1)),
             Error::NoUpstream(Duration::from_secs(1)),
-            Error::Overloaded,
+            Error::Overloaded(Busy::Memory),
             Error::UpstreamLost,
             Error::Timeout(Duration::from_secs(1)),
             Error::InvalidUpstreamReply,

@@ -25,6 +25,7 @@
 //!
 //! # Modules
 //!
+//! - [`budget`]: the memory budget: bytes held for clients, refused past the limit.
 //! - [`config`]: the TOML file, defaults, and validation that reports every problem.
 //! - [`dispatch`]: the one way into an upstream socket, for every kind of message.
 //! - [`error`]: every failure a client can see, with its HTTP status and JSON-RPC code.
@@ -39,6 +40,7 @@
 //! The demo backend behind `rpcgate demo` and `rpcgate echo-server` is a crate of its
 //! own (`crates/echo`), not part of the gateway.
 
+pub mod budget;
 pub mod config;
 pub mod dispatch;
 pub mod error;

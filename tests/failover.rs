@@ -98,6 +98,9 @@ async fn a_connection_dies_mid_write() -> (FakeUpstream, FakeUpstream, Vec<(Stri
     b.reject_handshakes(Some(StatusCode::SERVICE_UNAVAILABLE));
     let mut config = two(&a, &b);
     config.http.max_body_bytes = 2 * BIG;
+    // Room for all of it: this is about failover, not the memory budget.
+    config.limits.connection_bytes = 8 * BIG;
+    config.limits.upstream_queue_bytes = 8 * BIG;
     let gw = start_gateway(config).await;
     gw.wait_open(1).await;
     a.freeze();

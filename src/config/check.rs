@@ -13,6 +13,23 @@ impl Config {
     /// Checks the relations between settings; returns every problem.
     pub fn check(&self) -> Vec<String> {
         let mut p = Vec::new();
+        let limits = &self.limits;
+        let memory = limits.memory_bytes();
+        if limits.connection_bytes < self.http.max_body_bytes {
+            p.push(format!(
+                "limits.connection_bytes: {} is less than http.max_body_bytes ({}): a body of the largest allowed size could never be read",
+                limits.connection_bytes, self.http.max_body_bytes
+            ));
+        }
+        if memory < limits.connection_bytes {
+            p.push(format!(
+                "limits.memory: {memory} is less than limits.connection_bytes ({})",
+                limits.connection_bytes
+            ));
+        }
+        if limits.upstream_queue_bytes == 0 {
+            p.push("limits.upstream_queue_bytes: must be at least 1".to_string());
+        }
         if self.upstreams.is_empty() {
             p.push("no upstream: add an [[upstreams]] table or pass --upstream URL".to_string());
         }

@@ -45,6 +45,32 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{text:?} is not a duration like 30s or 250ms ({e})"))
 }
 
+/// Parses a size in bytes: `1048576`, `64KiB`, `16 MiB`, `1GiB` (also `KB`, `MB`, `GB`
+/// as powers of 1000).
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return Err(format!("{text:?} is not a size like 65536, 64KiB or 16MiB")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| format!("{text:?} is not a size like 65536, 64KiB or 16MiB"))
+}
+
 /// Expands `${VAR}` from the environment, so secrets stay out of config files.
 pub fn expand_env(text: &str) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
@@ -129,6 +155,17 @@ impl<'a> Section<'a> {
                 Ok(d) => *slot = d,
                 Err(e) => p.push(format!("{}: {e}", self.key(key))),
             }
+        }
+    }
+
+    /// A size in bytes: an integer, or a string with a unit (see [`parse_size`]).
+    pub(super) fn size(&mut self, key: &'static str, slot: &mut usize, p: &mut Vec<String>) {
+        match self.get(key) {
+            Some(Value::String(text)) => match parse_size(text) {
+                Ok(n) => *slot = n,
+                Err(e) => p.push(format!("{}: {e}", self.key(key))),
+            },
+            _ => self.number(key, slot, p),
         }
     }
 
@@ -221,6 +258,17 @@ mod tests {
         assert_eq!(expand_env("a ${PATH} b").unwrap(), format!("a {path} b"));
         assert!(expand_env("${RPCGATE_SURELY_UNSET_VARIABLE}").is_err());
         assert!(expand_env("${open").is_err());
+    }
+
+    #[test]
+    fn sizes_as_operators_write_them() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size(" 16 MiB "), Ok(16 << 20));
+        assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
+        assert!(parse_size("lots").unwrap_err().contains("like 65536"));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
     }
 
     #[test]

@@ -21,9 +21,9 @@ mod types;
 pub use admin_listen::{AdminListen, BadAdminListen};
 pub use check::{Problems, check_ws_url};
 pub use choices::{Affinity, BatchMode, DiscoveryMode, LogFormat, UnknownName, WhenFull};
-pub use file::{expand_env, parse_duration};
+pub use file::{expand_env, parse_duration, parse_size};
 pub use redact::{redact_url, userinfo, without_userinfo};
 pub use types::{
-    BalanceConfig, CallConfig, Config, DiscoveryConfig, HttpConfig, LogConfig, PreludeCall,
-    RuntimeConfig, SessionConfig, ShutdownConfig, UpstreamConfig, WebSocketConfig,
+    BalanceConfig, CallConfig, Config, DiscoveryConfig, HttpConfig, LimitsConfig, LogConfig,
+    PreludeCall, RuntimeConfig, SessionConfig, ShutdownConfig, UpstreamConfig, WebSocketConfig,
 };

@@ -63,6 +63,18 @@ pub(super) fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
     if let Some(t) = root.table("log", p) {
         read_log(t, &mut c.log, p);
     }
+    if let Some(t) = root.table("limits", p) {
+        let l = &mut c.limits;
+        let mut s = Section::new(t, "limits");
+        let mut memory = usize::MAX;
+        s.size("memory", &mut memory, p);
+        if memory != usize::MAX {
+            l.memory = Some(memory);
+        }
+        s.size("connection_bytes", &mut l.connection_bytes, p);
+        s.size("upstream_queue_bytes", &mut l.upstream_queue_bytes, p);
+        s.finish(p);
+    }
     if let Some(t) = root.table("metrics", p) {
         let mut s = Section::new(t, "metrics");
         if let Some(list) = s.strings("methods", p) {

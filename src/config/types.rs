@@ -38,6 +38,40 @@ pub struct Config {
     pub log: LogConfig,
     /// Method names that get their own `method` label value in metrics.
     pub metric_methods: Vec<String>,
+    /// The memory budget: bytes held for clients.
+    pub limits: LimitsConfig,
+}
+
+/// The memory budget (see `budget.rs`): bytes of request bodies, answers and queued
+/// frames that clients can make rpcgate hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitsConfig {
+    /// Bytes held for all clients together; `None`: a quarter of the cgroup memory
+    /// limit, or 256 MiB without one.
+    pub memory: Option<usize>,
+    /// Bytes held for one client connection (its bodies and unsent answers).
+    pub connection_bytes: usize,
+    /// Bytes of frames waiting for one upstream socket; past it, the upstream is not
+    /// reading and new calls get 503 at once.
+    pub upstream_queue_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            memory: None,
+            connection_bytes: 16 * 1024 * 1024,
+            upstream_queue_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The gateway budget in force: `memory`, or its default for this machine.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory
+            .unwrap_or_else(crate::budget::default_memory_limit)
+    }
 }
 
 impl Default for Config {
@@ -57,6 +91,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             log: LogConfig::default(),
             metric_methods: Vec::new(),
+            limits: LimitsConfig::default(),
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use super::select::{self, Pick};
 use super::{Outbound, Route};
-use crate::error::{Error, rounded};
+use crate::error::{Busy, Error, rounded};
 use crate::upstream::{Conn, PoolSignals, Upstream, Upstreams};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -112,7 +112,7 @@ pub(super) async fn reserve(
                     .get_or_insert_with(|| (Instant::now() + calls.queue_timeout).min(deadline));
                 if Instant::now() >= until {
                     observe(waiting_since);
-                    return Err(Error::Overloaded);
+                    return Err(Error::Overloaded(Busy::Slots));
                 }
                 until
             }
@@ -120,7 +120,7 @@ pub(super) async fn reserve(
         // Bounded waiting room: past it, answer at once rather than queue.
         let seat = Seat::take(&signals.waiters);
         if seat.others >= upstreams.balance.max_waiting {
-            return Err(Error::Overloaded);
+            return Err(Error::Overloaded(Busy::WaitingRoom));
         }
         waiting_since.get_or_insert_with(Instant::now);
         let _ = timeout_at(until, notified).await;
@@ -239,7 +239,7 @@ mod tests {
             .unwrap();
         let started = Instant::now();
         let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;
-        assert!(matches!(refused, Err(Error::Overloaded)));
+        assert!(matches!(refused, Err(Error::Overloaded(Busy::Slots))));
         assert_eq!(started.elapsed(), Duration::from_secs(1));
     }
 
@@ -295,7 +295,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let started = Instant::now();
         let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;
-        assert!(matches!(refused, Err(Error::Overloaded)));
+        assert!(matches!(refused, Err(Error::Overloaded(Busy::WaitingRoom))));
         assert_eq!(started.elapsed(), Duration::ZERO);
         // The first caller's client goes away.
         first.abort();

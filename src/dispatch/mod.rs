@@ -24,7 +24,7 @@ mod select;
 pub use outbound::{Outbound, Prelude};
 pub use route::Route;
 
-use crate::error::{Error, rounded};
+use crate::error::{Busy, Error, rounded};
 use crate::metrics::Metrics;
 use crate::upstream::{CallId, Conn, Failure, FrameIds, PreludeCall, Refused, Reply, Upstreams};
 use std::time::Duration;
@@ -87,7 +87,7 @@ async fn deliver(
             Ok(ids) => ids,
             // Closed between the pick and the submit: pick again.
             Err(Refused::Closed) => continue,
-            Err(Refused::Full) => return Err(Error::Overloaded),
+            Err(Refused::Full) => return Err(Error::Overloaded(Busy::UpstreamNotReading)),
         };
         let mut ticket = Ticket {
             conn: &permit.conn,

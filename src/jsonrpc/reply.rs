@@ -34,6 +34,11 @@ pub fn write_error(out: &mut Vec<u8>, id: Option<&RawValue>, error: &Error) {
         out.extend_from_slice(br#","waited_ms":"#);
         out.extend_from_slice(itoa::Buffer::new().format(waited.as_millis()).as_bytes());
     }
+    if let Some(busy) = error.busy() {
+        out.extend_from_slice(br#","reason":""#);
+        out.extend_from_slice(busy.as_str().as_bytes());
+        out.push(b'"');
+    }
     if error.may_have_run() {
         out.extend_from_slice(br#","may_have_run":true"#);
     }
@@ -67,8 +72,13 @@ mod tests {
         assert_eq!(v["error"]["data"]["waited_ms"], 800);
         assert_eq!(v["error"]["data"]["may_have_run"], true);
         out.clear();
-        write_error(&mut out, None, &Error::Overloaded);
+        write_error(
+            &mut out,
+            None,
+            &Error::Overloaded(crate::error::Busy::Memory),
+        );
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert!(v["error"]["data"].get("may_have_run").is_none());
+        assert_eq!(v["error"]["data"]["reason"], "memory");
     }
 }

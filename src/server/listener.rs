@@ -100,8 +100,11 @@ async fn serve_connection(
     let (header_timeout, keep_alive) = (http.header_read_timeout, http.keep_alive_timeout);
     let service = {
         let activity = activity.clone();
+        // Everything this connection's requests hold counts against one budget.
+        let budgets = state.connection_budgets();
         let stack = stack::build(state, peer);
-        hyper::service::service_fn(move |req| {
+        hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(budgets.clone());
             // A request in progress holds off the idle timeout (see `watch`).
             let guard = activity.request_started();
             let mut stack = stack.clone();

@@ -10,6 +10,7 @@ mod rpc;
 mod stack;
 mod watch;
 
+use crate::budget::{Budget, Budgets};
 use crate::config::{AdminListen, Affinity, Config, DiscoveryMode};
 use crate::metrics::Metrics;
 use crate::upstream::{Resolver, Sessions, SystemResolver, TargetError, Upstreams, discovery};
@@ -48,9 +49,17 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set when shutdown starts: `/readyz` answers 503 from then on.
     pub stopping: AtomicBool,
+    /// Bytes held for all clients (`limits.memory`).
+    pub budget: Arc<Budget>,
 }
 
 impl AppState {
+    /// A client connection's budgets: its own `limits.connection_bytes`, inside the
+    /// gateway's.
+    pub fn connection_budgets(&self) -> Budgets {
+        Budgets::for_connection(&self.budget, self.config.limits.connection_bytes)
+    }
+
     /// Ready: not shutting down, and some upstream can take a call.
     pub fn is_ready(&self) -> bool {
         !self.stopping.load(Ordering::Acquire) && self.upstreams.any_usable()
@@ -155,6 +164,7 @@ impl Gateway {
             let max_in_flight = config.upstreams.first().map_or(1024, |u| u.max_in_flight);
             Sessions::start(config.sessions.clone(), upstreams.clone(), max_in_flight)
         });
+        let config_memory = config.limits.memory_bytes();
         Ok(Gateway {
             listener,
             admin: None,
@@ -164,6 +174,7 @@ impl Gateway {
                 sessions,
                 metrics,
                 stopping: AtomicBool::new(false),
+                budget: Budget::new(config_memory),
             }),
             background,
         })

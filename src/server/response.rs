@@ -1,17 +1,86 @@
 //! HTTP answers: the one place a gateway failure becomes HTTP, and the notes a
 //! response carries for the access log.
 
+use crate::budget::Charge;
 use crate::error::Error;
 use crate::jsonrpc;
 use crate::upstream::Reply;
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
-use http_body_util::Full;
+use http_body::Frame;
 use serde_json::value::RawValue;
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-pub type HttpResponse = Response<Full<Bytes>>;
+pub type HttpResponse = Response<Body>;
+
+/// Bytes handed to hyper at a time.
+const CHUNK: usize = 64 * 1024;
+
+/// A whole answer in one buffer, holding its memory budget charge until hyper has
+/// taken all of it (or the client went away): a client that does not read keeps its
+/// answers charged, and so gets no new work started for it.
+///
+/// It is handed over in chunks: hyper asks for the next one only when its own write
+/// buffer (HTTP/1) or the stream's send buffer (HTTP/2) has room, so what hyper holds
+/// beyond this charge stays within those buffers' limits.
+#[derive(Debug, Default)]
+pub struct Body {
+    data: Option<Bytes>,
+    charge: Option<Charge>,
+}
+
+impl Body {
+    pub fn new(data: Bytes) -> Body {
+        Body {
+            data: (!data.is_empty()).then_some(data),
+            charge: None,
+        }
+    }
+
+    /// Bytes in the answer.
+    pub fn len(&self) -> usize {
+        self.data.as_ref().map_or(0, Bytes::len)
+    }
+
+    /// Holds `charge` until the answer is sent.
+    pub fn hold(&mut self, charge: Charge) {
+        self.charge = Some(charge);
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let chunk = match self.data.as_mut() {
+            None => return Poll::Ready(None),
+            Some(data) if data.len() > CHUNK => data.split_to(CHUNK),
+            Some(_) => {
+                // The last chunk: the allocation is hyper's to free once written,
+                // within its buffer limits.
+                self.charge = None;
+                self.data.take().unwrap_or_default()
+            }
+        };
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.len() as u64)
+    }
+}
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
@@ -52,14 +121,14 @@ pub fn error(id: Option<&RawValue>, error: &Error) -> HttpResponse {
 }
 
 pub fn json(status: StatusCode, body: Vec<u8>) -> HttpResponse {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(Body::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, JSON);
     resp
 }
 
 pub fn no_content() -> HttpResponse {
-    let mut resp = Response::new(Full::new(Bytes::new()));
+    let mut resp = Response::new(Body::default());
     *resp.status_mut() = StatusCode::NO_CONTENT;
     resp
 }

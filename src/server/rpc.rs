@@ -7,16 +7,18 @@
 
 use super::AppState;
 use super::response::{self, HttpResponse};
+use crate::budget::{Budgets, Charge};
 use crate::config::{Affinity, BatchMode};
 use crate::dispatch::{self, Outbound, Route, Sent};
-use crate::error::Error;
+use crate::error::{Busy, Error};
 use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
 use crate::upstream::sessions::{self, MAX_KEY_LEN};
 use crate::upstream::{Conn, Reply};
+use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
-use http::header::{COOKIE, SET_COOKIE};
+use http::header::{CONTENT_LENGTH, COOKIE, SET_COOKIE};
 use http::{HeaderValue, Request, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -29,23 +31,14 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
         Ok(s) => s,
         Err(e) => return response::error(None, &e),
     };
-    let collect = Limited::new(req.into_body(), limit).collect();
-    let body = match tokio::time::timeout(http.body_read_timeout, collect).await {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return response::error(None, &Error::PayloadTooLarge { limit });
-        }
-        Ok(Err(e)) => {
-            // The client broke off mid-body; whatever we answer will likely not arrive.
-            tracing::debug!(error = %e, "reading request body failed");
-            return response::error(
-                None,
-                &Error::InvalidRequest("request body could not be read"),
-            );
-        }
-        Err(_) => {
-            return response::error(None, &Error::BodyTimeout(http.body_read_timeout));
-        }
+    let budgets = match req.extensions().get::<Budgets>() {
+        Some(budgets) => budgets.clone(),
+        None => state.connection_budgets(),
+    };
+    // Held for the whole request: the calls borrow from the body.
+    let (body, _body_charge) = match read_body(req, &budgets, limit, http.body_read_timeout).await {
+        Ok(read) => read,
+        Err(e) => return response::error(None, &e),
     };
     state.metrics.bytes_in.inc_by(body.len() as u64);
     // The deadline starts once the request is in: slow clients don't eat upstream time.
@@ -78,7 +71,63 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
             resp.headers_mut().insert(SET_COOKIE, v);
         }
     }
+    // The call ran: its answer is kept whatever the budget says, and counts against
+    // it until the client has taken it.
+    let len = resp.body().len();
+    resp.body_mut().hold(budgets.force(len));
     resp
+}
+
+/// Reads the whole body within `limit` bytes and `timeout`, charging it to `budgets`
+/// as it arrives: a body that does not fit is refused before the rest is read.
+async fn read_body(
+    req: Request<Incoming>,
+    budgets: &Budgets,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<(Bytes, Charge), Error> {
+    let over_budget = Error::Overloaded(Busy::Memory);
+    if !budgets.has_room() {
+        return Err(over_budget);
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    // A declared length is charged whole, up front: refused before a byte is read.
+    let mut charge = match declared {
+        Some(len) => budgets.charge(len).ok_or(over_budget.clone())?,
+        None => budgets.empty(),
+    };
+    let mut body = req.into_body();
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                // The client broke off mid-body; whatever we answer will likely not arrive.
+                tracing::debug!(error = %e, "reading request body failed");
+                Error::InvalidRequest("request body could not be read")
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            let len = buf.len() + data.len();
+            if len > limit {
+                return Err(Error::PayloadTooLarge { limit });
+            }
+            if len > charge.bytes() && !charge.grow(len - charge.bytes()) {
+                return Err(over_budget.clone());
+            }
+            buf.extend_from_slice(&data);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(())) => Ok((buf.freeze(), charge)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::BodyTimeout(timeout)),
+    }
 }
 
 /// A request's session key.

@@ -37,7 +37,7 @@ pub(super) async fn run(
         let passed = match sent {
             Ok(Sent::Reply(reply)) => !reply.is_error(),
             // Busy to the brim is not unhealthy.
-            Err(Error::Overloaded) => continue,
+            Err(Error::Overloaded(_)) => continue,
             Ok(_) | Err(_) => false,
         };
         let was = upstream.healthy.swap(passed, Ordering::AcqRel);
