@@ -170,6 +170,7 @@ mod tests {
             &Arc::from("test"),
             0,
             slots,
+            1 << 20,
             upstreams.signals.clone(),
         ));
         (upstreams, conn)
@@ -325,7 +326,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_session_whose_replay_failed_refuses_its_calls_but_not_the_next_replay() {
         let (upstreams, _) = fixture(4, |_| {});
-        let conn = Arc::new(Conn::for_session(0, 4, upstreams.signals.clone(), 8));
+        let conn = Arc::new(Conn::for_session(
+            0,
+            4,
+            1 << 20,
+            upstreams.signals.clone(),
+            8,
+        ));
         conn.pretend(ConnState::Open);
         conn.set_replay_failed(Some("login".into()));
         let refused = take(&upstreams, &conn, health(), Duration::from_secs(30)).await;

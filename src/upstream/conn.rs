@@ -115,6 +115,7 @@ impl Conn {
         upstream: &Arc<str>,
         index: usize,
         max_in_flight: usize,
+        max_queue_bytes: usize,
         signals: Arc<PoolSignals>,
     ) -> Self {
         Conn {
@@ -124,7 +125,7 @@ impl Conn {
             in_flight: AtomicUsize::new(0),
             max_in_flight,
             // Queue depth never exceeds the calls holding slots, plus notifications.
-            mux: Mutex::new(Mux::new(max_in_flight + 64)),
+            mux: Mutex::new(Mux::new(max_in_flight + 64, max_queue_bytes)),
             wake: Notify::new(),
             signals,
             cookies: Mutex::new(Vec::new()),
@@ -138,6 +139,7 @@ impl Conn {
     pub fn for_session(
         index: usize,
         max_in_flight: usize,
+        max_queue_bytes: usize,
         signals: Arc<PoolSignals>,
         max_replay: usize,
     ) -> Self {
@@ -147,7 +149,13 @@ impl Conn {
                 max: max_replay,
                 failed: None,
             })),
-            ..Conn::new(&Arc::from("session"), index, max_in_flight, signals)
+            ..Conn::new(
+                &Arc::from("session"),
+                index,
+                max_in_flight,
+                max_queue_bytes,
+                signals,
+            )
         }
     }
 

@@ -137,15 +137,21 @@ pub struct Mux {
     queue: VecDeque<Frame>,
     /// Frames queued at most; past it the socket is not keeping up.
     max_queue: usize,
+    /// Bytes of the queued frames, and their limit: a few large calls to an upstream
+    /// that stopped reading must not pile up megabytes each until their deadlines.
+    queued_bytes: usize,
+    max_queue_bytes: usize,
 }
 
 impl Mux {
-    pub fn new(max_queue: usize) -> Mux {
+    pub fn new(max_queue: usize, max_queue_bytes: usize) -> Mux {
         Mux {
             phase: Phase::Closed,
             pending: PendingMap::default(),
             queue: VecDeque::new(),
             max_queue,
+            queued_bytes: 0,
+            max_queue_bytes,
         }
     }
 
@@ -200,6 +206,14 @@ impl Mux {
             }
         };
         let text = build(ids.as_slice());
+        // An empty queue takes any frame, or one larger than the limit could never go.
+        if self.queued_bytes > 0 && self.queued_bytes + text.len() > self.max_queue_bytes {
+            for &id in ids.as_slice() {
+                self.pending.remove(id);
+            }
+            return Err(Refused::Full);
+        }
+        self.queued_bytes += text.len();
         self.queue.push_back(Frame {
             text,
             ids: ids.clone(),
@@ -215,7 +229,10 @@ impl Mux {
     /// Moves up to `max` queued frames, oldest first, into `out` for the writer.
     pub fn take(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
         let n = self.queue.len().min(max.saturating_sub(out.len()));
-        out.extend(self.queue.drain(..n));
+        for frame in self.queue.drain(..n) {
+            self.queued_bytes -= frame.text.len();
+            out.push(frame);
+        }
         n
     }
 
@@ -280,6 +297,7 @@ impl Mux {
                 }
             }
         }
+        self.queued_bytes = 0;
         // A burst can leave a large ring behind; give the memory back while down.
         self.queue.shrink_to(64);
         closed.lost = waiting.len();
@@ -310,7 +328,7 @@ mod tests {
 
     #[test]
     fn a_closed_mux_refuses_and_a_preparing_one_takes_only_prelude_frames() {
-        let mut mux = Mux::new(8);
+        let mut mux = Mux::new(8, 1 << 20);
         assert_eq!(call(&mut mux, false).0, Err(Refused::Closed));
         mux.set_phase(Phase::Preparing);
         assert_eq!(call(&mut mux, false).0, Err(Refused::Closed));
@@ -322,7 +340,7 @@ mod tests {
 
     #[test]
     fn frames_carry_the_ids_they_were_given_and_replies_find_their_caller() {
-        let mut mux = Mux::new(8);
+        let mut mux = Mux::new(8, 1 << 20);
         mux.set_phase(Phase::Open);
         let (a, mut rx_a) = call(&mut mux, false);
         let (b, mut rx_b) = call(&mut mux, false);
@@ -350,7 +368,7 @@ mod tests {
 
     #[test]
     fn a_reply_nobody_waits_for_is_unsolicited_and_a_non_jsonrpc_frame_is_garbage() {
-        let mut mux = Mux::new(8);
+        let mut mux = Mux::new(8, 1 << 20);
         mux.set_phase(Phase::Open);
         let (id, _rx) = call(&mut mux, false);
         let FrameIds::One(id) = id.unwrap() else {
@@ -367,7 +385,7 @@ mod tests {
 
     #[test]
     fn closing_tells_queued_callers_not_sent_and_written_ones_lost() {
-        let mut mux = Mux::new(8);
+        let mut mux = Mux::new(8, 1 << 20);
         mux.set_phase(Phase::Open);
         let (_, mut written) = call(&mut mux, false);
         let (_, mut taken) = call(&mut mux, false);
@@ -392,7 +410,7 @@ mod tests {
 
     #[test]
     fn ids_keep_growing_across_reconnects_so_a_late_reply_never_matches_a_new_call() {
-        let mut mux = Mux::new(8);
+        let mut mux = Mux::new(8, 1 << 20);
         mux.set_phase(Phase::Open);
         let (old, _rx) = call(&mut mux, false);
         mux.close(Vec::new());
@@ -409,7 +427,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_refuses_without_registering_the_call() {
-        let mut mux = Mux::new(2);
+        let mut mux = Mux::new(2, 1 << 20);
         mux.set_phase(Phase::Open);
         call(&mut mux, false).0.unwrap();
         call(&mut mux, false).0.unwrap();
@@ -418,8 +436,29 @@ mod tests {
     }
 
     #[test]
+    fn queued_bytes_are_bounded_but_an_empty_queue_takes_any_frame() {
+        let mut mux = Mux::new(100, 1000);
+        mux.set_phase(Phase::Open);
+        let big = |mux: &mut Mux, len: usize| {
+            let (tx, _rx) = oneshot::channel();
+            mux.submit(false, vec![tx], |_| "x".repeat(len))
+        };
+        assert!(big(&mut mux, 1500).is_ok(), "alone, even over the limit");
+        assert_eq!(big(&mut mux, 10), Err(Refused::Full));
+        assert_eq!(mux.pending_len(), 1, "the refused call left nothing behind");
+        let mut frames = Vec::new();
+        mux.take(&mut frames, 10);
+        assert!(big(&mut mux, 600).is_ok());
+        assert!(big(&mut mux, 400).is_ok());
+        assert_eq!(big(&mut mux, 1), Err(Refused::Full));
+        frames.clear();
+        mux.take(&mut frames, 1);
+        assert!(big(&mut mux, 600).is_ok(), "taking a frame frees its bytes");
+    }
+
+    #[test]
     fn a_batch_gets_one_id_per_waiting_call_in_order() {
-        let mut mux = Mux::new(8);
+        let mut mux = Mux::new(8, 1 << 20);
         mux.set_phase(Phase::Open);
         let (senders, _receivers): (Vec<_>, Vec<_>) = (0..3).map(|_| oneshot::channel()).unzip();
         let ids = mux

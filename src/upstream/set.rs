@@ -88,6 +88,8 @@ pub struct Upstreams {
     /// `affinity = "connection"`: successful calls to these are replayed on reconnect.
     pub(crate) replay_methods: HashSet<String>,
     ws: Arc<WebSocketConfig>,
+    /// `limits.upstream_queue_bytes`, for every connection.
+    queue_bytes: usize,
     on_connect: Arc<Vec<PreludeCall>>,
     /// The configured upstreams, to build more instances from (DNS discovery).
     sources: Vec<(UpstreamConfig, Arc<Target>)>,
@@ -132,6 +134,7 @@ impl Upstreams {
             retry_methods: config.balance.retry_methods.iter().cloned().collect(),
             replay_methods: config.sessions.replay_methods.iter().cloned().collect(),
             ws: Arc::new(config.websocket.clone()),
+            queue_bytes: config.limits.upstream_queue_bytes,
             on_connect: Arc::new(on_connect),
             sources,
             tasks: Mutex::new(JoinSet::new()),
@@ -201,6 +204,7 @@ impl Upstreams {
                     &label,
                     c,
                     cfg.max_in_flight,
+                    self.queue_bytes,
                     self.signals.clone(),
                 ))
             })
@@ -278,6 +282,7 @@ impl Upstreams {
         let conn = Arc::new(Conn::for_session(
             index,
             max_in_flight,
+            self.queue_bytes,
             self.signals.clone(),
             max_replay,
         ));
