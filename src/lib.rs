@@ -21,6 +21,8 @@
 //!   picking a connection for a call (`upstream/pool.rs`), power of two choices and
 //!   rendezvous hashing (`upstream/balance.rs`), per-session connections
 //!   (`upstream/sessions.rs`) and DNS discovery (`upstream/discovery.rs`).
+//! - [`logging`]: the tracing subscriber and the access log, both written to stderr
+//!   by threads of their own so that no request waits for a log line.
 //! - [`metrics`]: Prometheus metrics on a registry of our own; `server/admin.rs` serves
 //!   them with `/healthz` and `/readyz`.
 //! - [`echo`]: a small JSON-RPC-over-WebSocket backend for demos, tests and benchmarks.
@@ -29,6 +31,7 @@ pub mod config;
 pub mod echo;
 pub mod error;
 pub mod jsonrpc;
+pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod upstream;

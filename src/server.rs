@@ -8,6 +8,7 @@ mod rpc;
 mod watch;
 
 use crate::config::{Affinity, Config, DiscoveryMode};
+use crate::logging::{AccessLog, AccessRecord};
 use crate::metrics::Metrics;
 use crate::upstream::{Resolver, Sessions, SystemResolver, TargetError, Upstreams, discovery};
 use hyper::service::service_fn;
@@ -43,6 +44,8 @@ pub struct AppState {
     /// Present with `affinity = "connection"`.
     pub sessions: Option<Arc<Sessions>>,
     pub metrics: Arc<Metrics>,
+    /// One line per request, formatted and written off the event loop.
+    pub access_log: AccessLog,
     /// Set when shutdown starts: `/readyz` answers 503 from then on.
     pub stopping: AtomicBool,
 }
@@ -128,6 +131,11 @@ impl Gateway {
             let max_in_flight = config.upstreams.first().map_or(1024, |u| u.max_in_flight);
             Sessions::start(config.sessions.clone(), upstreams.clone(), max_in_flight)
         });
+        let access_log = if config.log.access_log {
+            AccessLog::start(config.log.access_log_sample)
+        } else {
+            AccessLog::off()
+        };
         Ok(Gateway {
             listener,
             admin: None,
@@ -136,6 +144,7 @@ impl Gateway {
                 upstreams,
                 sessions,
                 metrics,
+                access_log,
                 stopping: AtomicBool::new(false),
             }),
             background,
@@ -244,6 +253,9 @@ impl Gateway {
         }
         self.state.upstreams.close().await;
         admin_stop.cancel();
+        // The last requests' lines, before the process exits.
+        let access_log = self.state.access_log.clone();
+        let _ = tokio::task::spawn_blocking(move || access_log.flush()).await;
     }
 }
 
@@ -274,26 +286,19 @@ async fn serve_connection(
                     .inc();
                 let sent = http_body::Body::size_hint(resp.body()).exact().unwrap_or(0);
                 m.bytes_out.inc_by(sent);
-                let log = &state.config.log;
-                if log.access_log
-                    && tracing::enabled!(target: "rpcgate::access", tracing::Level::INFO)
-                    && (log.access_log_sample >= 1.0 || fastrand::f64() < log.access_log_sample)
-                {
-                    let batch = resp.extensions().get::<rpc::BatchLen>().map(|b| b.0);
-                    let upstream = resp
-                        .extensions()
-                        .get::<rpc::AnsweredBy>()
-                        .map(|u| u.0.clone());
-                    tracing::info!(
-                        target: "rpcgate::access",
-                        %peer,
-                        method = %method,
-                        status = resp.status().as_u16(),
-                        duration_us = started.elapsed().as_micros() as u64,
-                        bytes = sent,
-                        batch,
-                        upstream = upstream.as_deref(),
-                    );
+                if state.access_log.enabled() {
+                    state.access_log.record(AccessRecord {
+                        peer,
+                        method,
+                        status: resp.status().as_u16(),
+                        duration_us: started.elapsed().as_micros() as u64,
+                        bytes: sent,
+                        batch: resp.extensions().get::<rpc::BatchLen>().map(|b| b.0),
+                        upstream: resp
+                            .extensions()
+                            .get::<rpc::AnsweredBy>()
+                            .map(|u| u.0.clone()),
+                    });
                 }
                 Ok::<_, Infallible>(resp)
             }
