@@ -54,7 +54,12 @@ impl Lines {
                 if let Some(upstream) = &record.upstream {
                     // tracing-subscriber writes `&str` fields with `Debug`: quoted
                     // and escaped.
-                    let _ = write!(out, " upstream={:?}", &**upstream);
+                    out.extend_from_slice(b" upstream=");
+                    if plain(upstream) {
+                        quoted(out, upstream);
+                    } else {
+                        let _ = write!(out, "{:?}", &**upstream);
+                    }
                 }
                 out.push(b'\n');
             }
@@ -78,7 +83,11 @@ impl Lines {
                 }
                 if let Some(upstream) = &record.upstream {
                     out.extend_from_slice(b",\"upstream\":");
-                    let _ = serde_json::to_writer(&mut *out, &**upstream);
+                    if plain(upstream) {
+                        quoted(out, upstream);
+                    } else {
+                        let _ = serde_json::to_writer(&mut *out, &**upstream);
+                    }
                 }
                 out.extend_from_slice(b",\"target\":\"rpcgate::access\"}\n");
             }
@@ -135,6 +144,19 @@ fn date(out: &mut Vec<u8>, secs: u64) {
     );
 }
 
+/// Printable ASCII without `"` or `\`, which `Debug` and JSON both write as it is:
+/// every upstream URL in practice.
+fn plain(s: &str) -> bool {
+    s.bytes()
+        .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+}
+
+fn quoted(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
 /// As `SocketAddr`'s `Display`, without the formatting machinery for the common case.
 fn peer(out: &mut Vec<u8>, addr: SocketAddr) {
     match addr {
@@ -184,6 +206,11 @@ mod tests {
             },
             AccessRecord {
                 peer: "255.0.10.1:0".parse().expect("an address"),
+                upstream: Some(Arc::from(" ~ws://x/#!$%&'()*+,-./:;<=>?@[]^_`{|}")),
+                ..base.clone()
+            },
+            AccessRecord {
+                upstream: Some(Arc::from("ws://tab\t/\"q\"")),
                 ..base
             },
         ]
