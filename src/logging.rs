@@ -5,17 +5,18 @@
 //! - Ordinary events (startup, warnings, debug) are formatted where they happen and
 //!   handed, one line per message, to `tracing_appender`'s lossy non-blocking writer,
 //!   whose own thread writes them. They are rare; one message per line is fine.
-//! - The access log, one line per HTTP request, is the hot path ([`access`]). The HTTP
-//!   side only moves a plain [`AccessRecord`] into a bounded queue; a thread per
-//!   gateway takes the whole queue every [`access::BATCH_INTERVAL`], turns each record
+//! - The access log, one line per HTTP request, is the hot path (`logging/access.rs`).
+//!   The HTTP side only moves a plain [`AccessRecord`] into a bounded queue; a thread
+//!   per gateway takes the whole queue every [`BATCH_INTERVAL`], turns each record
 //!   into its line and writes the batch with one `write(2)` per [`WRITE_CHUNK`].
 //!
 //! Moving work to another thread does not make it free: the gateway's CPU per call
 //! still includes every line. So the access thread, when the subscriber is the one
-//! [`init`] installed and writes no colours, formats lines itself ([`line`]), byte for
-//! byte what tracing-subscriber would write for the `rpcgate::access` event, at a
-//! fraction of the cost. Under any other subscriber (a test's, or colours on a
-//! terminal) it emits the event through tracing like any other.
+//! [`init`] installed and writes no colours, formats lines itself
+//! (`logging/line.rs`), byte for byte what tracing-subscriber would write for the
+//! `rpcgate::access` event, at a fraction of the cost. Under any other subscriber (a
+//! test's, or colours on a terminal) it emits the event through tracing like any
+//! other.
 //!
 //! Nothing ever waits for a slow or stuck stderr: a full queue drops the line and
 //! counts it, in both paths. [`dropped_lines`] is the total, for the
@@ -80,7 +81,7 @@ pub fn init(format: LogFormat, level: &str) -> LogGuard {
         .finish(StderrSink::default());
     let _ = STDERR_QUEUE_DROPPED.set(lines.error_counter());
     // Colours only on a terminal: in a file or journald escape codes are noise, and
-    // they were a quarter of what formatting a text line cost.
+    // they were about a quarter of what formatting a text line cost.
     let ansi =
         io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let direct = (!ansi).then(|| Direct {
@@ -121,7 +122,7 @@ type Sink = Arc<dyn Fn(&[u8]) -> io::Result<()> + Send + Sync>;
 /// subscriber (`Dispatch::downcast_ref`) to learn that it may format lines itself.
 struct Writer {
     lines: NonBlocking,
-    /// Set when the subscriber writes plain lines that [`line`] can reproduce.
+    /// Set when the subscriber writes plain lines that `line.rs` can reproduce.
     direct: Option<Direct>,
 }
 
