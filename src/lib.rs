@@ -35,6 +35,8 @@
 //! - [`upstream`]: persistent WebSocket connections: the multiplexer state, the socket
 //!   task and its reconnect state machine, TLS, the upstream set, health checks,
 //!   sessions with their own socket, DNS discovery.
+//! - [`logging`]: the tracing subscriber and the access log, both written to stderr
+//!   by threads of their own so that no request waits for a log line.
 //! - [`metrics`]: Prometheus metrics on a registry of our own, always present.
 //!
 //! The demo backend behind `rpcgate demo` and `rpcgate echo-server` is a crate of its
@@ -45,6 +47,7 @@ pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod jsonrpc;
+pub mod logging;
 pub mod metrics;
 pub mod server;
 pub mod upstream;

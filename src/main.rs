@@ -2,10 +2,10 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use rpcgate::Gateway;
 use rpcgate::config::{
     AdminListen, Affinity, Config, DiscoveryMode, LogFormat, UpstreamConfig, parse_duration,
 };
+use rpcgate::{Gateway, logging};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -124,9 +124,11 @@ fn main() -> std::process::ExitCode {
 
 fn start() -> Result<()> {
     let cli = Cli::parse();
+    // Each arm holds the log guard until it returns, so the lines still queued are
+    // written before the process exits.
     match cli.command {
         Some(Command::CheckConfig { file }) => {
-            init_tracing(LogFormat::Text);
+            let _logs = logging::init(LogFormat::Text, "info");
             check_config(&file)
         }
         Some(Command::EchoServer {
@@ -134,20 +136,20 @@ fn start() -> Result<()> {
             name,
             workers,
         }) => {
-            init_tracing(LogFormat::Text);
+            let _logs = logging::init(LogFormat::Text, "info");
             runtime(workers)?.block_on(echo_server(listen, name))
         }
         Some(Command::Demo {
             listen,
             upstream_listen,
         }) => {
-            init_tracing(LogFormat::Text);
+            let _logs = logging::init(LogFormat::Text, "info");
             runtime(0)?.block_on(demo(listen, upstream_listen))
         }
         None => {
             let format = cli.run.log_format;
             let config = build_config(cli.run)?;
-            init_tracing_with(format.unwrap_or(config.log.format), &config.log.level);
+            let _logs = logging::init(format.unwrap_or(config.log.format), &config.log.level);
             runtime(config.runtime.workers)?.block_on(run(config))
         }
     }
@@ -170,27 +172,6 @@ fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")
-}
-
-fn init_tracing(format: LogFormat) {
-    init_tracing_with(format, "info");
-}
-
-/// `RUST_LOG` wins over the configured level.
-fn init_tracing_with(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    // A closed stderr (`rpcgate 2>&1 | head`) must not turn every log line into a
-    // panic: tracing-subscriber would report the write error with eprintln!, which
-    // panics in turn and takes the signal watcher down with it.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .log_internal_errors(false);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
 }
 
 fn check_config(file: &std::path::Path) -> Result<()> {

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
     pub ready: IntGauge,
+    pub log_lines_dropped: IntCounter,
+    pub memory_budget_used: IntGauge,
+    pub memory_budget_limit: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -191,6 +194,30 @@ impl Metrics {
                 &r,
                 IntGauge::new("rpcgate_ready", "1 while /readyz answers 200.")
                     .expect("valid metric definition"),
+            ),
+            log_lines_dropped: reg(
+                &r,
+                IntCounter::new(
+                    "rpcgate_log_lines_dropped_total",
+                    "Log and access-log lines dropped because stderr did not keep up, or failed to write.",
+                )
+                .expect("valid metric definition"),
+            ),
+            memory_budget_used: reg(
+                &r,
+                IntGauge::new(
+                    "rpcgate_memory_budget_used_bytes",
+                    "Bytes of request bodies and unsent answers held for clients now (limits.memory).",
+                )
+                .expect("valid metric definition"),
+            ),
+            memory_budget_limit: reg(
+                &r,
+                IntGauge::new(
+                    "rpcgate_memory_budget_limit_bytes",
+                    "The memory budget in force (limits.memory, or its default for this machine).",
+                )
+                .expect("valid metric definition"),
             ),
             registry: r,
         }

@@ -1,7 +1,11 @@
 //! End-to-end benchmark: the release `rpcgate` in front of the release echo backend,
-//! driven over real sockets by a closed-loop load generator in this process, next to
-//! the two ceilings it cannot beat (a bare hyper responder, and the backend driven
-//! directly over WebSocket).
+//! driven over real sockets by a closed-loop load generator in this process (and by
+//! wrk, when installed), next to the two ceilings it cannot beat (a bare hyper
+//! responder, and the backend driven directly over WebSocket).
+//!
+//! rpcgate runs with the shipped defaults, access log included, unless a row's label
+//! says otherwise: its stderr is a pipe this bench drains, as under journald or a
+//! container runtime.
 //!
 //! Run with `cargo bench --bench gateway`. Settings come from the environment:
 //!
@@ -14,6 +18,7 @@
 //! | `RPCGATE_BENCH_SCENARIOS` | 1 | 0 skips the large-params, batch and slow-call scenarios |
 //! | `RPCGATE_BENCH_CAPACITY` | 1 | 0 skips the 10k-idle and 10k-in-flight runs |
 //! | `RPCGATE_BENCH_BUSY_RETRIES` | 2 | tries again of a run during which other work used the CPU |
+//! | `RPCGATE_BENCH_WRK` | 1 | 0 skips the wrk rows (skipped anyway, with a note, when `wrk` is not installed) |
 //!
 //! Each run gets a fresh gateway (and static responder), so memory one run leaves
 //! behind is not charged to the next. Other work on the machine (a build, someone
@@ -25,6 +30,7 @@
 //! Layout:
 //! - `main.rs`: settings, the process roles, the order of runs.
 //! - `load.rs`: the HTTP and WebSocket closed-loop generators and their histograms.
+//! - `wrk.rs`, `post.lua`: the outside generator, and the script it runs.
 //! - `procs.rs`: child processes and what /proc says about them.
 //! - `report.rs`: tables, JSON and the checklist of targets.
 //!
@@ -35,12 +41,16 @@
 mod load;
 mod procs;
 mod report;
+mod wrk;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use load::{Call, HttpTarget, Target, Window, Workload, WsTarget};
 use procs::{CpuMeter, Monitor, Proc};
-use report::{BUSY_CORES, Idle, LevelRow, Measured, Report, ScenarioRow};
+use report::{
+    ACCESS_LEVELS, ACCESS_OFF, ACCESS_ROUNDS, BUILT_IN, BUSY_CORES, Idle, LevelRow, Measured,
+    Report, ScenarioRow, WRK,
+};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -69,6 +79,11 @@ const IN_FLIGHT_PER_CONNECTION: usize = 4096;
 const RETRY_BUDGET: Duration = Duration::from_secs(300);
 const QUIET_WAIT: Duration = Duration::from_secs(10);
 const STATIC_REPLY: &str = r#"{"jsonrpc":"2.0","id":1,"result":["hello"]}"#;
+/// For the echo backend and the static responder, which are not what is measured:
+/// warnings only, so that they spend nothing on log lines.
+const QUIET: (&str, &str) = ("RUST_LOG", "warn");
+/// How long a wrk run may overrun its length before it is killed.
+const WRK_GRACE: Duration = Duration::from_secs(20);
 
 fn main() -> ExitCode {
     if std::env::var(ROLE_VAR).as_deref() == Ok("static") {
@@ -126,6 +141,7 @@ struct Settings {
     capacity: bool,
     /// Further tries of a run during which other work took a share of the CPU.
     busy_retries: usize,
+    wrk: bool,
 }
 
 impl Settings {
@@ -174,6 +190,7 @@ impl Settings {
             scenarios: !off("RPCGATE_BENCH_SCENARIOS"),
             capacity: !off("RPCGATE_BENCH_CAPACITY"),
             busy_retries: number("RPCGATE_BENCH_BUSY_RETRIES")?.unwrap_or(2),
+            wrk: !off("RPCGATE_BENCH_WRK"),
         })
     }
 }
@@ -222,12 +239,32 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
             "--name",
             "bench-echo",
         ],
-        &[],
+        &[QUIET],
         "echo-server listening on ",
     )
     .await?;
     let ws = WsTarget::new(echo.url());
     wait_ready(&ws, &echo_call()).await?;
+    let wrk = if settings.wrk {
+        match wrk::Wrk::find().await {
+            Ok(wrk) => Some(wrk),
+            Err(why) => {
+                eprintln!("bench: {why}: skipping the wrk rows");
+                notes.push(format!("wrk rows skipped: {why}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let access_off = write_config(
+        &out_dir,
+        "gateway-access-log-off.toml",
+        &format!(
+            "[log]\naccess_log = false\n\n[[upstreams]]\nurl = \"{}\"\n",
+            echo.url()
+        ),
+    )?;
     let bench = Bench {
         retry_until: Instant::now() + RETRY_BUDGET,
         settings,
@@ -238,23 +275,53 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
     let echo_work = Workload::only(echo_call());
     let echo_pid = Some(bench.echo.pid());
     let mut rows = Vec::new();
+    let mut access_repeats = Vec::new();
     for &level in &bench.settings.levels {
-        let row = |target: &str, m| LevelRow {
+        let row = |target: &str, generator, m| LevelRow {
             level,
             target: target.into(),
+            generator,
             m,
         };
-        let m = bench
-            .quietest(&format!("{level} clients, rpcgate"), async || {
-                let (gateway, target) = bench.gateway(None).await?;
+        let defaults = async || {
+            let (gateway, target) = bench.gateway(None).await?;
+            let m = bench
+                .measure(&target, level, &echo_work, Some(gateway.pid()), echo_pid)
+                .await;
+            Ok(with_access_lines(m, gateway.stop().await))
+        };
+        let logging_off = async || {
+            let (gateway, target) = bench.gateway(Some(&access_off)).await?;
+            let m = bench
+                .measure(&target, level, &echo_work, Some(gateway.pid()), echo_pid)
+                .await;
+            Ok(with_access_lines(m, gateway.stop().await))
+        };
+        let what = format!("{level} clients, rpcgate");
+        rows.push(row(
+            "rpcgate",
+            BUILT_IN,
+            bench.quietest(&what, defaults).await?,
+        ));
+        // Off right after on, in turns, so that the difference is not the machine's.
+        if ACCESS_LEVELS.contains(&level) {
+            let what_off = format!("{level} clients, {ACCESS_OFF}");
+            rows.push(row(
+                ACCESS_OFF,
+                BUILT_IN,
+                bench.quietest(&what_off, logging_off).await?,
+            ));
+            for round in 2..=ACCESS_ROUNDS {
                 let m = bench
-                    .measure(&target, level, &echo_work, Some(gateway.pid()), echo_pid)
-                    .await;
-                gateway.stop().await;
-                Ok(m)
-            })
-            .await?;
-        rows.push(row("rpcgate", m));
+                    .quietest(&format!("{what}, round {round}"), defaults)
+                    .await?;
+                access_repeats.push(row("rpcgate", BUILT_IN, m));
+                let m = bench
+                    .quietest(&format!("{what_off}, round {round}"), logging_off)
+                    .await?;
+                access_repeats.push(row(ACCESS_OFF, BUILT_IN, m));
+            }
+        }
         let m = bench
             .quietest(&format!("{level} clients, static"), async || {
                 let (server, target) = bench.static_server().await?;
@@ -265,13 +332,13 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
                 Ok(m)
             })
             .await?;
-        rows.push(row("static", m));
+        rows.push(row("static", BUILT_IN, m));
         let m = bench
             .quietest(&format!("{level} clients, ws-direct"), async || {
                 Ok(bench.measure(&ws, level, &echo_work, None, echo_pid).await)
             })
             .await?;
-        rows.push(row("ws-direct", m));
+        rows.push(row("ws-direct", BUILT_IN, m));
         if let Some(peer) = &peer {
             let pid = bench.settings.peer_pid;
             let m = bench
@@ -279,7 +346,46 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
                     Ok(bench.measure(peer, level, &echo_work, pid, None).await)
                 })
                 .await?;
-            rows.push(row("peer", m));
+            rows.push(row("peer", BUILT_IN, m));
+        }
+        if let Some(wrk) = &wrk {
+            // A wrk failure costs its row, with a note, not the whole run.
+            let what = format!("{level} clients, rpcgate ({WRK})");
+            let m = bench
+                .quietest(&what, async || {
+                    let (gateway, _) = bench.gateway(None).await?;
+                    let m = bench
+                        .measure_wrk(wrk, gateway.url(), level, gateway.pid(), echo_pid)
+                        .await;
+                    let lines = gateway.stop().await;
+                    Ok(with_access_lines(m?, lines))
+                })
+                .await;
+            match m {
+                Ok(m) => rows.push(row("rpcgate", WRK, m)),
+                Err(e) => {
+                    eprintln!("bench: {what}: {e:#}");
+                    notes.push(format!("{what}: {e:#}"));
+                }
+            }
+            let what = format!("{level} clients, static ({WRK})");
+            let m = bench
+                .quietest(&what, async || {
+                    let (server, _) = bench.static_server().await?;
+                    let m = bench
+                        .measure_wrk(wrk, server.url(), level, server.pid(), None)
+                        .await;
+                    server.stop().await;
+                    m
+                })
+                .await;
+            match m {
+                Ok(m) => rows.push(row("static", WRK, m)),
+                Err(e) => {
+                    eprintln!("bench: {what}: {e:#}");
+                    notes.push(format!("{what}: {e:#}"));
+                }
+            }
         }
     }
 
@@ -299,7 +405,19 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
 
     let measured = || {
         rows.iter()
-            .map(|r| (format!("{} clients, {}", r.level, r.target), &r.m))
+            .map(|r| {
+                let by = if r.generator == BUILT_IN {
+                    String::new()
+                } else {
+                    format!(" ({})", r.generator)
+                };
+                (format!("{} clients, {}{by}", r.level, r.target), &r.m)
+            })
+            .chain(
+                access_repeats
+                    .iter()
+                    .map(|r| (format!("{} clients, {}, repeat", r.level, r.target), &r.m)),
+            )
             .chain(scenarios.iter().flatten().map(|s| (s.name.clone(), &s.m)))
             .chain(
                 in_flight
@@ -356,6 +474,7 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
         timestamp: utc_timestamp(SystemTime::now()),
         nofile,
         rows,
+        access_repeats,
         scenarios,
         idle,
         in_flight,
@@ -403,7 +522,7 @@ impl Bench {
             "static",
             &std::env::current_exe().context("locating the bench binary")?,
             std::iter::empty::<&str>(),
-            &[(ROLE_VAR, "static")],
+            &[(ROLE_VAR, "static"), QUIET],
             "static listening on ",
         )
         .await?;
@@ -439,6 +558,40 @@ impl Bench {
             backend_usage,
             watched.foreign_cpu_us,
         )
+    }
+
+    /// One wrk run against `url`, after a warmup run of its own; `server` and
+    /// `backend` are the pids whose CPU and memory are charged to it.
+    async fn measure_wrk(
+        &self,
+        wrk: &wrk::Wrk,
+        url: &str,
+        clients: usize,
+        server: u32,
+        backend: Option<u32>,
+    ) -> Result<Measured> {
+        let warmup = wrk.start(url, clients, WARMUP)?;
+        warmup.finish(WARMUP + WRK_GRACE).await?;
+        let length = wrk::Wrk::run_length(self.settings.secs);
+        let run = wrk.start(url, clients, length)?;
+        let start = std::time::Instant::now() + wrk::LEAD;
+        let pids: Vec<u32> = [Some(server), backend].into_iter().flatten().collect();
+        let monitor = Monitor::start(pids, start, start + self.settings.secs);
+        let output = run.finish(length + WRK_GRACE).await;
+        let watched = monitor.finish().await;
+        let run = wrk::parse(&output?)?;
+        let mut usage = watched.usage.into_iter();
+        let server_usage = usage.next().flatten();
+        let backend_usage = backend.and_then(|_| usage.next().flatten());
+        tokio::time::sleep(SETTLE).await;
+        Ok(Measured::external(
+            clients,
+            &run,
+            self.settings.secs.as_secs_f64(),
+            server_usage,
+            backend_usage,
+            watched.foreign_cpu_us,
+        ))
     }
 
     /// Runs `attempt`, and again (at most `busy_retries` times, after waiting for the
@@ -491,7 +644,7 @@ impl Bench {
                     "echo-server",
                     rpcgate_bin(),
                     ["echo-server", "--listen", "127.0.0.1:0", "--name", name],
-                    &[],
+                    &[QUIET],
                     "echo-server listening on ",
                 )
                 .await?,
@@ -746,10 +899,19 @@ async fn wait_ready<T: Target>(target: &T, call: &Call) -> Result<()> {
     bail!("no correct reply within {READY_WAIT:?}: {last}")
 }
 
+/// `m`, with the count of access lines the gateway wrote.
+fn with_access_lines(mut m: Measured, stderr: Option<procs::StderrScan>) -> Measured {
+    m.access_lines = stderr.map(|s| s.access);
+    m
+}
+
 fn summary_line(what: &str, m: &Measured) -> String {
     let (p50, p99) = m.latency.map_or((f64::NAN, f64::NAN), |l| (l.p50, l.p99));
+    let lines = m
+        .access_lines
+        .map_or(String::new(), |n| format!(", {n} access lines"));
     format!(
-        "{what}: {:.0} req/s, {:.0} calls/s, p50 {p50:.0} µs, p99 {p99:.0} µs, {} errors, other work {:.2} cores",
+        "{what}: {:.0} req/s, {:.0} calls/s, p50 {p50:.0} µs, p99 {p99:.0} µs, {} errors, other work {:.2} cores{lines}",
         m.req_per_sec(),
         m.calls_per_sec(),
         m.errors,

@@ -4,15 +4,20 @@
 //! Children must never outlive a run, whatever way it ends: `kill_on_drop` covers a
 //! normal return and a panic that unwinds, `PR_SET_PDEATHSIG` covers the bench being
 //! killed outright.
+//!
+//! Children get only the settings the bench gives them: `RUST_LOG` and every
+//! `RPCGATE_*` variable of the bench's own environment are removed, so that a
+//! gateway started without settings runs the shipped defaults.
 
 use anyhow::{Context, Result, bail};
 use std::ffi::OsStr;
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{Output, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt as _, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
+use tokio::task::JoinHandle;
 
 /// How long a child may take to print its "listening on" line.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -20,6 +25,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const REAP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Sampling period of VmRSS when the kernel's peak counter cannot be reset.
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+/// Lines of a child's stderr passed on to ours (warnings, errors, panics); beyond
+/// these only their number is.
+const FORWARD_LINES: usize = 20;
 
 /// Pids of the children alive now, so that a window can tell the CPU this benchmark
 /// used from what other work on the machine took.
@@ -46,6 +54,17 @@ pub struct Proc {
     url: String,
     /// Held open only so that the static responder can treat EOF as "exit now".
     stdin: Option<ChildStdin>,
+    /// Reads the child's stderr until it closes.
+    stderr: Option<JoinHandle<StderrScan>>,
+}
+
+/// What a child wrote to stderr.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StderrScan {
+    /// Lines in all.
+    pub lines: u64,
+    /// rpcgate's access-log lines (text format).
+    pub access: u64,
 }
 
 impl Proc {
@@ -63,14 +82,15 @@ impl Proc {
         S: AsRef<OsStr>,
     {
         let mut command = Command::new(program);
+        command.args(args);
+        only_our_settings(&mut command);
         command
-            .args(args)
-            // Logging at info would put formatting work in every measured call.
-            .env("RUST_LOG", "warn")
             .envs(envs.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            // A pipe, as under journald or a container runtime; read by a task that
+            // passes warnings on and counts the rest.
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         die_with_parent(&mut command);
         let mut child = command
@@ -78,6 +98,10 @@ impl Proc {
             .with_context(|| format!("starting {name} ({})", program.display()))?;
         let pid = child.id().context("child has no pid")?;
         let stdin = child.stdin.take();
+        let stderr = child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(scan_stderr(name.to_owned(), e)));
         let stdout = child.stdout.take().context("child stdout not piped")?;
         let mut lines = BufReader::new(stdout).lines();
 
@@ -108,6 +132,7 @@ impl Proc {
             pid,
             url,
             stdin,
+            stderr,
         })
     }
 
@@ -119,8 +144,8 @@ impl Proc {
         &self.url
     }
 
-    /// Closes stdin, kills the child and reaps it.
-    pub async fn stop(mut self) {
+    /// Closes stdin, kills the child and reaps it; then what it wrote to stderr.
+    pub async fn stop(mut self) -> Option<StderrScan> {
         drop(self.stdin.take());
         if let Err(error) = self.child.start_kill() {
             eprintln!("bench: killing {}: {error}", self.name);
@@ -131,6 +156,131 @@ impl Proc {
         {
             eprintln!("bench: {} (pid {}) not reaped in time", self.name, self.pid);
         }
+        let scan = self.stderr.take()?;
+        // The pipe closes with the child; a grandchild holding it open must not stall us.
+        match tokio::time::timeout(REAP_TIMEOUT, scan).await {
+            Ok(Ok(scan)) => Some(scan),
+            _ => None,
+        }
+    }
+}
+
+/// Removes what the bench's own environment would pass on and change in a child.
+fn only_our_settings(command: &mut Command) {
+    command.env_remove("RUST_LOG");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("RPCGATE_") {
+            command.env_remove(key);
+        }
+    }
+}
+
+/// Reads a child's stderr to the end: counts lines and rpcgate's access lines, and
+/// passes on the first lines that are not info-or-below log lines (warnings,
+/// errors, panics). The level sits at a fixed column of a text line, so a line costs
+/// a newline search and two comparisons: this runs beside the measured gateway, on
+/// the same cores.
+async fn scan_stderr(name: String, mut pipe: impl AsyncRead + Unpin) -> StderrScan {
+    let mut scan = StderrScan::default();
+    let mut forwarded = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    // A line split across reads.
+    let mut carry = Vec::new();
+    let mut line = |line: &[u8], scan: &mut StderrScan| {
+        scan.lines += 1;
+        // `2026-12-01T11:26:52.613531Z  INFO rpcgate::access: ...`
+        let level = line.get(28..33);
+        if matches!(level, Some(b" INFO" | b"DEBUG" | b"TRACE")) {
+            if line
+                .get(34..)
+                .is_some_and(|t| t.starts_with(b"rpcgate::access:"))
+            {
+                scan.access += 1;
+            }
+            return;
+        }
+        forwarded += 1;
+        if forwarded <= FORWARD_LINES {
+            eprintln!("{name}: {}", String::from_utf8_lossy(line));
+        }
+    };
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut rest = &buf[..n];
+        while let Some(at) = rest.iter().position(|&b| b == b'\n') {
+            if carry.is_empty() {
+                line(&rest[..at], &mut scan);
+            } else {
+                carry.extend_from_slice(&rest[..at]);
+                line(&carry, &mut scan);
+                carry.clear();
+            }
+            rest = &rest[at + 1..];
+        }
+        carry.extend_from_slice(rest);
+    }
+    if !carry.is_empty() {
+        line(&carry, &mut scan);
+    }
+    if forwarded > FORWARD_LINES {
+        eprintln!(
+            "{name}: … and {} more such lines",
+            forwarded - FORWARD_LINES
+        );
+    }
+    scan
+}
+
+/// A child run to its end (a load generator), whose CPU counts as this bench's own
+/// while it runs, not as other work on the machine.
+pub struct Tool {
+    child: Option<Child>,
+    pid: u32,
+}
+
+impl Tool {
+    pub fn spawn<I, S>(program: &str, args: I) -> std::io::Result<Tool>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut command = Command::new(program);
+        command.args(args);
+        only_our_settings(&mut command);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        die_with_parent(&mut command);
+        let child = command.spawn()?;
+        let pid = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("child has no pid"))?;
+        children().push(pid);
+        Ok(Tool {
+            child: Some(child),
+            pid,
+        })
+    }
+
+    /// Waits for the child to exit, at most `timeout`, and returns what it printed.
+    pub async fn finish(mut self, timeout: Duration) -> Result<Output> {
+        let child = self.child.take().context("tool already finished")?;
+        // On timeout the future, and with it the child, is dropped: kill_on_drop.
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(output) => Ok(output?),
+            Err(_) => bail!("still running after {timeout:?}; killed"),
+        }
+    }
+}
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        children().retain(|&p| p != self.pid);
     }
 }
 

@@ -10,6 +10,18 @@ use std::fmt::Write as _;
 /// Other work on the machine above this many cores during a window makes the window's
 /// numbers suspect.
 pub const BUSY_CORES: f64 = 0.2;
+/// The load generators: this bench's own, and wrk.
+pub const BUILT_IN: &str = "built-in";
+pub const WRK: &str = "wrk";
+/// The gateway with its access log off; "rpcgate" alone is the shipped defaults.
+pub const ACCESS_OFF: &str = "rpcgate, log.access_log = false";
+/// Clients of the access log on/off comparison.
+pub const ACCESS_LEVELS: [usize; 2] = [32, 256];
+/// On/off pairs run back to back at each of those levels: a difference of a few
+/// percent is within what one pair of runs varies by.
+pub const ACCESS_ROUNDS: usize = 2;
+/// What the access log may cost per call, on over off, in gateway CPU µs.
+const ACCESS_BUDGET_US: f64 = 1.5;
 
 /// Latency percentiles, µs.
 #[derive(Clone, Copy, Debug)]
@@ -58,10 +70,10 @@ pub struct ProcUsage {
 }
 
 impl ProcUsage {
-    fn new(usage: Usage, calls: u64) -> ProcUsage {
+    fn new(usage: Usage, calls: f64) -> ProcUsage {
         ProcUsage {
             cpu_us: usage.cpu_us,
-            cpu_us_per_call: usage.cpu_us / calls as f64,
+            cpu_us_per_call: usage.cpu_us / calls,
             peak_rss_kib: usage.peak_rss_kib,
             rss_sampled: usage.rss_sampled,
         }
@@ -97,6 +109,9 @@ pub struct Measured {
     pub backend: Option<ProcUsage>,
     /// Cores' worth of CPU that other work on the machine took during the window.
     pub foreign_cores: Option<f64>,
+    /// Access-log lines the gateway wrote to stderr while it ran (warmup and
+    /// readiness calls included): a check that "on" logged and "off" did not.
+    pub access_lines: Option<u64>,
 }
 
 impl Measured {
@@ -118,9 +133,39 @@ impl Measured {
             first_error: outcome.first_error.clone(),
             latency: Latency::of(&outcome.all()),
             split: mixed.then(|| (Latency::of(&outcome.main), Latency::of(&outcome.other))),
-            server: server.map(|u| ProcUsage::new(u, outcome.calls)),
-            backend: backend.map(|u| ProcUsage::new(u, outcome.calls)),
+            server: server.map(|u| ProcUsage::new(u, outcome.calls as f64)),
+            backend: backend.map(|u| ProcUsage::new(u, outcome.calls as f64)),
             foreign_cores: foreign_cpu_us.map(|us| us / 1e6 / secs),
+            access_lines: None,
+        }
+    }
+
+    /// A run of an outside generator, which reports totals over its whole run of
+    /// `secs`, while CPU was read over a `window` inside it: CPU per call divides by
+    /// the calls its rate puts in the window.
+    pub fn external(
+        clients: usize,
+        run: &crate::wrk::WrkRun,
+        window: f64,
+        server: Option<Usage>,
+        backend: Option<Usage>,
+        foreign_cpu_us: Option<f64>,
+    ) -> Measured {
+        let in_window = run.good as f64 / run.secs * window;
+        Measured {
+            clients,
+            connected: clients,
+            secs: run.secs,
+            requests: run.good,
+            calls: run.good,
+            errors: run.errors,
+            first_error: run.first_error.clone(),
+            latency: run.latency,
+            split: None,
+            server: server.map(|u| ProcUsage::new(u, in_window)),
+            backend: backend.map(|u| ProcUsage::new(u, in_window)),
+            foreign_cores: foreign_cpu_us.map(|us| us / 1e6 / window),
+            access_lines: None,
         }
     }
 
@@ -163,7 +208,14 @@ impl Measured {
             "server": self.server.map(|u| u.json()),
             "backend": self.backend.map(|u| u.json()),
             "foreign_cpu_cores": self.foreign_cores,
+            "access_lines": self.access_lines,
         })
+    }
+
+    fn cpu_per_call(&self) -> Option<f64> {
+        self.server
+            .map(|u| u.cpu_us_per_call)
+            .filter(|c| c.is_finite())
     }
 }
 
@@ -171,6 +223,8 @@ impl Measured {
 pub struct LevelRow {
     pub level: usize,
     pub target: String,
+    /// [`BUILT_IN`] or [`WRK`].
+    pub generator: &'static str,
     pub m: Measured,
 }
 
@@ -223,6 +277,8 @@ pub struct Report {
     pub timestamp: String,
     pub nofile: Option<u64>,
     pub rows: Vec<LevelRow>,
+    /// The access log comparison's runs after the first pair (which is in `rows`).
+    pub access_repeats: Vec<LevelRow>,
     pub scenarios: Option<Vec<ScenarioRow>>,
     pub idle: Option<Idle>,
     /// The in-flight runs, fewest clients first.
@@ -231,11 +287,38 @@ pub struct Report {
 }
 
 impl Report {
+    /// A row of the built-in generator.
     fn row(&self, level: usize, target: &str) -> Option<&Measured> {
+        self.row_of(level, target, BUILT_IN)
+    }
+
+    fn row_of(&self, level: usize, target: &str, generator: &str) -> Option<&Measured> {
         self.rows
             .iter()
-            .find(|r| r.level == level && r.target == target)
+            .find(|r| r.level == level && r.target == target && r.generator == generator)
             .map(|r| &r.m)
+    }
+
+    /// Every built-in run of `target` at `level`, repeats included.
+    fn runs(&self, level: usize, target: &str) -> Vec<&Measured> {
+        self.rows
+            .iter()
+            .chain(&self.access_repeats)
+            .filter(|r| r.level == level && r.target == target && r.generator == BUILT_IN)
+            .map(|r| &r.m)
+            .collect()
+    }
+
+    /// Gateway CPU per call with the access log on (the defaults) and off, each the
+    /// mean of its runs, and the difference, at `level` clients.
+    fn access_cost(&self, level: usize) -> Option<(f64, f64, f64)> {
+        let on = mean(self.runs(level, "rpcgate").iter().map(|m| m.cpu_per_call()))?;
+        let off = mean(
+            self.runs(level, ACCESS_OFF)
+                .iter()
+                .map(|m| m.cpu_per_call()),
+        )?;
+        Some((on, off, on - off))
     }
 
     fn ratios(&self, level: usize) -> Ratios {
@@ -243,9 +326,11 @@ impl Report {
         let st = self.row(level, "static");
         let ws = self.row(level, "ws-direct");
         let both = |a: Option<f64>, b: Option<f64>| a.zip(b);
+        let wrk = |target| self.row_of(level, target, WRK).map(|m| m.req_per_sec());
         Ratios {
             throughput: both(gw.map(|m| m.req_per_sec()), st.map(|m| m.req_per_sec()))
                 .map(|(a, b)| a / b),
+            wrk_throughput: both(wrk("rpcgate"), wrk("static")).map(|(a, b)| a / b),
             p99: both(
                 gw.and_then(|m| m.p(|l| l.p99)),
                 st.and_then(|m| m.p(|l| l.p99)),
@@ -288,15 +373,28 @@ impl Report {
             p99.map(|r| (r <= 3.0, format!("{r:.2}×"))),
             self.basis(&[(256, "rpcgate"), (256, "static")]),
         ));
-        let cpu = self
-            .row(256, "rpcgate")
-            .and_then(|m| m.server)
-            .map(|u| u.cpu_us_per_call);
-        checks.push(Check::new(
-            "gateway CPU per call ≤ 20 µs at 256 clients".into(),
-            cpu.map(|c| (c <= 20.0, format!("{c:.1} µs"))),
-            self.basis(&[(256, "rpcgate")]),
-        ));
+        for level in ACCESS_LEVELS {
+            let cpu = self.row(level, "rpcgate").and_then(Measured::cpu_per_call);
+            checks.push(Check::new(
+                format!("gateway CPU per call ≤ 20 µs at {level} clients, shipped defaults"),
+                cpu.map(|c| (c <= 20.0, format!("{c:.1} µs"))),
+                self.basis(&[(level, "rpcgate")]),
+            ));
+        }
+        for level in ACCESS_LEVELS {
+            checks.push(Check::new(
+                format!(
+                    "access log costs ≤ {ACCESS_BUDGET_US} µs gateway CPU per call at {level} clients (on − off)"
+                ),
+                self.access_cost(level)
+                    .map(|(_, _, d)| (d <= ACCESS_BUDGET_US, format!("{d:+.1} µs"))),
+                basis(
+                    self.runs(level, "rpcgate")
+                        .into_iter()
+                        .chain(self.runs(level, ACCESS_OFF)),
+                ),
+            ));
+        }
         let rss = self
             .row(2000, "rpcgate")
             .and_then(|m| m.server)
@@ -353,6 +451,7 @@ impl Report {
         );
         self.echo_table(&mut out);
         self.ratio_table(&mut out);
+        self.access_table(&mut out);
         if let Some(rows) = &self.scenarios {
             scenario_table(&mut out, rows);
         }
@@ -376,25 +475,28 @@ impl Report {
         let _ = writeln!(
             out,
             "### Echo call by concurrency\n\n\
-             Server = the process answering HTTP (rpcgate, or the static responder); \
+             rpcgate = the shipped defaults (access log on, text lines to stderr, a pipe here); \
+             server = the process answering HTTP (rpcgate, or the static responder); \
              echo = the WebSocket backend; \
+             generator = {BUILT_IN} (this bench's closed loop) or {WRK} (`benches/gateway/post.lua`); \
              other load = CPU that work outside this benchmark took meanwhile.\n"
         );
         let _ = writeln!(
             out,
-            "| clients | target | req/s | p50 | p90 | p99 | p99.9 | errors | server CPU/call | server peak RSS | echo CPU/call | other load |"
+            "| clients | target | generator | req/s | p50 | p90 | p99 | p99.9 | errors | server CPU/call | server peak RSS | echo CPU/call | other load |"
         );
         let _ = writeln!(
             out,
-            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for r in &self.rows {
             let m = &r.m;
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.level,
                 r.target,
+                r.generator,
                 rate(m.req_per_sec()),
                 latency(m.p(|l| l.p50)),
                 latency(m.p(|l| l.p90)),
@@ -414,19 +516,78 @@ impl Report {
         let _ = writeln!(out, "### rpcgate against the ceilings\n");
         let _ = writeln!(
             out,
-            "| clients | rpcgate ÷ static req/s | rpcgate ÷ static p99 | rpcgate p50 − ws-direct p50 |"
+            "| clients | rpcgate ÷ static req/s | same, {WRK} | rpcgate ÷ static p99 | rpcgate p50 − ws-direct p50 |"
         );
-        let _ = writeln!(out, "|---:|---:|---:|---:|");
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|");
         for &level in &self.levels {
             let r = self.ratios(level);
             let _ = writeln!(
                 out,
-                "| {level} | {} | {} | {} |",
+                "| {level} | {} | {} | {} | {} |",
                 r.throughput
+                    .map_or("–".into(), |x| format!("{:.0}%", x * 100.0)),
+                r.wrk_throughput
                     .map_or("–".into(), |x| format!("{:.0}%", x * 100.0)),
                 r.p99.map_or("–".into(), |x| format!("{x:.2}×")),
                 r.p50_overhead_us
                     .map_or("–".into(), |x| format!("{x:.0} µs")),
+            );
+        }
+        out.push('\n');
+    }
+
+    fn access_table(&self, out: &mut String) {
+        if !ACCESS_LEVELS
+            .iter()
+            .any(|&l| self.row(l, ACCESS_OFF).is_some())
+        {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "### Access log cost ({BUILT_IN} generator, same run)\n\n\
+             on = shipped defaults; off = `[log] access_log = false`; on and off alternate, \
+             each value the mean of the runs in brackets. \
+             Lines = access lines the gateway wrote while it ran, warmup included.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| clients | CPU/call on | CPU/call off | on − off | req/s on | req/s off | lines on | lines off |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for level in ACCESS_LEVELS {
+            let (on, off) = (self.runs(level, "rpcgate"), self.runs(level, ACCESS_OFF));
+            if off.is_empty() {
+                continue;
+            }
+            let cpu_runs = |runs: &[&Measured]| {
+                let each: Vec<String> = runs.iter().map(|m| cpu(m.server)).collect();
+                match mean(runs.iter().map(|m| m.cpu_per_call())) {
+                    Some(c) => format!("{c:.1} µs ({})", each.join(", ")),
+                    None => "–".into(),
+                }
+            };
+            let rates = |runs: &[&Measured]| {
+                mean(runs.iter().map(|m| Some(m.req_per_sec()))).map_or("–".into(), rate)
+            };
+            let lines = |runs: &[&Measured]| {
+                let each: Vec<String> = runs
+                    .iter()
+                    .map(|m| m.access_lines.map_or("–".into(), |n| rate(n as f64)))
+                    .collect();
+                each.join(", ")
+            };
+            let _ = writeln!(
+                out,
+                "| {level} | {} | {} | {} | {} | {} | {} | {} |",
+                cpu_runs(&on),
+                cpu_runs(&off),
+                self.access_cost(level)
+                    .map_or("–".into(), |(_, _, d)| format!("{d:+.1} µs")),
+                rates(&on),
+                rates(&off),
+                lines(&on),
+                lines(&off),
             );
         }
         out.push('\n');
@@ -498,6 +659,7 @@ impl Report {
                 let mut v = r.m.json();
                 v["level"] = json!(r.level);
                 v["target"] = json!(r.target);
+                v["generator"] = json!(r.generator);
                 v
             })
             .collect();
@@ -509,9 +671,31 @@ impl Report {
                 json!({
                     "level": level,
                     "rpcgate_over_static_req_per_sec": r.throughput,
+                    "rpcgate_over_static_req_per_sec_wrk": r.wrk_throughput,
                     "rpcgate_over_static_p99": r.p99,
                     "rpcgate_minus_ws_direct_p50_us": r.p50_overhead_us,
                 })
+            })
+            .collect();
+        let access_log_cost: Vec<Value> = ACCESS_LEVELS
+            .iter()
+            .filter_map(|&level| {
+                let (on, off, difference) = self.access_cost(level)?;
+                let runs = |target| {
+                    self.runs(level, target)
+                        .iter()
+                        .map(|m| m.json())
+                        .collect::<Vec<_>>()
+                };
+                Some(json!({
+                    "level": level,
+                    "generator": BUILT_IN,
+                    "cpu_us_per_call_on": on,
+                    "cpu_us_per_call_off": off,
+                    "difference_us": difference,
+                    "runs_on": runs("rpcgate"),
+                    "runs_off": runs(ACCESS_OFF),
+                }))
             })
             .collect();
         let scenarios = self.scenarios.as_ref().map(|rows| {
@@ -549,6 +733,7 @@ impl Report {
             "nofile_limit": self.nofile,
             "echo": rows,
             "ratios": ratios,
+            "access_log_cost": access_log_cost,
             "scenarios": scenarios,
             "capacity": {
                 "idle": self.idle.as_ref().map(Idle::json),
@@ -578,6 +763,7 @@ fn basis<'a>(runs: impl Iterator<Item = &'a Measured>) -> (u64, Option<f64>) {
 
 struct Ratios {
     throughput: Option<f64>,
+    wrk_throughput: Option<f64>,
     p99: Option<f64>,
     p50_overhead_us: Option<f64>,
 }
@@ -678,6 +864,13 @@ impl Check {
         };
         format!("- {mark} {}: {value}{errors}{busy}", self.name)
     }
+}
+
+/// The mean of the values, `None` if any is missing.
+fn mean(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let values: Option<Vec<f64>> = values.collect();
+    let values = values.filter(|v| !v.is_empty())?;
+    Some(values.iter().sum::<f64>() / values.len() as f64)
 }
 
 fn finite(x: f64) -> Option<f64> {

@@ -55,6 +55,12 @@ fn route(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
             m.sessions_active
                 .set(state.sessions.as_ref().map_or(0, |s| s.len()) as i64);
             m.ready.set(i64::from(state.is_ready()));
+            // Process-wide totals, caught up at scrape time.
+            let dropped = crate::logging::dropped_lines();
+            m.log_lines_dropped
+                .inc_by(dropped.saturating_sub(m.log_lines_dropped.get()));
+            m.memory_budget_used.set(state.budget.used() as i64);
+            m.memory_budget_limit.set(state.budget.limit() as i64);
             let mut resp = Response::new(Full::new(Bytes::from(m.render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,

@@ -12,6 +12,7 @@ mod watch;
 
 use crate::budget::{Budget, Budgets};
 use crate::config::{AdminListen, Affinity, Config, DiscoveryMode};
+use crate::logging::AccessLog;
 use crate::metrics::Metrics;
 use crate::upstream::{Resolver, Sessions, SystemResolver, TargetError, Upstreams, discovery};
 use std::net::SocketAddr;
@@ -47,6 +48,8 @@ pub struct AppState {
     /// Present with `affinity = "connection"`.
     pub sessions: Option<Arc<Sessions>>,
     pub metrics: Arc<Metrics>,
+    /// One line per request, formatted and written off the event loop.
+    pub access_log: AccessLog,
     /// Set when shutdown starts: `/readyz` answers 503 from then on.
     pub stopping: AtomicBool,
     /// Bytes held for all clients (`limits.memory`).
@@ -165,6 +168,11 @@ impl Gateway {
             Sessions::start(config.sessions.clone(), upstreams.clone(), max_in_flight)
         });
         let config_memory = config.limits.memory_bytes();
+        let access_log = if config.log.access_log {
+            AccessLog::start(config.log.access_log_sample)
+        } else {
+            AccessLog::off()
+        };
         Ok(Gateway {
             listener,
             admin: None,
@@ -173,6 +181,7 @@ impl Gateway {
                 upstreams,
                 sessions,
                 metrics,
+                access_log,
                 stopping: AtomicBool::new(false),
                 budget: Budget::new(config_memory),
             }),
@@ -218,5 +227,8 @@ impl Gateway {
         }
         self.state.upstreams.close().await;
         admin_stop.cancel();
+        // The last requests' lines, before the process exits.
+        let access_log = self.state.access_log.clone();
+        let _ = tokio::task::spawn_blocking(move || access_log.flush()).await;
     }
 }

@@ -17,6 +17,7 @@
 use super::AppState;
 use super::response::{self, HttpResponse};
 use crate::error::Error;
+use crate::logging::AccessRecord;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
@@ -254,27 +255,23 @@ impl Observer for AccessLog {
     }
 
     fn answer<R: http_body::Body>(&self, (started, method): (Instant, Method), resp: &Response<R>) {
-        let log = &self.state.config.log;
-        if !(log.access_log
-            && tracing::enabled!(target: "rpcgate::access", tracing::Level::INFO)
-            && (log.access_log_sample >= 1.0 || fastrand::f64() < log.access_log_sample))
-        {
+        // Sampling and the level filter are the log's; formatting and writing happen
+        // on its own thread (`logging/access.rs`).
+        let log = &self.state.access_log;
+        if !log.enabled() {
             return;
         }
-        let batch = resp.extensions().get::<response::BatchLen>().map(|b| b.0);
-        let upstream = resp
-            .extensions()
-            .get::<response::AnsweredBy>()
-            .map(|u| u.0.clone());
-        tracing::info!(
-            target: "rpcgate::access",
-            peer = %self.peer,
-            method = %method,
-            status = resp.status().as_u16(),
-            duration_us = started.elapsed().as_micros() as u64,
-            bytes = resp.body().size_hint().exact().unwrap_or(0),
-            batch,
-            upstream = upstream.as_deref(),
-        );
+        log.record(AccessRecord {
+            peer: self.peer,
+            method,
+            status: resp.status().as_u16(),
+            duration_us: started.elapsed().as_micros() as u64,
+            bytes: resp.body().size_hint().exact().unwrap_or(0),
+            batch: resp.extensions().get::<response::BatchLen>().map(|b| b.0),
+            upstream: resp
+                .extensions()
+                .get::<response::AnsweredBy>()
+                .map(|u| u.0.clone()),
+        });
     }
 }
