@@ -49,15 +49,15 @@ pub async fn send(
     route: Route<'_>,
     deadline: Instant,
 ) -> Result<Sent, Error> {
+    let started = Instant::now();
     let calls = msg.client_calls();
     if calls == 0 {
-        return deliver(upstreams, &msg, route, deadline).await;
+        return deliver(upstreams, &msg, route, deadline, started).await;
     }
     let metrics = &upstreams.signals.metrics;
-    let started = Instant::now();
     // Counted down even when the client goes away and this future is dropped.
     let _in_flight = InFlight::enter(metrics, calls);
-    let sent = deliver(upstreams, &msg, route, deadline).await;
+    let sent = deliver(upstreams, &msg, route, deadline, started).await;
     count(metrics, &msg, &sent, started.elapsed());
     if let (Route::Own(conn), Outbound::Call(call), Ok(Sent::Reply(reply))) = (route, msg, &sent) {
         record_replay(upstreams, conn, call, reply);
@@ -71,8 +71,8 @@ async fn deliver(
     msg: &Outbound<'_>,
     route: Route<'_>,
     deadline: Instant,
+    started: Instant,
 ) -> Result<Sent, Error> {
-    let started = Instant::now();
     let mut waits = admission::Waits::default();
     let mut avoid = None;
     loop {

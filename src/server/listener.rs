@@ -14,6 +14,11 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+/// The TCP peer of the connection a request came on, for what is limited per client.
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code, reason = "read by the per-client session limits")]
+pub struct ClientAddr(pub SocketAddr);
+
 /// Accepts until `shutdown`, then gives open connections `shutdown.drain_timeout`.
 pub(super) async fn serve(
     listener: TcpListener,
@@ -105,6 +110,7 @@ async fn serve_connection(
         let stack = stack::build(state, peer);
         hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(budgets.clone());
+            req.extensions_mut().insert(ClientAddr(peer));
             // A request in progress holds off the idle timeout (see `watch`).
             let guard = activity.request_started();
             let mut stack = stack.clone();

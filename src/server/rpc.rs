@@ -101,7 +101,9 @@ async fn read_body(
         None => budgets.empty(),
     };
     let mut body = req.into_body();
-    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    // Most bodies arrive in one chunk: that one is kept as it came, without a copy.
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
     let read = async {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| {
@@ -112,19 +114,28 @@ async fn read_body(
             let Ok(data) = frame.into_data() else {
                 continue;
             };
-            let len = buf.len() + data.len();
+            let len = buf.len() + first.as_ref().map_or(0, Bytes::len) + data.len();
             if len > limit {
                 return Err(Error::PayloadTooLarge { limit });
             }
             if len > charge.bytes() && !charge.grow(len - charge.bytes()) {
                 return Err(over_budget.clone());
             }
-            buf.extend_from_slice(&data);
+            match first.take() {
+                None if buf.is_empty() => first = Some(data),
+                earlier => {
+                    if let Some(earlier) = earlier {
+                        buf.reserve(declared.unwrap_or(len).min(limit));
+                        buf.extend_from_slice(&earlier);
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
         }
         Ok(())
     };
     match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(())) => Ok((buf.freeze(), charge)),
+        Ok(Ok(())) => Ok((first.unwrap_or_else(|| buf.freeze()), charge)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(Error::BodyTimeout(timeout)),
     }
