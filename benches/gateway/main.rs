@@ -676,6 +676,17 @@ impl Bench {
                 false,
             ),
             (
+                "800 slow calls of 1 MB at once (sleep [200, 1 MB]), memory budget on",
+                800,
+                Workload::only(Call::single(
+                    "sleep",
+                    &format!(r#"[200,"{}"]"#, "x".repeat(1000 * 1000)),
+                    "200",
+                )),
+                Some(&large_body),
+                false,
+            ),
+            (
                 "params 1 MB",
                 4,
                 Workload::only(echo_of(&string_of(1024 * 1024))),

@@ -124,7 +124,7 @@ impl Backend {
                 }
                 None => Outcome::error(
                     INVALID_PARAMS,
-                    "invalid params: sleep expects [milliseconds]",
+                    "invalid params: sleep expects [milliseconds] or [milliseconds, \"padding\"]",
                 ),
             },
             "whoami" => Outcome::Raw(&self.name_json),
