@@ -74,7 +74,10 @@ fn refused(resp: &Response, setting: &str) -> Value {
     assert_eq!(resp.header("retry-after"), Some("1"));
     let v = resp.json();
     assert_eq!(v["error"]["code"], -32087, "{v}");
-    assert_eq!(v["error"]["data"]["kind"], "too_many_client_sessions", "{v}");
+    assert_eq!(
+        v["error"]["data"]["kind"], "too_many_client_sessions",
+        "{v}"
+    );
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains(setting), "{message:?} names {setting}");
     v
@@ -82,7 +85,9 @@ fn refused(resp: &Response, setting: &str) -> Value {
 
 /// `rpcgate_sessions_refused_total{reason}` as /metrics shows it.
 async fn refusals(admin: SocketAddr, reason: &str) -> f64 {
-    let text = request(admin, Method::GET, "/metrics", &[], "").await.text();
+    let text = request(admin, Method::GET, "/metrics", &[], "")
+        .await
+        .text();
     let series = format!("rpcgate_sessions_refused_total{{reason=\"{reason}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&series))
@@ -133,7 +138,9 @@ async fn a_client_opens_new_sessions_again_once_its_idle_ones_have_closed() {
     let up = FakeUpstream::start().await;
     counting(&up);
     let mut config = limited(&up, 2, 1000);
-    config.sessions.idle_timeout = Duration::from_millis(200);
+    // Long enough that no session expires before the refusal is seen, even on a
+    // loaded machine; the test waits for the closes it needs, never for this long.
+    config.sessions.idle_timeout = Duration::from_secs(1);
     let gw = start_gateway(config).await;
     gw.wait_open(1).await;
 

@@ -251,18 +251,21 @@ fn own_connection(
         (Some(SessionKey { key, client, .. }), Some(sessions))
             if state.config.sessions.affinity == Affinity::Connection =>
         {
-            sessions.connection(key, *client).map(Some).inspect_err(|e| {
-                let reason = match e {
-                    Error::TooManySessions(_) => "max_sessions",
-                    Error::TooManyClientSessions(limit) => limit.key(),
-                    _ => return,
-                };
-                state
-                    .metrics
-                    .sessions_refused
-                    .with_label_values(&[reason])
-                    .inc();
-            })
+            sessions
+                .connection(key, *client)
+                .map(Some)
+                .inspect_err(|e| {
+                    let reason = match e {
+                        Error::TooManySessions(_) => "max_sessions",
+                        Error::TooManyClientSessions(limit) => limit.key(),
+                        _ => return,
+                    };
+                    state
+                        .metrics
+                        .sessions_refused
+                        .with_label_values(&[reason])
+                        .inc();
+                })
         }
         _ => Ok(None),
     }

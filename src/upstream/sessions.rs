@@ -281,12 +281,8 @@ impl governor::clock::Clock for TokioClock {
 /// again, so the map holds only the clients that opened a session in about the last
 /// minute.
 struct CreationRate {
-    limiter: RateLimiter<
-        ClientId,
-        HashMapStateStore<ClientId>,
-        TokioClock,
-        NoOpMiddleware<Duration>,
-    >,
+    limiter:
+        RateLimiter<ClientId, HashMapStateStore<ClientId>, TokioClock, NoOpMiddleware<Duration>>,
 }
 
 impl CreationRate {
@@ -395,7 +391,10 @@ mod tests {
     async fn the_creation_rate_allows_a_burst_then_refills_and_forgets_idle_clients() {
         let rate = CreationRate::new(3);
         let (a, b) = (ClientId::of(ip("10.0.0.1")), ClientId::of(ip("10.0.0.2")));
-        assert!((0..3).all(|_| rate.allow(a)), "the burst is the per-minute rate");
+        assert!(
+            (0..3).all(|_| rate.allow(a)),
+            "the burst is the per-minute rate"
+        );
         assert!(!rate.allow(a));
         assert!(rate.allow(b), "another client has its own allowance");
         tokio::time::advance(Duration::from_secs(20)).await;
@@ -445,8 +444,14 @@ mod tests {
             sessions.connection("a3", a).err(),
             Some(Error::TooManyClientSessions(ClientLimit::Open(2)))
         );
-        assert!(sessions.connection("a1", a).is_ok(), "open sessions still work");
-        assert!(sessions.connection("a1", b).is_ok(), "a known key is not new");
+        assert!(
+            sessions.connection("a1", a).is_ok(),
+            "open sessions still work"
+        );
+        assert!(
+            sessions.connection("a1", b).is_ok(),
+            "a known key is not new"
+        );
         assert_eq!((sessions.open_for(a), sessions.open_for(b)), (2, 1));
 
         // Full: c's session evicts the least recently used, a2, and a gets room again.
@@ -454,7 +459,11 @@ mod tests {
         assert!(sessions.connection("c1", c).is_ok());
         assert_eq!(sessions.len(), 3);
         assert_eq!(
-            (sessions.open_for(a), sessions.open_for(b), sessions.open_for(c)),
+            (
+                sessions.open_for(a),
+                sessions.open_for(b),
+                sessions.open_for(c)
+            ),
             (1, 1, 1)
         );
         assert!(sessions.connection("a3", a).is_ok());
