@@ -203,7 +203,7 @@ fn session_of(req: &Request<Incoming>, state: &AppState) -> Result<Option<Sessio
 fn client_of(req: &Request<Incoming>, cfg: &SessionConfig) -> IpAddr {
     let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
     let forwarded = cfg.client_ip_header.as_deref().and_then(|name| {
-        let last = req.headers().get_all(name).iter().last()?;
+        let last = req.headers().get_all(name).iter().next_back()?;
         parse_ip(last.to_str().ok()?.rsplit(',').next()?)
     });
     // Every request comes through `serve_connection`, which sets the peer; should one
