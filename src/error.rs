@@ -54,6 +54,42 @@ impl std::fmt::Display for Busy {
     }
 }
 
+/// Which per-client limit refused a new `connection` session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientLimit {
+    /// `sessions.max_per_client` sessions of this client address are open.
+    Open(usize),
+    /// `sessions.new_per_client_per_minute` sessions were opened recently.
+    Rate(usize),
+}
+
+impl ClientLimit {
+    /// The setting that refused: the `reason` label of `rpcgate_sessions_refused_total`.
+    pub fn key(self) -> &'static str {
+        match self {
+            ClientLimit::Open(_) => "max_per_client",
+            ClientLimit::Rate(_) => "new_per_client_per_minute",
+        }
+    }
+}
+
+impl std::fmt::Display for ClientLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientLimit::Open(n) => write!(
+                f,
+                "this client address has {n} sessions open (sessions.max_per_client); \
+                 reuse an open session key, or retry once one has closed"
+            ),
+            ClientLimit::Rate(n) => write!(
+                f,
+                "this client address opened sessions faster than {n} a minute \
+                 (sessions.new_per_client_per_minute); reuse session keys, or retry later"
+            ),
+        }
+    }
+}
+
 /// A failure answered to the client as a JSON-RPC error object.
 ///
 /// Codes are part of the public contract and never change meaning.
@@ -95,6 +131,8 @@ pub enum Error {
     ReplayFailed(String),
     #[error("too many sessions open (max_sessions {0}); retry later")]
     TooManySessions(usize),
+    #[error("too many sessions for one client: {0}")]
+    TooManyClientSessions(ClientLimit),
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -114,6 +152,7 @@ impl Error {
             Error::InvalidUpstreamReply => -32084,
             Error::ReplayFailed(_) => -32085,
             Error::TooManySessions(_) => -32086,
+            Error::TooManyClientSessions(_) => -32087,
             // What was wrong with the HTTP request.
             Error::MethodNotAllowed => -32090,
             Error::UnsupportedMediaType => -32091,
@@ -135,9 +174,10 @@ impl Error {
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Error::NoUpstream(_) | Error::Overloaded(_) | Error::TooManySessions(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Error::NoUpstream(_)
+            | Error::Overloaded(_)
+            | Error::TooManySessions(_)
+            | Error::TooManyClientSessions(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UpstreamLost | Error::ReplayFailed(_) | Error::InvalidUpstreamReply => {
                 StatusCode::BAD_GATEWAY
             }
@@ -162,6 +202,7 @@ impl Error {
             Error::InvalidUpstreamReply => "invalid_upstream_reply",
             Error::ReplayFailed(_) => "replay_failed",
             Error::TooManySessions(_) => "too_many_sessions",
+            Error::TooManyClientSessions(_) => "too_many_client_sessions",
             Error::UpstreamLost => "upstream_lost",
             Error::Timeout(_) => "timeout",
             Error::Internal(_) => "internal",
@@ -221,6 +262,8 @@ mod tests {
             Error::InvalidUpstreamReply,
             Error::ReplayFailed("login".into()),
             Error::TooManySessions(1),
+            Error::TooManyClientSessions(ClientLimit::Open(1)),
+            Error::TooManyClientSessions(ClientLimit::Rate(1)),
             Error::Internal("x"),
         ]
     }
@@ -245,6 +288,7 @@ mod tests {
         for e in every() {
             if let Some(other) = seen.insert(e.code(), e.kind())
                 && e.code() != -32600
+                && other != e.kind()
             {
                 panic!("{} and {other} share {}", e.kind(), e.code());
             }

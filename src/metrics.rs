@@ -28,6 +28,7 @@ pub struct Metrics {
     pub unmatched: IntCounterVec,
     pub queue_wait: Histogram,
     pub sessions_active: IntGauge,
+    pub sessions_refused: IntCounterVec,
     pub replays: IntCounterVec,
     pub bytes_in: IntCounter,
     pub bytes_out: IntCounter,
@@ -167,6 +168,13 @@ impl Metrics {
                     "Sticky sessions with their own upstream connection (affinity = connection).",
                 )
                 .expect("valid metric definition"),
+            ),
+            sessions_refused: counter_vec(
+                &r,
+                "rpcgate_sessions_refused_total",
+                "New affinity = connection sessions refused, by the limit that refused them \
+                 (max_sessions, max_per_client, new_per_client_per_minute).",
+                &["reason"],
             ),
             replays: counter_vec(
                 &r,

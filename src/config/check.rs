@@ -141,10 +141,24 @@ impl Config {
         if self.sessions.max_sessions == 0 {
             p.push("sessions.max_sessions: must be at least 1".into());
         }
+        if self.sessions.max_per_client == 0 {
+            p.push("sessions.max_per_client: must be at least 1".into());
+        }
+        // The limiter counts in u32; a larger rate is no limit anyway.
+        if !(1..=u32::MAX as usize).contains(&self.sessions.new_per_client_per_minute) {
+            p.push(format!(
+                "sessions.new_per_client_per_minute: must be from 1 to {}",
+                u32::MAX
+            ));
+        }
+        let ip_header = self.sessions.client_ip_header.as_ref();
         for (key, name) in [
             ("sessions.header", &self.sessions.header),
             ("sessions.cookie", &self.sessions.cookie),
-        ] {
+        ]
+        .into_iter()
+        .chain(ip_header.map(|h| ("sessions.client_ip_header", h)))
+        {
             if name.is_empty() || http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 p.push(format!("{key}: {name:?} is not a valid name"));
             }

@@ -164,6 +164,16 @@ fn read_sessions(t: &Table, c: &mut SessionConfig, p: &mut Vec<String>) {
     s.duration("idle_timeout", &mut c.idle_timeout, p);
     s.number("max_sessions", &mut c.max_sessions, p);
     s.parsed("when_full", &mut c.when_full, p);
+    s.number("max_per_client", &mut c.max_per_client, p);
+    s.number(
+        "new_per_client_per_minute",
+        &mut c.new_per_client_per_minute,
+        p,
+    );
+    c.client_ip_header = s
+        .string("client_ip_header", p)
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty());
     if let Some(list) = s.strings("replay_methods", p) {
         c.replay_methods = list;
     }
@@ -325,6 +335,27 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
+    }
+
+    #[test]
+    fn per_client_session_limits_are_read_and_the_ip_header_is_normalized() {
+        let c = parse_with_upstream(
+            r#"
+            [sessions]
+            max_per_client = 8
+            new_per_client_per_minute = 30
+            client_ip_header = " X-Forwarded-For "
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.sessions.max_per_client, 8);
+        assert_eq!(c.sessions.new_per_client_per_minute, 30);
+        assert_eq!(
+            c.sessions.client_ip_header.as_deref(),
+            Some("x-forwarded-for")
+        );
+        let defaults = parse_with_upstream("").unwrap();
+        assert_eq!(defaults.sessions.client_ip_header, None);
     }
 
     #[test]

@@ -298,6 +298,15 @@ pub struct SessionConfig {
     pub max_sessions: usize,
     /// What a new session gets while `max_sessions` are open.
     pub when_full: WhenFull,
+    /// `connection` sessions one client address may hold open at once, so that one
+    /// client cannot take every upstream socket `max_sessions` allows.
+    pub max_per_client: usize,
+    /// `connection` sessions one client address may open per minute (the burst is the
+    /// same size): a client cycling through keys cannot churn upstream sockets.
+    pub new_per_client_per_minute: usize,
+    /// Header whose right-most address is the client's, for a gateway behind a proxy
+    /// that appends to it (`x-forwarded-for`); unset, the TCP peer is the client.
+    pub client_ip_header: Option<String>,
     /// Methods whose successful calls are recorded and replayed on reconnect.
     pub replay_methods: Vec<String>,
     /// Recorded calls kept per session at most (the oldest go first).
@@ -314,6 +323,9 @@ impl Default for SessionConfig {
             idle_timeout: Duration::from_secs(300),
             max_sessions: 10_000,
             when_full: WhenFull::Reject,
+            max_per_client: 64,
+            new_per_client_per_minute: 120,
+            client_ip_header: None,
             replay_methods: Vec::new(),
             max_replay: 32,
         }

@@ -16,7 +16,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The TCP peer of the connection a request came on, for what is limited per client.
 #[derive(Debug, Clone, Copy)]
-#[allow(dead_code, reason = "read by the per-client session limits")]
 pub struct ClientAddr(pub SocketAddr);
 
 /// Accepts until `shutdown`, then gives open connections `shutdown.drain_timeout`.

@@ -6,9 +6,10 @@
 //! an [`Error`] becomes HTTP.
 
 use super::AppState;
+use super::listener::ClientAddr;
 use super::response::{self, HttpResponse};
 use crate::budget::{Budgets, Charge};
-use crate::config::{Affinity, BatchMode};
+use crate::config::{Affinity, BatchMode, SessionConfig};
 use crate::dispatch::{self, Outbound, Route, Sent};
 use crate::error::{Busy, Error};
 use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
@@ -20,6 +21,7 @@ use http::header::{CONTENT_LENGTH, COOKIE, SET_COOKIE};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -27,7 +29,7 @@ use tokio::time::Instant;
 pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
     let http = &state.config.http;
     let limit = http.max_body_bytes;
-    let session = match session_of(req.headers(), state) {
+    let session = match session_of(&req, state) {
         Ok(s) => s,
         Err(e) => return response::error(None, &e),
     };
@@ -60,6 +62,7 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
     if let Some(SessionKey {
         key,
         issued: Some(secure),
+        ..
     }) = &session
     {
         let cfg = &state.config.sessions;
@@ -147,15 +150,18 @@ struct SessionKey {
     /// Set when rpcgate made the key up for this request: then it answers with a
     /// cookie, marked `Secure` when the client reached us over TLS (per the proxy).
     issued: Option<bool>,
+    /// Who a new session for this key counts against (`sessions.max_per_client`).
+    client: IpAddr,
 }
 
 /// The session key from the configured header or cookie; a new one when
 /// `issue_cookie` is on; none when stickiness is off.
-fn session_of(headers: &http::HeaderMap, state: &AppState) -> Result<Option<SessionKey>, Error> {
+fn session_of(req: &Request<Incoming>, state: &AppState) -> Result<Option<SessionKey>, Error> {
     let cfg = &state.config.sessions;
     if cfg.affinity == Affinity::None {
         return Ok(None);
     }
+    let headers = req.headers();
     let from_header = headers
         .get(cfg.header.as_str())
         .and_then(|v| v.to_str().ok())
@@ -171,6 +177,7 @@ fn session_of(headers: &http::HeaderMap, state: &AppState) -> Result<Option<Sess
             .find(|(name, value)| *name == cfg.cookie && !value.is_empty())
             .map(|(_, value)| value)
     };
+    let client = client_of(req, cfg);
     match from_header.or_else(from_cookie) {
         Some(key) if key.len() > MAX_KEY_LEN => {
             Err(Error::InvalidRequest("session key longer than 256 bytes"))
@@ -178,13 +185,47 @@ fn session_of(headers: &http::HeaderMap, state: &AppState) -> Result<Option<Sess
         Some(key) => Ok(Some(SessionKey {
             key: key.to_string(),
             issued: None,
+            client,
         })),
         None if cfg.issue_cookie => Ok(Some(SessionKey {
             key: sessions::new_key()?,
             issued: Some(behind_tls(headers)),
+            client,
         })),
         None => Ok(None),
     }
+}
+
+/// The client's address: with `client_ip_header`, the right-most address in it (the
+/// one the proxy in front of us appended; those left of it are the client's own
+/// claims); else, or when that header is missing or garbled, the TCP peer, so a
+/// request without it counts against the proxy rather than against nobody.
+fn client_of(req: &Request<Incoming>, cfg: &SessionConfig) -> IpAddr {
+    let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+    let forwarded = cfg.client_ip_header.as_deref().and_then(|name| {
+        let last = req.headers().get_all(name).iter().next_back()?;
+        parse_ip(last.to_str().ok()?.rsplit(',').next()?)
+    });
+    // Every request comes through `serve_connection`, which sets the peer; should one
+    // not, all such requests share one address and so stay limited.
+    forwarded
+        .or(peer)
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// An address as proxies write it: `1.2.3.4`, `2001:db8::1`, with a port
+/// (`1.2.3.4:5`, `[2001:db8::1]:5`) or in brackets.
+fn parse_ip(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    text.parse::<IpAddr>()
+        .ok()
+        .or_else(|| text.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            text.strip_prefix('[')?
+                .strip_suffix(']')?
+                .parse::<IpAddr>()
+                .ok()
+        })
 }
 
 /// Whether the client reached the proxy in front of us over TLS.
@@ -207,10 +248,24 @@ fn own_connection(
     session: Option<&SessionKey>,
 ) -> Result<Option<Arc<Conn>>, Error> {
     match (session, &state.sessions) {
-        (Some(SessionKey { key, .. }), Some(sessions))
+        (Some(SessionKey { key, client, .. }), Some(sessions))
             if state.config.sessions.affinity == Affinity::Connection =>
         {
-            sessions.connection(key).map(Some)
+            sessions
+                .connection(key, *client)
+                .map(Some)
+                .inspect_err(|e| {
+                    let reason = match e {
+                        Error::TooManySessions(_) => "max_sessions",
+                        Error::TooManyClientSessions(limit) => limit.key(),
+                        _ => return,
+                    };
+                    state
+                        .metrics
+                        .sessions_refused
+                        .with_label_values(&[reason])
+                        .inc();
+                })
         }
         _ => Ok(None),
     }

@@ -6,13 +6,22 @@
 //! same address while that address is present; cookies its handshakes set are sent
 //! again; successful calls to `replay_methods` are recorded by the dispatch pipeline
 //! and replayed, in order, before the session's next call goes through.
+//!
+//! Every session counts against the client address that opened it: at most
+//! `max_per_client` open at once and `new_per_client_per_minute` new ones, so that one
+//! client cannot take the upstream sockets `max_sessions` allows the whole gateway.
 
 use super::conn::Conn;
 use super::set::Upstreams;
 use crate::config::{SessionConfig, WhenFull};
-use crate::error::Error;
+use crate::error::{ClientLimit, Error};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,16 +37,37 @@ pub struct Sessions {
     upstreams: Arc<Upstreams>,
     /// Calls in flight per session connection at most.
     max_in_flight: usize,
-    table: Mutex<HashMap<String, Session>>,
+    /// Sessions and their per-client counts under one lock, so the counts cannot
+    /// drift from the sessions they count.
+    table: Mutex<Table>,
+    /// Session creations per client address (`new_per_client_per_minute`).
+    rate: CreationRate,
     /// When the table started: `last_used` counts milliseconds from here.
     epoch: Instant,
     shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct Table {
+    sessions: HashMap<String, Session>,
+    per_client: PerClient,
+}
+
+impl Table {
+    /// Removes session `key`, and its count from its client's.
+    fn remove(&mut self, key: &str) -> Option<Session> {
+        let session = self.sessions.remove(key)?;
+        self.per_client.remove(session.client);
+        Some(session)
+    }
 }
 
 struct Session {
     conn: Arc<Conn>,
     token: CancellationToken,
     last_used_ms: AtomicU64,
+    /// Whose `max_per_client` this session counts against.
+    client: ClientId,
 }
 
 impl Sessions {
@@ -48,10 +78,11 @@ impl Sessions {
         max_in_flight: usize,
     ) -> Arc<Self> {
         let sessions = Arc::new(Sessions {
+            rate: CreationRate::new(config.new_per_client_per_minute),
             config,
             upstreams,
             max_in_flight,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             epoch: Instant::now(),
             shutdown: CancellationToken::new(),
         });
@@ -69,51 +100,76 @@ impl Sessions {
 
     /// Sessions open now.
     pub fn len(&self) -> usize {
-        self.table.lock().len()
+        self.table.lock().sessions.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The connection of session `key`, opening one if needed.
-    pub(crate) fn connection(&self, key: &str) -> Result<Arc<Conn>, Error> {
+    /// Client addresses with at least one session open.
+    pub fn clients(&self) -> usize {
+        self.table.lock().per_client.len()
+    }
+
+    /// Sessions open for the client at `client`.
+    pub fn open_for(&self, client: IpAddr) -> usize {
+        self.table.lock().per_client.open(ClientId::of(client))
+    }
+
+    /// The connection of session `key`, opening one for `client` if needed.
+    pub(crate) fn connection(&self, key: &str, client: IpAddr) -> Result<Arc<Conn>, Error> {
         let now = self.now_ms();
+        let client = ClientId::of(client);
         let mut table = self.table.lock();
-        if let Some(session) = table.get(key) {
+        if let Some(session) = table.sessions.get(key) {
             session.last_used_ms.store(now, Ordering::Relaxed);
             return Ok(session.conn.clone());
         }
-        if table.len() >= self.config.max_sessions {
-            match self.config.when_full {
-                WhenFull::Reject => return Err(Error::TooManySessions(self.config.max_sessions)),
-                WhenFull::Evict => {
-                    // O(sessions), but only when a new session meets a full table.
-                    let oldest = table
-                        .iter()
-                        .min_by_key(|(_, s)| s.last_used_ms.load(Ordering::Relaxed))
-                        .map(|(k, _)| k.clone());
-                    if let Some(old) = oldest.and_then(|k| table.remove(&k)) {
-                        tracing::debug!("session table full; closing the least recently used");
-                        old.token.cancel();
-                    }
-                }
+        let full = table.sessions.len() >= self.config.max_sessions;
+        if full && self.config.when_full == WhenFull::Reject {
+            return Err(Error::TooManySessions(self.config.max_sessions));
+        }
+        let max_per_client = self.config.max_per_client;
+        if table.per_client.open(client) >= max_per_client {
+            return Err(Error::TooManyClientSessions(ClientLimit::Open(
+                max_per_client,
+            )));
+        }
+        // Last of the checks: a refusal above spends none of the client's rate.
+        if !self.rate.allow(client) {
+            return Err(Error::TooManyClientSessions(ClientLimit::Rate(
+                self.config.new_per_client_per_minute,
+            )));
+        }
+        if full {
+            // O(sessions), but only when a new session meets a full table.
+            let oldest = table
+                .sessions
+                .iter()
+                .min_by_key(|(_, s)| s.last_used_ms.load(Ordering::Relaxed))
+                .map(|(k, _)| k.clone());
+            if let Some(old) = oldest.and_then(|k| table.remove(&k)) {
+                tracing::debug!("session table full; closing the least recently used");
+                old.token.cancel();
             }
         }
         let token = self.shutdown.child_token();
         let conn = self.upstreams.session_connection(
             key.as_bytes(),
-            table.len(),
+            table.sessions.len(),
             self.max_in_flight,
             self.config.max_replay,
             token.clone(),
         );
-        table.insert(
+        table.per_client.add(client);
+        table.sessions.insert(
             key.to_string(),
             Session {
                 conn: conn.clone(),
                 token,
                 last_used_ms: AtomicU64::new(now),
+                client,
             },
         );
         Ok(conn)
@@ -122,26 +178,149 @@ impl Sessions {
     /// Closes every session's connection.
     pub fn close(&self) {
         self.shutdown.cancel();
-        self.table.lock().clear();
+        let mut table = self.table.lock();
+        table.sessions.clear();
+        table.per_client.clear();
     }
 
     fn sweep_idle(&self) {
         let limit = self.config.idle_timeout.as_millis() as u64;
         let now = self.now_ms();
-        self.table.lock().retain(|_, s| {
+        let mut table = self.table.lock();
+        let Table {
+            sessions,
+            per_client,
+        } = &mut *table;
+        sessions.retain(|_, s| {
             let idle = now.saturating_sub(s.last_used_ms.load(Ordering::Relaxed)) >= limit
                 && s.conn.in_flight.load(Ordering::Acquire) == 0;
             if idle {
                 s.token.cancel();
+                per_client.remove(s.client);
             }
             !idle
         });
+        drop(table);
+        self.rate.forget_idle();
     }
 }
 
-/// Closes sessions idle for `idle_timeout`, checking a few times per timeout.
+/// Who a session counts against: the client's address, an IPv6 client by its /64,
+/// since one host is routinely given a whole /64 and could otherwise use a fresh
+/// address for every session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientId(IpAddr);
+
+impl ClientId {
+    pub fn of(ip: IpAddr) -> ClientId {
+        match ip {
+            IpAddr::V4(_) => ClientId(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+                Some(v4) => ClientId(IpAddr::V4(v4)),
+                None => ClientId(IpAddr::V6(Ipv6Addr::from(
+                    u128::from(v6) & !u128::from(u64::MAX),
+                ))),
+            },
+        }
+    }
+}
+
+/// Open sessions per client: an entry exists only while its client has one, so the
+/// map is never larger than the session table.
+#[derive(Debug, Default)]
+struct PerClient {
+    open: HashMap<ClientId, usize>,
+}
+
+impl PerClient {
+    fn open(&self, client: ClientId) -> usize {
+        self.open.get(&client).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, client: ClientId) {
+        *self.open.entry(client).or_insert(0) += 1;
+    }
+
+    fn remove(&mut self, client: ClientId) {
+        if let Some(n) = self.open.get_mut(&client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.open.remove(&client);
+            }
+        }
+    }
+
+    /// Clients with a session open.
+    fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    fn clear(&mut self) {
+        self.open.clear();
+    }
+}
+
+/// tokio's clock for the rate limiter, so that it follows `tokio::time::pause()` like
+/// every other timer in the gateway.
+#[derive(Debug, Clone)]
+struct TokioClock(Instant);
+
+impl governor::clock::Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// `new_per_client_per_minute`, with a burst of the same size, per client address.
+///
+/// The limiter keeps one state per address it has seen; `forget_idle` (run by the
+/// idle sweeper, at least once a minute) drops every address whose allowance is full
+/// again, so the map holds only the clients that opened a session in about the last
+/// minute.
+struct CreationRate {
+    limiter:
+        RateLimiter<ClientId, HashMapStateStore<ClientId>, TokioClock, NoOpMiddleware<Duration>>,
+}
+
+impl CreationRate {
+    fn new(per_minute: usize) -> CreationRate {
+        // `check` keeps the value in 1..=u32::MAX; clamped again rather than trusted.
+        let n = u32::try_from(per_minute)
+            .ok()
+            .and_then(NonZeroU32::new)
+            .unwrap_or(NonZeroU32::MAX);
+        CreationRate {
+            limiter: RateLimiter::hashmap_with_clock(
+                Quota::per_minute(n),
+                TokioClock(Instant::now()),
+            ),
+        }
+    }
+
+    /// Takes one creation from `client`'s allowance, if there is one left.
+    fn allow(&self, client: ClientId) -> bool {
+        self.limiter.check_key(&client).is_ok()
+    }
+
+    fn forget_idle(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    /// Client addresses the limiter holds state for.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.limiter.len()
+    }
+}
+
+/// Closes sessions idle for `idle_timeout`, checking a few times per timeout, and at
+/// least once a minute: the creation rate's idle clients are forgotten here too.
 async fn sweep(sessions: std::sync::Weak<Sessions>, token: CancellationToken, idle: Duration) {
-    let step = (idle / 4).max(Duration::from_millis(100));
+    let step = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(step) => {}
@@ -168,6 +347,137 @@ pub fn new_key() -> Result<String, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, UpstreamConfig};
+    use crate::metrics::Metrics;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_client_is_counted_until_its_last_session_closes() {
+        let (a, b) = (ClientId::of(ip("10.0.0.1")), ClientId::of(ip("10.0.0.2")));
+        let mut per = PerClient::default();
+        per.add(a);
+        per.add(a);
+        per.add(b);
+        assert_eq!((per.open(a), per.open(b), per.len()), (2, 1, 2));
+        per.remove(a);
+        assert_eq!((per.open(a), per.len()), (1, 2));
+        per.remove(a);
+        assert_eq!(per.len(), 1, "a client without sessions leaves the table");
+        // A stray second close must not wrap or resurrect the entry.
+        per.remove(a);
+        assert_eq!((per.open(a), per.len()), (0, 1));
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_64_and_a_mapped_ipv4_one_as_ipv4() {
+        assert_eq!(
+            ClientId::of(ip("2001:db8:1:2::1")),
+            ClientId::of(ip("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            ClientId::of(ip("2001:db8:1:2::1")),
+            ClientId::of(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(
+            ClientId::of(ip("::ffff:10.0.0.1")),
+            ClientId::of(ip("10.0.0.1"))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_creation_rate_allows_a_burst_then_refills_and_forgets_idle_clients() {
+        let rate = CreationRate::new(3);
+        let (a, b) = (ClientId::of(ip("10.0.0.1")), ClientId::of(ip("10.0.0.2")));
+        assert!(
+            (0..3).all(|_| rate.allow(a)),
+            "the burst is the per-minute rate"
+        );
+        assert!(!rate.allow(a));
+        assert!(rate.allow(b), "another client has its own allowance");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(rate.allow(a), "one more every 60s / rate");
+        assert!(!rate.allow(a));
+        assert_eq!(rate.len(), 2);
+        // Full again 60s after the last creation; governor keeps one interval more.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        rate.forget_idle();
+        assert_eq!(rate.len(), 1, "b is full again, a not quite");
+        tokio::time::advance(Duration::from_secs(21)).await;
+        rate.forget_idle();
+        assert_eq!(rate.len(), 0, "full allowances are not kept");
+    }
+
+    /// A session table whose upstream accepts TCP but never answers the handshake: its
+    /// sockets stay connecting, which the bookkeeping does not care about.
+    async fn table(config: SessionConfig) -> (Arc<Sessions>, tokio::net::TcpListener) {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/", silent.local_addr().unwrap());
+        let gateway = Config {
+            upstreams: vec![UpstreamConfig::new(url)],
+            ..Config::default()
+        };
+        let metrics = Arc::new(Metrics::new(std::iter::empty()));
+        let upstreams = Upstreams::start(&gateway, metrics).unwrap();
+        (Sessions::start(config, upstreams, 8), silent)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_client_counts_follow_refusals_evictions_idle_closes_and_shutdown() {
+        let config = SessionConfig {
+            max_sessions: 3,
+            when_full: WhenFull::Evict,
+            max_per_client: 2,
+            idle_timeout: Duration::from_secs(10),
+            ..SessionConfig::default()
+        };
+        let (sessions, _upstream) = table(config).await;
+        let (a, b, c) = (ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3"));
+        let tick = || tokio::time::advance(Duration::from_millis(1));
+        for (key, client) in [("a1", a), ("a2", a), ("b1", b)] {
+            assert!(sessions.connection(key, client).is_ok(), "{key}");
+            tick().await;
+        }
+        assert_eq!(
+            sessions.connection("a3", a).err(),
+            Some(Error::TooManyClientSessions(ClientLimit::Open(2)))
+        );
+        assert!(
+            sessions.connection("a1", a).is_ok(),
+            "open sessions still work"
+        );
+        assert!(
+            sessions.connection("a1", b).is_ok(),
+            "a known key is not new"
+        );
+        assert_eq!((sessions.open_for(a), sessions.open_for(b)), (2, 1));
+
+        // Full: c's session evicts the least recently used, a2, and a gets room again.
+        tick().await;
+        assert!(sessions.connection("c1", c).is_ok());
+        assert_eq!(sessions.len(), 3);
+        assert_eq!(
+            (
+                sessions.open_for(a),
+                sessions.open_for(b),
+                sessions.open_for(c)
+            ),
+            (1, 1, 1)
+        );
+        assert!(sessions.connection("a3", a).is_ok());
+        assert_eq!((sessions.open_for(a), sessions.open_for(b)), (2, 0));
+        assert_eq!(sessions.clients(), 2, "b left with its last session");
+
+        tokio::time::advance(Duration::from_secs(10)).await;
+        sessions.sweep_idle();
+        assert_eq!((sessions.len(), sessions.clients()), (0, 0));
+
+        assert!(sessions.connection("a4", a).is_ok());
+        sessions.close();
+        assert_eq!((sessions.len(), sessions.clients()), (0, 0));
+    }
 
     #[test]
     fn keys_are_128_bit_hex_and_distinct() {
