@@ -16,7 +16,9 @@ const MIB: usize = 1024 * 1024;
 
 /// The value of an unlabelled sample on the admin listener's `/metrics`.
 async fn gauge(admin: SocketAddr, name: &str) -> f64 {
-    let text = request(admin, Method::GET, "/metrics", &[], "").await.text();
+    let text = request(admin, Method::GET, "/metrics", &[], "")
+        .await
+        .text();
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in {text}"))
@@ -73,7 +75,12 @@ async fn large_calls_past_the_memory_budget_get_a_fast_503_and_the_rest_are_answ
     assert!(!waiting.is_empty(), "some calls must be admitted");
     for call in done {
         let resp = call.await.unwrap();
-        assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE, "{}", resp.text());
+        assert_eq!(
+            resp.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            resp.text()
+        );
         assert_eq!(resp.header("retry-after"), Some("1"));
         let v: Value = resp.json();
         assert_eq!(v["error"]["code"], -32083);
@@ -81,7 +88,10 @@ async fn large_calls_past_the_memory_budget_get_a_fast_503_and_the_rest_are_answ
     }
     let held = gauge(gw.admin, "rpcgate_memory_budget_used_bytes").await;
     assert!(held <= (8 * MIB) as f64, "held {held} bytes");
-    assert!(held >= (4 * MIB) as f64, "the admitted calls are charged: {held}");
+    assert!(
+        held >= (4 * MIB) as f64,
+        "the admitted calls are charged: {held}"
+    );
     // The upstream answers every admitted call now, and each gets its own answer.
     for _ in 0..waiting.len() {
         let frame = up.next_frame().await;
@@ -119,7 +129,10 @@ async fn a_declared_body_past_the_budget_is_refused_before_it_is_read() {
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("\"reason\":\"memory\""), "{answer}");
     assert_eq!(up.frames_received(), 0);
-    assert_eq!(gauge(gw.admin, "rpcgate_memory_budget_used_bytes").await, 0.0);
+    assert_eq!(
+        gauge(gw.admin, "rpcgate_memory_budget_used_bytes").await,
+        0.0
+    );
 }
 
 /// One connection cannot take the whole budget: its own limit refuses it while other

@@ -124,7 +124,7 @@ impl Backend {
                 }
                 None => Outcome::error(
                     INVALID_PARAMS,
-                    "invalid params: sleep expects [milliseconds] or [milliseconds, \"padding\"]",
+                    "invalid params: sleep expects [milliseconds] or [milliseconds, padding string]",
                 ),
             },
             "whoami" => Outcome::Raw(&self.name_json),
