@@ -7,6 +7,7 @@ mod admin;
 mod listener;
 mod response;
 mod rpc;
+mod session_key;
 mod stack;
 mod watch;
 

@@ -6,22 +6,20 @@
 //! an [`Error`] becomes HTTP.
 
 use super::AppState;
-use super::listener::ClientAddr;
 use super::response::{self, HttpResponse};
+use super::session_key::{SessionKey, session_of};
 use crate::budget::{Budgets, Charge};
-use crate::config::{Affinity, BatchMode, SessionConfig};
+use crate::config::{Affinity, BatchMode};
 use crate::dispatch::{self, Outbound, Route, Sent};
 use crate::error::{Busy, Error};
 use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
-use crate::upstream::sessions::{self, MAX_KEY_LEN};
 use crate::upstream::{Conn, Reply};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
-use http::header::{CONTENT_LENGTH, COOKIE, SET_COOKIE};
+use http::header::{CONTENT_LENGTH, SET_COOKIE};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -142,104 +140,6 @@ async fn read_body(
         Ok(Err(e)) => Err(e),
         Err(_) => Err(Error::BodyTimeout(timeout)),
     }
-}
-
-/// A request's session key.
-struct SessionKey {
-    key: String,
-    /// Set when rpcgate made the key up for this request: then it answers with a
-    /// cookie, marked `Secure` when the client reached us over TLS (per the proxy).
-    issued: Option<bool>,
-    /// Who a new session for this key counts against (`sessions.max_per_client`).
-    client: IpAddr,
-}
-
-/// The session key from the configured header or cookie; a new one when
-/// `issue_cookie` is on; none when stickiness is off.
-fn session_of(req: &Request<Incoming>, state: &AppState) -> Result<Option<SessionKey>, Error> {
-    let cfg = &state.config.sessions;
-    if cfg.affinity == Affinity::None {
-        return Ok(None);
-    }
-    let headers = req.headers();
-    let from_header = headers
-        .get(cfg.header.as_str())
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty());
-    let from_cookie = || {
-        headers
-            .get_all(COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(name, value)| *name == cfg.cookie && !value.is_empty())
-            .map(|(_, value)| value)
-    };
-    let client = client_of(req, cfg);
-    match from_header.or_else(from_cookie) {
-        Some(key) if key.len() > MAX_KEY_LEN => {
-            Err(Error::InvalidRequest("session key longer than 256 bytes"))
-        }
-        Some(key) => Ok(Some(SessionKey {
-            key: key.to_string(),
-            issued: None,
-            client,
-        })),
-        None if cfg.issue_cookie => Ok(Some(SessionKey {
-            key: sessions::new_key()?,
-            issued: Some(behind_tls(headers)),
-            client,
-        })),
-        None => Ok(None),
-    }
-}
-
-/// The client's address: with `client_ip_header`, the right-most address in it (the
-/// one the proxy in front of us appended; those left of it are the client's own
-/// claims); else, or when that header is missing or garbled, the TCP peer, so a
-/// request without it counts against the proxy rather than against nobody.
-fn client_of(req: &Request<Incoming>, cfg: &SessionConfig) -> IpAddr {
-    let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
-    let forwarded = cfg.client_ip_header.as_deref().and_then(|name| {
-        let last = req.headers().get_all(name).iter().next_back()?;
-        parse_ip(last.to_str().ok()?.rsplit(',').next()?)
-    });
-    // Every request comes through `serve_connection`, which sets the peer; should one
-    // not, all such requests share one address and so stay limited.
-    forwarded
-        .or(peer)
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-}
-
-/// An address as proxies write it: `1.2.3.4`, `2001:db8::1`, with a port
-/// (`1.2.3.4:5`, `[2001:db8::1]:5`) or in brackets.
-fn parse_ip(text: &str) -> Option<IpAddr> {
-    let text = text.trim();
-    text.parse::<IpAddr>()
-        .ok()
-        .or_else(|| text.parse::<SocketAddr>().ok().map(|a| a.ip()))
-        .or_else(|| {
-            text.strip_prefix('[')?
-                .strip_suffix(']')?
-                .parse::<IpAddr>()
-                .ok()
-        })
-}
-
-/// Whether the client reached the proxy in front of us over TLS.
-fn behind_tls(headers: &http::HeaderMap) -> bool {
-    let proto = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    };
-    proto("x-forwarded-proto").eq_ignore_ascii_case("https")
-        || proto("forwarded")
-            .to_ascii_lowercase()
-            .contains("proto=https")
 }
 
 /// The session's own connection, opening it if needed (`affinity = "connection"`).

@@ -1,0 +1,114 @@
+//! A request's session key, and the client it counts against: from the session header,
+//! the session cookie, or a key made up for it; the client from the TCP peer or a
+//! trusted proxy's header.
+
+use super::AppState;
+use super::listener::ClientAddr;
+use crate::config::{Affinity, SessionConfig};
+use crate::error::Error;
+use crate::upstream::sessions::{self, MAX_KEY_LEN};
+use http::Request;
+use http::header::COOKIE;
+use hyper::body::Incoming;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+/// A request's session key.
+pub(super) struct SessionKey {
+    pub key: String,
+    /// Set when rpcgate made the key up for this request: then it answers with a
+    /// cookie, marked `Secure` when the client reached us over TLS (per the proxy).
+    pub issued: Option<bool>,
+    /// Who a new session for this key counts against (`sessions.max_per_client`).
+    pub client: IpAddr,
+}
+
+/// The session key from the configured header or cookie; a new one when
+/// `issue_cookie` is on; none when stickiness is off.
+pub(super) fn session_of(
+    req: &Request<Incoming>,
+    state: &AppState,
+) -> Result<Option<SessionKey>, Error> {
+    let cfg = &state.config.sessions;
+    if cfg.affinity == Affinity::None {
+        return Ok(None);
+    }
+    let headers = req.headers();
+    let from_header = headers
+        .get(cfg.header.as_str())
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty());
+    let from_cookie = || {
+        headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(name, value)| *name == cfg.cookie && !value.is_empty())
+            .map(|(_, value)| value)
+    };
+    let client = client_of(req, cfg);
+    match from_header.or_else(from_cookie) {
+        Some(key) if key.len() > MAX_KEY_LEN => {
+            Err(Error::InvalidRequest("session key longer than 256 bytes"))
+        }
+        Some(key) => Ok(Some(SessionKey {
+            key: key.to_string(),
+            issued: None,
+            client,
+        })),
+        None if cfg.issue_cookie => Ok(Some(SessionKey {
+            key: sessions::new_key()?,
+            issued: Some(behind_tls(headers)),
+            client,
+        })),
+        None => Ok(None),
+    }
+}
+
+/// The client's address: with `client_ip_header`, the right-most address in it (the
+/// one the proxy in front of us appended; those left of it are the client's own
+/// claims); else, or when that header is missing or garbled, the TCP peer, so a
+/// request without it counts against the proxy rather than against nobody.
+fn client_of(req: &Request<Incoming>, cfg: &SessionConfig) -> IpAddr {
+    let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+    let forwarded = cfg.client_ip_header.as_deref().and_then(|name| {
+        let last = req.headers().get_all(name).iter().next_back()?;
+        parse_ip(last.to_str().ok()?.rsplit(',').next()?)
+    });
+    // Every request comes through `serve_connection`, which sets the peer; should one
+    // not, all such requests share one address and so stay limited.
+    forwarded
+        .or(peer)
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+/// An address as proxies write it: `1.2.3.4`, `2001:db8::1`, with a port
+/// (`1.2.3.4:5`, `[2001:db8::1]:5`) or in brackets.
+fn parse_ip(text: &str) -> Option<IpAddr> {
+    let text = text.trim();
+    text.parse::<IpAddr>()
+        .ok()
+        .or_else(|| text.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            text.strip_prefix('[')?
+                .strip_suffix(']')?
+                .parse::<IpAddr>()
+                .ok()
+        })
+}
+
+/// Whether the client reached the proxy in front of us over TLS.
+fn behind_tls(headers: &http::HeaderMap) -> bool {
+    let proto = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    proto("x-forwarded-proto").eq_ignore_ascii_case("https")
+        || proto("forwarded")
+            .to_ascii_lowercase()
+            .contains("proto=https")
+}
