@@ -300,3 +300,55 @@ impl AsyncWrite for WatchedIo {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        header_timeout: Duration::from_secs(10),
+        keep_alive: Duration::from_secs(60),
+        write_timeout: Duration::from_secs(1),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_blocked_for_write_timeout_expires_even_during_a_request() {
+        let activity = Activity::new();
+        let _request = activity.request_started();
+        activity.write_blocked();
+        let start = Instant::now();
+        assert_eq!(expired(&activity, LIMITS, false).await, Expiry::WriteStalled);
+        assert_eq!(start.elapsed(), LIMITS.write_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_written_restart_the_stall_clock() {
+        let activity = Activity::new();
+        activity.write_blocked();
+        tokio::time::advance(Duration::from_millis(900)).await;
+        activity.bytes_written();
+        activity.write_blocked();
+        let start = Instant::now();
+        assert_eq!(expired(&activity, LIMITS, true).await, Expiry::WriteStalled);
+        assert_eq!(start.elapsed(), LIMITS.write_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_connection_gets_write_timeout_after_its_last_request() {
+        let activity = Activity::new();
+        let since = Instant::now();
+        let request = activity.request_started();
+        let close = closed_by(&activity, since, LIMITS.write_timeout);
+        tokio::pin!(close);
+        // A running request holds the close off, however long it takes.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), close.as_mut())
+                .await
+                .is_err()
+        );
+        drop(request);
+        let ended = Instant::now();
+        close.await;
+        assert_eq!(ended.elapsed(), LIMITS.write_timeout);
+    }
+}
