@@ -172,6 +172,78 @@ async fn a_client_that_stops_reading_large_answers_is_dropped_after_write_timeou
     assert_eq!(post(gw.addr, "/", CALL).await.status, StatusCode::OK);
 }
 
+/// One HTTP/2 frame: length, type, flags, stream id, payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut out = len.to_be_bytes()[1..].to_vec();
+    out.extend([kind, flags]);
+    out.extend(stream.to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+/// A POST of `CALL` on `stream`, as HEADERS (HPACK, static-table names, no Huffman)
+/// and one DATA frame that ends the stream.
+fn h2_call(stream: u32) -> Vec<u8> {
+    let mut block = vec![0x83, 0x86, 0x84]; // :method POST, :scheme http, :path /
+    block.extend([0x01, 1, b'x']); // :authority x, literal, not indexed
+    let json = b"application/json";
+    block.extend([0x0f, 0x10, json.len() as u8]); // content-type (static index 31)
+    block.extend(json);
+    let mut out = h2_frame(0x1, 0x4, stream, &block); // END_HEADERS
+    out.extend(h2_frame(0x0, 0x1, stream, CALL.as_bytes())); // END_STREAM
+    out
+}
+
+#[tokio::test]
+async fn an_http2_client_that_stops_reading_is_dropped_after_write_timeout() {
+    let up = FakeUpstream::start().await;
+    let big = "x".repeat(2 * 1024 * 1024);
+    up.auto_reply(move |f| Some(f.result_text(json!(big))));
+    let mut config = config_for(&[up.url()], 1);
+    config.http.write_timeout = Duration::from_millis(300);
+    let gw = start_gateway(config).await;
+    gw.wait_open(1).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let mut stream = with_timeout(socket.connect(gw.addr)).await.unwrap();
+    // Windows wide open, so that only the socket can hold the answers back.
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let max_window: u32 = (1 << 31) - 1;
+    let mut settings = vec![0x00, 0x04]; // SETTINGS_INITIAL_WINDOW_SIZE
+    settings.extend(max_window.to_be_bytes());
+    hello.extend(h2_frame(0x4, 0, 0, &settings));
+    hello.extend(h2_frame(0x8, 0, 0, &(max_window - 65_535).to_be_bytes()));
+    for id in [1, 3, 5, 7] {
+        hello.extend(h2_call(id));
+    }
+    with_timeout(stream.write_all(&hello)).await.unwrap();
+
+    eventually(async || metric(gw.admin, "rpcgate_http_connections_open").await == 1.0).await;
+    eventually(async || {
+        let text = get(gw.admin, "/metrics").await.text();
+        sample(&text, "rpcgate_http_connections_open") == 0.0
+            && sample(&text, "rpcgate_memory_budget_used_bytes") == 0.0
+    })
+    .await;
+    let mut received = 0usize;
+    let mut buf = vec![0; 64 * 1024];
+    with_timeout(async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received += n,
+            }
+        }
+    })
+    .await;
+    assert!(
+        received < 4 * 2 * 1024 * 1024,
+        "all four answers arrived ({received} bytes): the client was never stalled"
+    );
+}
+
 #[tokio::test]
 async fn a_request_head_over_max_header_bytes_is_refused_and_others_are_served() {
     let up = answering_upstream().await;
