@@ -56,7 +56,10 @@ pub fn ensure(config: &Config) {
         tracing::debug!(error = %std::io::Error::last_os_error(), "cannot read the open-files limit");
         return;
     }
-    #[allow(clippy::unnecessary_cast, reason = "rlim_t is u64 on Linux, not everywhere")]
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "rlim_t is u64 on Linux, not everywhere"
+    )]
     let (soft, hard) = (limit.rlim_cur as u64, limit.rlim_max as u64);
     let target = match plan(soft, hard, needed) {
         Plan::Enough => return,

@@ -128,13 +128,21 @@ pub(super) async fn serve(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            // A finished task keeps its allocation until joined: reap while waiting,
+            // or a burst of closed connections stays resident until the next accept.
+            Some(_) = connections.join_next() => continue,
             p = limit.acquire() => if p.is_err() { break },
             p = refusing.acquire() => if p.is_err() { break },
         }
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.cancelled() => break,
+        let accepted = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break None,
+                Some(_) = connections.join_next() => {}
+                a = listener.accept() => break Some(a),
+            }
         };
+        let Some(accepted) = accepted else { break };
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
@@ -167,8 +175,6 @@ pub(super) async fn serve(
                 }
             }
         });
-        // Reap finished connection tasks so the set stays the size of what is open.
-        while connections.try_join_next().is_some() {}
     }
     drop(listener);
     let drain = state.config.shutdown.drain_timeout;
@@ -255,8 +261,9 @@ async fn serve_connection(
         })
     };
     let io = TokioIo::new(WatchedIo::new(stream, activity.clone()));
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
+    // Boxed: hyper's connection state is large, and inline it would size this task's
+    // allocation, which lives until the task is joined.
+    let mut conn = Box::pin(builder.serve_connection(io, service));
     // Set when the graceful close starts: it is bounded too (see `watch::closed_by`).
     let mut closing: Option<tokio::time::Instant> = None;
     loop {

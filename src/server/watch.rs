@@ -317,7 +317,10 @@ mod tests {
         let _request = activity.request_started();
         activity.write_blocked();
         let start = Instant::now();
-        assert_eq!(expired(&activity, LIMITS, false).await, Expiry::WriteStalled);
+        assert_eq!(
+            expired(&activity, LIMITS, false).await,
+            Expiry::WriteStalled
+        );
         assert_eq!(start.elapsed(), LIMITS.write_timeout);
     }
 
