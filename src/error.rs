@@ -25,6 +25,8 @@ pub enum Busy {
     UpstreamNotReading,
     /// The memory budget (`limits.memory` or `limits.connection_bytes`) is used up.
     Memory,
+    /// The listener already serves `http.max_connections` client connections.
+    Connections,
 }
 
 impl Busy {
@@ -35,6 +37,7 @@ impl Busy {
             Busy::WaitingRoom => "max_waiting",
             Busy::UpstreamNotReading => "upstream_not_reading",
             Busy::Memory => "memory",
+            Busy::Connections => "max_connections",
         }
     }
 }
@@ -49,6 +52,9 @@ impl std::fmt::Display for Busy {
             }
             Busy::Memory => {
                 "the memory budget for requests and answers is used up (limits.memory, limits.connection_bytes)"
+            }
+            Busy::Connections => {
+                "the gateway already serves its limit of client connections (http.max_connections); this connection is closed"
             }
         })
     }

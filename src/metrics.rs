@@ -36,6 +36,8 @@ pub struct Metrics {
     pub log_lines_dropped: IntCounter,
     pub memory_budget_used: IntGauge,
     pub memory_budget_limit: IntGauge,
+    pub http_connections_open: IntGauge,
+    pub http_connections_refused: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -224,6 +226,22 @@ impl Metrics {
                 IntGauge::new(
                     "rpcgate_memory_budget_limit_bytes",
                     "The memory budget in force (limits.memory, or its default for this machine).",
+                )
+                .expect("valid metric definition"),
+            ),
+            http_connections_open: reg(
+                &r,
+                IntGauge::new(
+                    "rpcgate_http_connections_open",
+                    "Client connections being served now (at most http.max_connections).",
+                )
+                .expect("valid metric definition"),
+            ),
+            http_connections_refused: reg(
+                &r,
+                IntCounter::new(
+                    "rpcgate_http_connections_refused_total",
+                    "Client connections accepted over http.max_connections and answered 503.",
                 )
                 .expect("valid metric definition"),
             ),

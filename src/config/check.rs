@@ -4,6 +4,9 @@
 
 use super::Config;
 
+/// The largest HTTP/2 flow-control window (RFC 9113, section 6.9.1).
+const H2_MAX_WINDOW: usize = (1 << 31) - 1;
+
 /// Every problem found in a configuration, one line each.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{} configuration problem(s):\n  {}", .0.len(), .0.join("\n  "))]
@@ -110,6 +113,7 @@ impl Config {
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("http.body_read_timeout", self.http.body_read_timeout),
             ("http.keep_alive_timeout", self.http.keep_alive_timeout),
+            ("http.write_timeout", self.http.write_timeout),
             ("calls.request_timeout", self.calls.request_timeout),
             ("websocket.ping_interval", self.websocket.ping_interval),
             ("websocket.pong_timeout", self.websocket.pong_timeout),
@@ -184,6 +188,37 @@ impl Config {
             {
                 p.push(format!(
                     "on_connect[{i}].params: must be a JSON array or object"
+                ));
+            }
+        }
+        // hyper panics outside these ranges, so they are refused here with the key's name.
+        let h = &self.http;
+        if h.max_header_bytes < 8192 || u32::try_from(h.max_header_bytes).is_err() {
+            p.push(format!(
+                "http.max_header_bytes: {} must be between 8192 (8KiB) and 4GiB",
+                h.max_header_bytes
+            ));
+        }
+        if h.http2_send_buffer_bytes == 0 || u32::try_from(h.http2_send_buffer_bytes).is_err() {
+            p.push(format!(
+                "http.http2_send_buffer_bytes: {} must be between 1 and 4GiB",
+                h.http2_send_buffer_bytes
+            ));
+        }
+        // HTTP/2 windows: at least the protocol's initial 65535, at most 2^31-1.
+        for (key, v) in [
+            (
+                "http.http2_stream_window_bytes",
+                h.http2_stream_window_bytes,
+            ),
+            (
+                "http.http2_connection_window_bytes",
+                h.http2_connection_window_bytes,
+            ),
+        ] {
+            if !(65_535..=H2_MAX_WINDOW).contains(&v) {
+                p.push(format!(
+                    "{key}: {v} must be between 65535 and {H2_MAX_WINDOW} (2^31-1)"
                 ));
             }
         }

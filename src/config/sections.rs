@@ -130,6 +130,19 @@ fn read_http(t: &Table, h: &mut HttpConfig, p: &mut Vec<String>) {
     let mut streams = h.http2_max_streams as usize;
     s.number("http2_max_streams", &mut streams, p);
     h.http2_max_streams = u32::try_from(streams).unwrap_or(u32::MAX);
+    s.duration("write_timeout", &mut h.write_timeout, p);
+    s.size("max_header_bytes", &mut h.max_header_bytes, p);
+    s.size("http2_send_buffer_bytes", &mut h.http2_send_buffer_bytes, p);
+    s.size(
+        "http2_stream_window_bytes",
+        &mut h.http2_stream_window_bytes,
+        p,
+    );
+    s.size(
+        "http2_connection_window_bytes",
+        &mut h.http2_connection_window_bytes,
+        p,
+    );
     s.finish(p);
 }
 
@@ -275,6 +288,11 @@ mod tests {
             keep_alive_timeout = "4s"
             max_connections = 10
             http2_max_streams = 7
+            write_timeout = "5s"
+            max_header_bytes = "16KiB"
+            http2_send_buffer_bytes = "32KiB"
+            http2_stream_window_bytes = 131072
+            http2_connection_window_bytes = "2MiB"
             [calls]
             request_timeout = "250ms"
             connect_wait = "1s"
@@ -298,6 +316,11 @@ mod tests {
         assert_eq!(c.http.path, "/rpc");
         assert_eq!(c.http.batch, BatchMode::Forward);
         assert_eq!(c.http.http2_max_streams, 7);
+        assert_eq!(c.http.write_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.max_header_bytes, 16 * 1024);
+        assert_eq!(c.http.http2_send_buffer_bytes, 32 * 1024);
+        assert_eq!(c.http.http2_stream_window_bytes, 131_072);
+        assert_eq!(c.http.http2_connection_window_bytes, 2 * 1024 * 1024);
         assert_eq!(c.calls.request_timeout, Duration::from_millis(250));
         assert_eq!(c.websocket.ping_interval, Duration::from_secs(60));
         assert_eq!(c.upstreams[0].connections, 2);

@@ -113,10 +113,22 @@ pub struct HttpConfig {
     pub body_read_timeout: Duration,
     /// An idle keep-alive connection is closed after this time.
     pub keep_alive_timeout: Duration,
-    /// Open client connections at most; further accepts wait for one to close.
+    /// Open client connections at most; past it a connection is answered 503 and closed.
     pub max_connections: usize,
     /// Concurrent streams per HTTP/2 connection.
     pub http2_max_streams: u32,
+    /// A connection whose socket writes make no progress this long (a client that
+    /// stopped reading) is dropped, and so is a graceful close that takes longer.
+    pub write_timeout: Duration,
+    /// Largest request head (HTTP/1 read buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// Bytes of answer HTTP/2 buffers per stream ahead of the client's window.
+    pub http2_send_buffer_bytes: usize,
+    /// The HTTP/2 receive window of each stream: request body bytes a client may send
+    /// ahead of our reading.
+    pub http2_stream_window_bytes: usize,
+    /// The same, for all streams of one connection together.
+    pub http2_connection_window_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -131,6 +143,11 @@ impl Default for HttpConfig {
             keep_alive_timeout: Duration::from_secs(60),
             max_connections: 20_000,
             http2_max_streams: 256,
+            write_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            http2_send_buffer_bytes: 64 * 1024,
+            http2_stream_window_bytes: 256 * 1024,
+            http2_connection_window_bytes: 1024 * 1024,
         }
     }
 }

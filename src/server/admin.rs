@@ -1,10 +1,13 @@
 //! The admin listener: `/metrics` (Prometheus text), `/healthz` (alive) and
-//! `/readyz` (ready: an upstream can take calls and shutdown has not started).
+//! `/readyz` (ready: an upstream can take calls, the listener is below
+//! `http.max_connections`, and shutdown has not started).
 //!
 //! A listener of its own so probes and scrapes never queue behind client traffic,
 //! and so the admin port can stay inside the cluster while the JSON-RPC port is exposed.
 
 use super::AppState;
+use super::accept::{self, AcceptErrors};
+use super::listener;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -18,13 +21,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
+    let mut errors = AcceptErrors::default();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    errors.note("admin", &e);
+                    tokio::time::sleep(accept::BACKOFF).await;
                     continue;
                 }
             },
@@ -54,7 +58,8 @@ fn route(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
             state.upstreams.refresh_metrics(m);
             m.sessions_active
                 .set(state.sessions.as_ref().map_or(0, |s| s.len()) as i64);
-            m.ready.set(i64::from(state.is_ready()));
+            m.ready
+                .set(i64::from(state.is_ready() && !listener::at_capacity(state)));
             // Process-wide totals, caught up at scrape time.
             let dropped = crate::logging::dropped_lines();
             m.log_lines_dropped
@@ -79,6 +84,12 @@ fn route(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: no usable upstream\n",
+                )
+            } else if listener::at_capacity(state) {
+                // New clients would only be refused here: send them elsewhere.
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: at max_connections\n",
                 )
             } else {
                 text(StatusCode::OK, "ready\n")

@@ -1,22 +1,110 @@
-//! The JSON-RPC listener: accepting connections within `max_connections`, serving
-//! each with HTTP/1.1 or h2c through the tower stack, and draining on shutdown.
+//! The JSON-RPC listener: accepting connections, serving each with HTTP/1.1 or h2c
+//! through the tower stack, answering the ones over `max_connections` with a fast
+//! 503, and draining on shutdown.
 
 use super::AppState;
+use super::accept::{self, AcceptErrors};
+use super::response;
 use super::stack;
-use super::watch::{self, Activity, WatchedIo};
+use super::watch::{self, Activity, Expiry, Limits, WatchedIo};
+use crate::error::{Busy, Error};
+use crate::metrics::Metrics;
+use http::HeaderValue;
+use http::header::CONNECTION;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+/// Sockets over `max_connections` being answered 503 at once, at most (or
+/// `max_connections` itself, if smaller). Past it accepting pauses and the kernel's
+/// backlog holds the rest: refusing costs a socket and a task each, so it is bounded too.
+pub const MAX_REFUSING: usize = 1024;
+
+/// How long a refused connection may take to send its request and read the 503,
+/// twice over (once until the answer, once for the close): a client over the cap
+/// gets an answer, not a seat.
+const REFUSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// The largest HTTP/2 flow-control window (RFC 9113, section 6.9.1).
+const H2_MAX_WINDOW: usize = (1 << 31) - 1;
 
 /// The TCP peer of the connection a request came on, for what is limited per client.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
+
+/// Holds one of the `max_connections` places while its connection is served.
+struct Open {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Open {
+    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Open {
+        metrics.http_connections_open.inc();
+        Open {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        // `/readyz` reads this gauge against max_connections.
+        self.metrics.http_connections_open.dec();
+    }
+}
+
+/// Whether the listener serves `max_connections` connections now: `/readyz` says not
+/// ready then, so a load balancer sends new clients elsewhere.
+pub fn at_capacity(state: &AppState) -> bool {
+    state.metrics.http_connections_open.get() >= state.config.http.max_connections as i64
+}
+
+fn builder(state: &AppState) -> auto::Builder<TokioExecutor> {
+    let http = &state.config.http;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // hyper panics below 8 KiB; the config check refuses smaller values, and this
+    // keeps a hand-built `Config` from panicking.
+    let head = http.max_header_bytes.max(8192);
+    // Head and idle timeouts are ours (see `watch`): hyper's would merge them.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true)
+        // The read buffer's ceiling, so the largest head (hyper answers 431 past it),
+        // and the ceiling of what hyper queues for writing.
+        .max_buf_size(head);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(http.http2_max_streams)
+        .keep_alive_interval(Some(http.keep_alive_timeout / 2))
+        .keep_alive_timeout(http.keep_alive_timeout / 2)
+        .max_header_list_size(u32::try_from(head).unwrap_or(u32::MAX))
+        .max_send_buf_size(http.http2_send_buffer_bytes.clamp(1, u32::MAX as usize))
+        .initial_stream_window_size(window(http.http2_stream_window_bytes))
+        .initial_connection_window_size(window(http.http2_connection_window_bytes));
+    builder
+}
+
+fn window(bytes: usize) -> u32 {
+    bytes.clamp(65_535, H2_MAX_WINDOW) as u32
+}
+
+/// What an accepted socket gets.
+enum Seat {
+    Served(Open),
+    Refused(OwnedSemaphorePermit),
+}
 
 /// Accepts until `shutdown`, then gives open connections `shutdown.drain_timeout`.
 pub(super) async fn serve(
@@ -25,55 +113,67 @@ pub(super) async fn serve(
     shutdown: CancellationToken,
 ) {
     let http = &state.config.http;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Head and idle timeouts are ours (see `watch`): hyper's would merge them.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(http.http2_max_streams)
-        .keep_alive_interval(Some(http.keep_alive_timeout / 2))
-        .keep_alive_timeout(http.keep_alive_timeout / 2);
-    let builder = Arc::new(builder);
-    // One permit per open client connection: at the cap, accepting pauses and
-    // the kernel's backlog absorbs the excess instead of our memory.
+    let builder = Arc::new(builder(&state));
+    // One permit per served connection, and a smaller pool for the ones refused:
+    // both full, accepting pauses and the kernel's backlog absorbs the excess
+    // instead of our memory.
     let limit = Arc::new(Semaphore::new(http.max_connections));
+    let refusing = Arc::new(Semaphore::new(http.max_connections.min(MAX_REFUSING)));
+    let mut errors = AcceptErrors::default();
     let mut connections = JoinSet::new();
     loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+        // This loop is the only one taking permits, so a place seen free here is
+        // still free after the accept.
+        tokio::select! {
+            biased;
             _ = shutdown.cancelled() => break,
+            // A finished task keeps its allocation until joined: reap while waiting,
+            // or a burst of closed connections stays resident until the next accept.
+            Some(_) = connections.join_next() => continue,
+            p = limit.acquire() => if p.is_err() { break },
+            p = refusing.acquire() => if p.is_err() { break },
+        }
+        let accepted = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break None,
+                Some(_) = connections.join_next() => {}
+                a = listener.accept() => break Some(a),
+            }
         };
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.cancelled() => break,
-        };
+        let Some(accepted) = accepted else { break };
         let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Out of file descriptors and the like: back off briefly instead
-                // of spinning on an error that repeats at once.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                errors.note("http", &e);
+                tokio::time::sleep(accept::BACKOFF).await;
                 continue;
             }
+        };
+        let seat = match limit.clone().try_acquire_owned() {
+            Ok(p) => Seat::Served(Open::new(p, state.metrics.clone())),
+            Err(_) => match refusing.clone().try_acquire_owned() {
+                Ok(p) => Seat::Refused(p),
+                // Not reached (see above); closing is the safe answer if it were.
+                Err(_) => continue,
+            },
         };
         let state = state.clone();
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            serve_connection(stream, peer, state, &builder, shutdown).await;
-            drop(permit);
+            match seat {
+                Seat::Served(open) => {
+                    serve_connection(stream, peer, state, &builder, shutdown).await;
+                    drop(open);
+                }
+                Seat::Refused(permit) => {
+                    state.metrics.http_connections_refused.inc();
+                    refuse_connection(stream, peer, &builder).await;
+                    drop(permit);
+                }
+            }
         });
-        // Reap finished connection tasks so the set stays the size of what is open.
-        while connections.try_join_next().is_some() {}
     }
     drop(listener);
     let drain = state.config.shutdown.drain_timeout;
@@ -91,6 +191,41 @@ pub(super) async fn serve(
     }
 }
 
+/// Answers every request on a connection over `max_connections` with 503 and closes
+/// it: through hyper, so HTTP/1 and HTTP/2 clients alike read a JSON-RPC error
+/// instead of a reset they cannot tell from a crash.
+async fn refuse_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+) {
+    let _ = stream.set_nodelay(true);
+    let answered = Arc::new(Notify::new());
+    let service = {
+        let answered = answered.clone();
+        hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+            let mut resp = response::error(None, &Error::Overloaded(Busy::Connections));
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            answered.notify_one();
+            async move { Ok::<_, Infallible>(resp) }
+        })
+    };
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    // Until the first answer (HTTP/1 closes after it, `Connection: close`), or the
+    // bound; then a graceful close (HTTP/2: GOAWAY), bounded again.
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = answered.notified() => {}
+        _ = tokio::time::sleep(REFUSE_WITHIN) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    if tokio::time::timeout(REFUSE_WITHIN, conn).await.is_err() {
+        tracing::debug!(%peer, "refused connection did not close in time; dropped");
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -101,7 +236,11 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let activity = Activity::new();
     let http = &state.config.http;
-    let (header_timeout, keep_alive) = (http.header_read_timeout, http.keep_alive_timeout);
+    let limits = Limits {
+        header_timeout: http.header_read_timeout,
+        keep_alive: http.keep_alive_timeout,
+        write_timeout: http.write_timeout,
+    };
     let service = {
         let activity = activity.clone();
         // Everything this connection's requests hold counts against one budget.
@@ -121,10 +260,18 @@ async fn serve_connection(
         })
     };
     let io = TokioIo::new(WatchedIo::new(stream, activity.clone()));
-    let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    let mut closing = false;
+    // Boxed: hyper's connection state is large, and inline it would size this task's
+    // allocation, which lives until the task is joined.
+    let mut conn = Box::pin(builder.serve_connection(io, service));
+    // Set when the graceful close starts: it is bounded too (see `watch::closed_by`).
+    let mut closing: Option<tokio::time::Instant> = None;
     loop {
+        let close_bound = async {
+            match closing {
+                Some(since) => watch::closed_by(&activity, since, limits.write_timeout).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -132,19 +279,31 @@ async fn serve_connection(
                 }
                 return;
             }
-            expiry = watch::expired(&activity, header_timeout, keep_alive), if !closing => {
-                if expiry == watch::Expiry::Head {
-                    // Half a head has nothing to answer, and hyper's graceful close
-                    // waits for the head to finish: drop the socket.
+            expiry = watch::expired(&activity, limits, closing.is_some()) => match expiry {
+                // Half a head has nothing to answer, and hyper's graceful close
+                // waits for the head to finish: drop the socket.
+                Expiry::Head => {
                     tracing::debug!(%peer, "request head not finished within header_read_timeout");
                     return;
                 }
+                // A graceful close would wait on the very writes that are stuck;
+                // dropping releases the answers held for this client.
+                Expiry::WriteStalled => {
+                    tracing::debug!(%peer, "client read nothing for write_timeout; connection dropped");
+                    return;
+                }
                 // Graceful: an idle HTTP/1 connection closes now, HTTP/2 gets a GOAWAY.
-                closing = true;
-                conn.as_mut().graceful_shutdown();
+                Expiry::Idle => {
+                    closing = Some(tokio::time::Instant::now());
+                    conn.as_mut().graceful_shutdown();
+                }
+            },
+            _ = close_bound => {
+                tracing::debug!(%peer, "graceful close not finished within write_timeout; connection dropped");
+                return;
             }
-            _ = shutdown.cancelled(), if !closing => {
-                closing = true;
+            _ = shutdown.cancelled(), if closing.is_none() => {
+                closing = Some(tokio::time::Instant::now());
                 conn.as_mut().graceful_shutdown();
             }
         }

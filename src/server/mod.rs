@@ -3,7 +3,9 @@
 //! HTTP/1.1 with keep-alive and HTTP/2 without TLS (h2c, prior knowledge) share one
 //! port through hyper-util's protocol detection.
 
+mod accept;
 mod admin;
+mod fdlimit;
 mod listener;
 mod response;
 mod rpc;
@@ -83,6 +85,8 @@ pub struct Gateway {
 impl Gateway {
     /// Binds the listeners and starts the upstream connections (in the background).
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
+        // Before any socket: what the configuration can use must fit the limit.
+        fdlimit::ensure(&config);
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await

@@ -7,6 +7,11 @@
 //! byte of the next one, and `header_read_timeout` from that first byte until the head
 //! is complete. [`WatchedIo`] notes the first byte; [`expired`] resolves when either
 //! limit passes, and the caller then shuts the connection down gracefully.
+//!
+//! hyper has no write timeout at all: a client that stops reading leaves its answers
+//! (and their memory budget) in hyper's buffers for as long as the socket stays open.
+//! [`WatchedIo`] also notes when a write could not proceed, and [`expired`] reports
+//! [`Expiry::WriteStalled`] once no byte has gone out for `write_timeout`.
 
 use std::io;
 use std::pin::Pin;
@@ -29,6 +34,9 @@ pub struct Activity {
     idle_since_ms: AtomicU64,
     /// Milliseconds since `epoch` + 1 when the first byte of the next head arrived; 0: none yet.
     head_started_ms: AtomicU64,
+    /// Milliseconds since `epoch` + 1 when a write first found the socket full; 0: the
+    /// last write went through. Any byte written clears it.
+    write_blocked_ms: AtomicU64,
     /// HTTP/2 reads frames (pings, window updates) all the time, which says nothing about
     /// a request head; only the idle limit applies to it.
     is_h2: AtomicBool,
@@ -43,6 +51,7 @@ impl Activity {
             active: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(0),
+            write_blocked_ms: AtomicU64::new(0),
             is_h2: AtomicBool::new(false),
             changed: Notify::new(),
         })
@@ -58,6 +67,27 @@ impl Activity {
         self.head_started_ms.store(0, Ordering::Release);
         RequestGuard {
             activity: self.clone(),
+        }
+    }
+
+    /// Whether a request handler is running now.
+    pub fn busy(&self) -> bool {
+        self.active.load(Ordering::Acquire) > 0
+    }
+
+    fn write_blocked(&self) {
+        if self.write_blocked_ms.load(Ordering::Relaxed) == 0 {
+            self.write_blocked_ms
+                .store(self.now_ms() + 1, Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    fn bytes_written(&self) {
+        // No wake-up: the stall deadline only moves later, and the watchdog
+        // re-reads the state when the old one passes.
+        if self.write_blocked_ms.load(Ordering::Relaxed) != 0 {
+            self.write_blocked_ms.store(0, Ordering::Release);
         }
     }
 
@@ -96,17 +126,37 @@ pub enum Expiry {
     Idle,
     /// A request head unfinished after `header_read_timeout`.
     Head,
+    /// No byte could be written for `write_timeout`: the client stopped reading.
+    WriteStalled,
 }
 
-/// Resolves when the connection has been idle for `keep_alive`, or has spent
-/// `header_timeout` on an unfinished request head.
-pub async fn expired(
-    activity: &Activity,
-    header_timeout: Duration,
-    keep_alive: Duration,
-) -> Expiry {
+/// The per-connection limits [`expired`] watches.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_timeout: Duration,
+    pub keep_alive: Duration,
+    pub write_timeout: Duration,
+}
+
+/// Resolves when the connection has been idle for `keep_alive`, has spent
+/// `header_timeout` on an unfinished request head, or has not written a byte for
+/// `write_timeout` while it had some to write.
+///
+/// With `stalls_only`, only [`Expiry::WriteStalled`] is reported: for a connection
+/// already closing gracefully, whose idle and head limits have done their part.
+pub async fn expired(activity: &Activity, limits: Limits, stalls_only: bool) -> Expiry {
     loop {
-        let due = if activity.active.load(Ordering::Acquire) > 0 {
+        let stalled = match activity.write_blocked_ms.load(Ordering::Acquire) {
+            0 => None,
+            since => Some((
+                Expiry::WriteStalled,
+                activity.epoch + Duration::from_millis(since - 1) + limits.write_timeout,
+            )),
+        };
+        let (header_timeout, keep_alive) = (limits.header_timeout, limits.keep_alive);
+        let due = if stalls_only {
+            None
+        } else if activity.active.load(Ordering::Acquire) > 0 {
             // Body and handler have limits of their own (body_read_timeout, request_timeout).
             None
         } else {
@@ -124,6 +174,11 @@ pub async fn expired(
                 )),
             }
         };
+        // The earlier of the two deadlines.
+        let due = match (due, stalled) {
+            (Some(a), Some(b)) => Some(if b.1 < a.1 { b } else { a }),
+            (a, b) => a.or(b),
+        };
         let changed = activity.changed.notified();
         match due {
             Some((expiry, due)) if Instant::now() >= due => return expiry,
@@ -134,6 +189,30 @@ pub async fn expired(
                 }
             }
             None => changed.await,
+        }
+    }
+}
+
+/// Resolves when a connection closing gracefully since `since` has had its time:
+/// `write_timeout` from `since`, or from the end of its last request if that is later,
+/// with no request handler running (those have deadlines of their own). A request
+/// that ends during the close still gets `write_timeout` to deliver its answer.
+pub async fn closed_by(activity: &Activity, since: Instant, write_timeout: Duration) {
+    loop {
+        let changed = activity.changed.notified();
+        if activity.busy() {
+            changed.await;
+            continue;
+        }
+        let idle =
+            activity.epoch + Duration::from_millis(activity.idle_since_ms.load(Ordering::Acquire));
+        let due = since.max(idle) + write_timeout;
+        if Instant::now() >= due {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = changed => {}
         }
     }
 }
@@ -174,13 +253,25 @@ impl AsyncRead for WatchedIo {
     }
 }
 
+impl WatchedIo {
+    fn note_write(&self, polled: &Poll<io::Result<usize>>) {
+        match polled {
+            Poll::Pending => self.activity.write_blocked(),
+            Poll::Ready(Ok(n)) if *n > 0 => self.activity.bytes_written(),
+            Poll::Ready(_) => {}
+        }
+    }
+}
+
 impl AsyncWrite for WatchedIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.note_write(&polled);
+        polled
     }
 
     fn poll_write_vectored(
@@ -188,7 +279,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.note_write(&polled);
+        polled
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -196,10 +289,69 @@ impl AsyncWrite for WatchedIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        if polled.is_pending() {
+            self.activity.write_blocked();
+        }
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        header_timeout: Duration::from_secs(10),
+        keep_alive: Duration::from_secs(60),
+        write_timeout: Duration::from_secs(1),
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_blocked_for_write_timeout_expires_even_during_a_request() {
+        let activity = Activity::new();
+        let _request = activity.request_started();
+        activity.write_blocked();
+        let start = Instant::now();
+        assert_eq!(
+            expired(&activity, LIMITS, false).await,
+            Expiry::WriteStalled
+        );
+        assert_eq!(start.elapsed(), LIMITS.write_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_written_restart_the_stall_clock() {
+        let activity = Activity::new();
+        activity.write_blocked();
+        tokio::time::advance(Duration::from_millis(900)).await;
+        activity.bytes_written();
+        activity.write_blocked();
+        let start = Instant::now();
+        assert_eq!(expired(&activity, LIMITS, true).await, Expiry::WriteStalled);
+        assert_eq!(start.elapsed(), LIMITS.write_timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closing_connection_gets_write_timeout_after_its_last_request() {
+        let activity = Activity::new();
+        let since = Instant::now();
+        let request = activity.request_started();
+        let close = closed_by(&activity, since, LIMITS.write_timeout);
+        tokio::pin!(close);
+        // A running request holds the close off, however long it takes.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), close.as_mut())
+                .await
+                .is_err()
+        );
+        drop(request);
+        let ended = Instant::now();
+        close.await;
+        assert_eq!(ended.elapsed(), LIMITS.write_timeout);
     }
 }
