@@ -59,6 +59,7 @@ impl Drop for Open {
     fn drop(&mut self) {
         // `/readyz` reads this gauge against max_connections.
         self.metrics.http_connections_open.dec();
+        super::trim::connection_closed();
     }
 }
 

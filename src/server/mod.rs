@@ -11,6 +11,7 @@ mod response;
 mod rpc;
 mod session_key;
 mod stack;
+mod trim;
 mod watch;
 
 use crate::budget::{Budget, Budgets};
@@ -207,6 +208,7 @@ impl Gateway {
     /// connections are asked to finish; open requests get `shutdown.drain_timeout`;
     /// then the upstream sockets close with 1001.
     pub async fn run(self, shutdown: CancellationToken) {
+        tokio::spawn(trim::run(self.background.clone()));
         let admin_stop = CancellationToken::new();
         if let Some(admin) = self.admin {
             tokio::spawn(admin::serve(admin, self.state.clone(), admin_stop.clone()));
