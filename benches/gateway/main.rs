@@ -79,9 +79,6 @@ const IN_FLIGHT_PER_CONNECTION: usize = 4096;
 const RETRY_BUDGET: Duration = Duration::from_secs(300);
 const QUIET_WAIT: Duration = Duration::from_secs(10);
 const STATIC_REPLY: &str = r#"{"jsonrpc":"2.0","id":1,"result":["hello"]}"#;
-/// For the echo backend and the static responder, which are not what is measured:
-/// warnings only, so that they spend nothing on log lines.
-const QUIET: (&str, &str) = ("RUST_LOG", "warn");
 /// How long a wrk run may overrun its length before it is killed.
 const WRK_GRACE: Duration = Duration::from_secs(20);
 
@@ -239,7 +236,7 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
             "--name",
             "bench-echo",
         ],
-        &[QUIET],
+        &[],
         "echo-server listening on ",
     )
     .await?;
@@ -522,7 +519,7 @@ impl Bench {
             "static",
             &std::env::current_exe().context("locating the bench binary")?,
             std::iter::empty::<&str>(),
-            &[(ROLE_VAR, "static"), QUIET],
+            &[(ROLE_VAR, "static")],
             "static listening on ",
         )
         .await?;
@@ -644,7 +641,7 @@ impl Bench {
                     "echo-server",
                     rpcgate_bin(),
                     ["echo-server", "--listen", "127.0.0.1:0", "--name", name],
-                    &[QUIET],
+                    &[],
                     "echo-server listening on ",
                 )
                 .await?,
