@@ -9,8 +9,8 @@ mod support;
 
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
-use std::net::SocketAddr;
 use std::time::Duration;
+use support::admin::{eventually, get, metric, sample};
 use support::gateway::{config_for, start_gateway};
 use support::{Client, FakeUpstream, H2Client, post, raw_tcp, request, with_timeout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,34 +23,6 @@ fn raw_call() -> String {
         "POST / HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{CALL}",
         CALL.len()
     )
-}
-
-async fn get(addr: SocketAddr, path: &str) -> support::Response {
-    request(addr, Method::GET, path, &[], "").await
-}
-
-/// The value of the sample line for `series` (name plus labels), 0 if absent.
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    sample(&get(admin, "/metrics").await.text(), series)
-}
-
-/// Polls `check` until it holds, bounded by the test timeout.
-async fn eventually<F: AsyncFnMut() -> bool>(mut check: F) {
-    with_timeout(async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
 }
 
 /// A raw HTTP/1 answer split into its status line, lowercased head, and body.

@@ -7,34 +7,10 @@ use serde_json::json;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
+use support::admin::{eventually, get, sample};
 use support::gateway::{config_for, start_gateway};
-use support::{Close, FakeUpstream, post, request, with_timeout};
+use support::{Close, FakeUpstream, post, with_timeout};
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-async fn get(addr: SocketAddr, path: &str) -> support::Response {
-    request(addr, Method::GET, path, &[], "").await
-}
-
-/// The value of the first sample line starting with `series` (name plus labels).
-fn sample(metrics: &str, series: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Polls `check` until it holds; bounded by the test timeout. Polling an observable
-/// condition, not sleeping in the hope that it holds.
-async fn eventually<F: AsyncFnMut() -> bool>(mut check: F) {
-    with_timeout(async {
-        while !check().await {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-}
 
 #[tokio::test]
 async fn metrics_move_with_calls_failures_and_upstream_drops() {

@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - this file: [`with_timeout`], the guard every await that could hang goes through.
+//! - `admin`: `/metrics` samples and `eventually`, for tests that watch the admin listener.
 //! - `fake_upstream`: [`FakeUpstream`], a real WebSocket server whose every frame is handed to the
 //!   test, so the test decides when and how the upstream answers.
 //! - `gateway`: `start_gateway()`, the real gateway in-process on port 0.
@@ -11,6 +12,7 @@
 //!
 //! Not every test uses every item, hence the `dead_code` allowance above.
 
+pub mod admin;
 pub mod fake_upstream;
 pub mod gateway;
 pub mod http;
