@@ -192,6 +192,18 @@ impl Error {
         }
     }
 
+    /// Seconds a client should wait before trying again (`Retry-After`), for the
+    /// failures that pass: one second, except a session creation rate, which frees a
+    /// slot only every `60 / n` seconds.
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            Error::TooManyClientSessions(ClientLimit::Rate(n)) => {
+                60u64.div_ceil((*n).max(1) as u64).clamp(1, 60)
+            }
+            _ => 1,
+        }
+    }
+
     /// A short stable label: the `kind` in the error's `data`, metric labels, logs.
     pub fn kind(&self) -> &'static str {
         match self {

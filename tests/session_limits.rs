@@ -65,13 +65,19 @@ fn counted(resp: &Response) -> u64 {
 /// Asserts the per-client refusal, naming `setting` in its message, and returns it.
 #[track_caller]
 fn refused(resp: &Response, setting: &str) -> Value {
+    refused_retry_after(resp, setting, "1")
+}
+
+/// [`refused`], with the `Retry-After` the refusal must carry.
+#[track_caller]
+fn refused_retry_after(resp: &Response, setting: &str, retry_after: &str) -> Value {
     assert_eq!(
         resp.status,
         StatusCode::SERVICE_UNAVAILABLE,
         "body: {}",
         resp.text()
     );
-    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert_eq!(resp.header("retry-after"), Some(retry_after));
     let v = resp.json();
     assert_eq!(v["error"]["code"], -32087, "{v}");
     assert_eq!(
@@ -179,9 +185,11 @@ async fn a_burst_of_new_sessions_past_the_creation_rate_is_refused() {
 
     assert_eq!(counted(&count_as(&gw, "a1", "10.0.0.1").await), 1);
     assert_eq!(counted(&count_as(&gw, "a2", "10.0.0.1").await), 1);
-    refused(
+    // Two a minute frees one every 30 s: a client told "1" would only be refused again.
+    refused_retry_after(
         &count_as(&gw, "a3", "10.0.0.1").await,
         "sessions.new_per_client_per_minute",
+        "30",
     );
     assert_eq!(
         counted(&count_as(&gw, "a1", "10.0.0.1").await),

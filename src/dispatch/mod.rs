@@ -24,6 +24,7 @@ mod select;
 pub use outbound::{Outbound, Prelude};
 pub use route::Route;
 
+use crate::budget::Budgets;
 use crate::error::{Busy, Error, rounded};
 use crate::metrics::Metrics;
 use crate::upstream::{CallId, Conn, Failure, FrameIds, PreludeCall, Refused, Reply, Upstreams};
@@ -42,22 +43,26 @@ pub enum Sent {
     Batch(Vec<Result<Reply, Error>>),
 }
 
-/// Sends `msg` where `route` allows and waits for its replies until `deadline`.
+/// Sends `msg` where `route` allows and waits for its replies until `deadline`. The
+/// frame counts against `payer`'s memory budget until it is written (a client's
+/// message; the gateway's own health and prelude calls have no payer).
 pub async fn send(
     upstreams: &Upstreams,
     msg: Outbound<'_>,
     route: Route<'_>,
+    payer: Option<&Budgets>,
     deadline: Instant,
 ) -> Result<Sent, Error> {
     let started = Instant::now();
     let calls = msg.client_calls();
+    let to = Target { route, payer };
     if calls == 0 {
-        return deliver(upstreams, &msg, route, deadline, started).await;
+        return deliver(upstreams, &msg, to, deadline, started).await;
     }
     let metrics = &upstreams.signals.metrics;
     // Counted down even when the client goes away and this future is dropped.
     let _in_flight = InFlight::enter(metrics, calls);
-    let sent = deliver(upstreams, &msg, route, deadline, started).await;
+    let sent = deliver(upstreams, &msg, to, deadline, started).await;
     count(metrics, &msg, &sent, started.elapsed());
     if let (Route::Own(conn), Outbound::Call(call), Ok(Sent::Reply(reply))) = (route, msg, &sent) {
         record_replay(upstreams, conn, call, reply);
@@ -65,11 +70,18 @@ pub async fn send(
     sent
 }
 
+/// Where a message goes and who pays for its frame.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    route: Route<'a>,
+    payer: Option<&'a Budgets>,
+}
+
 /// Admission, pick, submit, await and failover, until an answer or a final failure.
 async fn deliver(
     upstreams: &Upstreams,
     msg: &Outbound<'_>,
-    route: Route<'_>,
+    Target { route, payer }: Target<'_>,
     deadline: Instant,
     started: Instant,
 ) -> Result<Sent, Error> {
@@ -82,12 +94,13 @@ async fn deliver(
             (0..msg.expecting()).map(|_| oneshot::channel()).unzip();
         let ids = match permit
             .conn
-            .submit(msg.is_prelude(), senders, |ids| msg.encode(ids))
+            .submit(msg.is_prelude(), payer, senders, |ids| msg.encode(ids))
         {
             Ok(ids) => ids,
             // Closed between the pick and the submit: pick again.
             Err(Refused::Closed) => continue,
             Err(Refused::Full) => return Err(Error::Overloaded(Busy::UpstreamNotReading)),
+            Err(Refused::Memory) => return Err(Error::Overloaded(Busy::Memory)),
         };
         let mut ticket = Ticket {
             conn: &permit.conn,

@@ -115,7 +115,7 @@ pub fn error(id: Option<&RawValue>, error: &Error) -> HttpResponse {
     if error.status() == StatusCode::SERVICE_UNAVAILABLE {
         // Unavailable for now, not for good: tell well-behaved clients when to retry.
         resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            .insert(RETRY_AFTER, HeaderValue::from(error.retry_after_secs()));
     }
     resp
 }

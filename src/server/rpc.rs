@@ -51,6 +51,7 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
     let via = Via {
         state,
         route: route_of(state, session.as_ref(), own.as_ref()),
+        payer: &budgets,
     };
     let mut resp = match jsonrpc::parse_body(&body, http.max_batch_size) {
         Err(e) => response::error(None, &e),
@@ -192,6 +193,8 @@ fn route_of<'a>(
 struct Via<'a> {
     state: &'a AppState,
     route: Route<'a>,
+    /// The client connection's budgets, which each call's frame is charged to.
+    payer: &'a Budgets,
 }
 
 impl Via<'_> {
@@ -222,7 +225,14 @@ impl Via<'_> {
     }
 
     async fn send(&self, msg: Outbound<'_>, deadline: Instant) -> Result<Sent, Error> {
-        dispatch::send(&self.state.upstreams, msg, self.route, deadline).await
+        dispatch::send(
+            &self.state.upstreams,
+            msg,
+            self.route,
+            Some(self.payer),
+            deadline,
+        )
+        .await
     }
 
     /// Counts a request object that was not a valid call: it never reaches the

@@ -7,6 +7,7 @@
 
 use super::mux::{Closed, Delivery, Frame, FrameIds, Mux, Phase, Refused, ReplySender};
 use super::pending::CallId;
+use crate::budget::Budgets;
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -179,13 +180,14 @@ impl Conn {
     pub fn submit(
         &self,
         prelude: bool,
+        payer: Option<&Budgets>,
         replies: Vec<ReplySender>,
         build: impl FnOnce(&[CallId]) -> String,
     ) -> Result<FrameIds, Refused> {
         let (ids, was_empty) = {
             let mut mux = self.mux.lock();
             let was_empty = mux.queued() == 0;
-            (mux.submit(prelude, replies, build)?, was_empty)
+            (mux.submit(prelude, payer, replies, build)?, was_empty)
         };
         // The writer drains the whole queue each round: it needs waking only when
         // it may have found the queue empty.
@@ -208,8 +210,8 @@ impl Conn {
         self.mux.lock().pending_len()
     }
 
-    pub(super) fn take(&self, out: &mut Vec<Frame>, max: usize) -> usize {
-        self.mux.lock().take(out, max)
+    pub(super) fn take(&self, out: &mut Vec<Frame>, max: usize, max_bytes: usize) -> usize {
+        self.mux.lock().take(out, max, max_bytes)
     }
 
     /// A socket is up: take prelude frames only, until [`Conn::opened`].

@@ -31,7 +31,7 @@ pub(super) async fn run(
         let deadline = Instant::now() + limit;
         let msg = Outbound::Health { prefix: &prefix };
         let sent = tokio::select! {
-            sent = dispatch::send(&upstreams, msg, Route::Upstream(&upstream), deadline) => sent,
+            sent = dispatch::send(&upstreams, msg, Route::Upstream(&upstream), None, deadline) => sent,
             _ = token.cancelled() => return,
         };
         let passed = match sent {

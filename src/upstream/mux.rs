@@ -13,6 +13,7 @@
 //! ([`Mux::deliver`]).
 
 use super::pending::{CallId, PendingMap};
+use crate::budget::{Budgets, Charge};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -67,6 +68,9 @@ pub enum Refused {
     /// The queue is full: the writer is stuck behind an upstream that does not read.
     /// Retrying would spin; the caller answers "overloaded".
     Full,
+    /// The client's memory budget has no room for the frame: the request body and its
+    /// rewritten frame both exist until the frame is written.
+    Memory,
 }
 
 /// Which frames a connection takes right now.
@@ -106,6 +110,10 @@ impl FrameIds {
 pub struct Frame {
     pub text: String,
     pub ids: FrameIds,
+    /// The frame's bytes against its client's memory budget, given back when the
+    /// writer has handed the frame to the socket (or it is dropped unsent).
+    #[allow(dead_code)] // Held for its `Drop`, never read.
+    pub charge: Option<Charge>,
 }
 
 /// What one upstream frame held, for counting what matched nothing.
@@ -165,10 +173,11 @@ impl Mux {
 
     /// Registers one waiter per entry of `replies`, finishes the frame with their new
     /// ids (`build` gets them in order) and queues it. `prelude` frames are the only
-    /// ones a preparing socket takes.
+    /// ones a preparing socket takes. The frame is charged to `payer` until written.
     pub fn submit(
         &mut self,
         prelude: bool,
+        payer: Option<&Budgets>,
         replies: Vec<ReplySender>,
         build: impl FnOnce(&[CallId]) -> String,
     ) -> Result<FrameIds, Refused> {
@@ -206,17 +215,25 @@ impl Mux {
             }
         };
         let text = build(ids.as_slice());
+        let refused = |pending: &mut PendingMap<ReplySender>, why| {
+            for &id in ids.as_slice() {
+                pending.remove(id);
+            }
+            Err(why)
+        };
         // An empty queue takes any frame, or one larger than the limit could never go.
         if self.queued_bytes > 0 && self.queued_bytes + text.len() > self.max_queue_bytes {
-            for &id in ids.as_slice() {
-                self.pending.remove(id);
-            }
-            return Err(Refused::Full);
+            return refused(&mut self.pending, Refused::Full);
         }
+        let charge = match payer.map(|budgets| budgets.charge(text.len())) {
+            Some(None) => return refused(&mut self.pending, Refused::Memory),
+            charge => charge.flatten(),
+        };
         self.queued_bytes += text.len();
         self.queue.push_back(Frame {
             text,
             ids: ids.clone(),
+            charge,
         });
         Ok(ids)
     }
@@ -226,12 +243,21 @@ impl Mux {
         self.queue.len()
     }
 
-    /// Moves up to `max` queued frames, oldest first, into `out` for the writer.
-    pub fn take(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
-        let n = self.queue.len().min(max.saturating_sub(out.len()));
-        for frame in self.queue.drain(..n) {
+    /// Moves queued frames, oldest first, into `out` for the writer, until `out` holds
+    /// `max` frames or at least `max_bytes` bytes (always one, however large). Frames
+    /// left here still count against `max_queue_bytes`: a writer stuck on a large
+    /// batch makes later calls refused, instead of taking them all off the books.
+    pub fn take(&mut self, out: &mut Vec<Frame>, max: usize, max_bytes: usize) -> usize {
+        let mut bytes: usize = out.iter().map(|f| f.text.len()).sum();
+        let mut n = 0;
+        while out.len() < max && (bytes < max_bytes || out.is_empty()) {
+            let Some(frame) = self.queue.pop_front() else {
+                break;
+            };
             self.queued_bytes -= frame.text.len();
+            bytes += frame.text.len();
             out.push(frame);
+            n += 1;
         }
         n
     }

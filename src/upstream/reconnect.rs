@@ -223,7 +223,7 @@ impl Task {
         };
         let sent = timeout_at(
             deadline,
-            dispatch::send(upstreams, msg, Route::Own(&self.conn), deadline),
+            dispatch::send(upstreams, msg, Route::Own(&self.conn), None, deadline),
         )
         .await
         .unwrap_or(Err(Error::Timeout(self.ws.handshake_timeout)));

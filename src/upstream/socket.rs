@@ -22,6 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Frames written per flush at most.
 const WRITE_BATCH: usize = 256;
+/// Bytes the writer takes off the queue at once (at least one frame): enough to fill
+/// a socket buffer many times over, while what waits behind it stays in the queue's
+/// byte limit.
+const WRITE_BATCH_BYTES: usize = 1024 * 1024;
 
 /// Why a socket ended.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +74,7 @@ pub(super) async fn serve(
             if stop.is_cancelled() {
                 return go_away(&mut sink, ws.handshake_timeout).await;
             }
-            let due = if conn.take(batch, WRITE_BATCH) > 0 {
+            let due = if conn.take(batch, WRITE_BATCH, WRITE_BATCH_BYTES) > 0 {
                 // Under constant load the queue is never empty: look at the ping
                 // timer without waiting, or pings would never go out.
                 ping.tick().now_or_never().is_some()
@@ -99,7 +103,7 @@ pub(super) async fn serve(
             // skips it: nobody else is coming, and the round would only add latency.
             if batch.len() < WRITE_BATCH && (batch.len() > 1 || busy) {
                 tokio::task::yield_now().await;
-                conn.take(batch, WRITE_BATCH);
+                conn.take(batch, WRITE_BATCH, WRITE_BATCH_BYTES);
             }
             busy = batch.len() > 1;
             // Written front to back; what is left on an error was never sent.

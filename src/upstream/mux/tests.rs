@@ -6,7 +6,7 @@ type ReplyReceiver = oneshot::Receiver<Result<Reply, Failure>>;
 
 fn call(mux: &mut Mux, prelude: bool) -> (Result<FrameIds, Refused>, ReplyReceiver) {
     let (tx, rx) = oneshot::channel();
-    let ids = mux.submit(prelude, vec![tx], |ids| {
+    let ids = mux.submit(prelude, None, vec![tx], |ids| {
         format!(r#"{{"jsonrpc":"2.0","method":"m","id":{}}}"#, ids[0])
     });
     (ids, rx)
@@ -38,7 +38,7 @@ fn frames_carry_the_ids_they_were_given_and_replies_find_their_caller() {
         panic!("one id each");
     };
     let mut frames = Vec::new();
-    assert_eq!(mux.take(&mut frames, 16), 2);
+    assert_eq!(mux.take(&mut frames, 16, usize::MAX), 2);
     assert!(frames[1].text.ends_with(&format!(r#""id":{b}}}"#)));
     // Out of order, in one upstream batch frame.
     let reply = format!(
@@ -81,9 +81,9 @@ fn closing_tells_queued_callers_not_sent_and_written_ones_lost() {
     let (_, mut taken) = call(&mut mux, false);
     let (_, mut queued) = call(&mut mux, false);
     let mut frames = Vec::new();
-    mux.take(&mut frames, 1); // written
+    mux.take(&mut frames, 1, usize::MAX); // written
     let mut half = Vec::new();
-    mux.take(&mut half, 1); // taken by the writer, not written
+    mux.take(&mut half, 1, usize::MAX); // taken by the writer, not written
     let closed = mux.close(half);
     assert_eq!(
         closed,
@@ -131,18 +131,18 @@ fn queued_bytes_are_bounded_but_an_empty_queue_takes_any_frame() {
     mux.set_phase(Phase::Open);
     let big = |mux: &mut Mux, len: usize| {
         let (tx, _rx) = oneshot::channel();
-        mux.submit(false, vec![tx], |_| "x".repeat(len))
+        mux.submit(false, None, vec![tx], |_| "x".repeat(len))
     };
     assert!(big(&mut mux, 1500).is_ok(), "alone, even over the limit");
     assert_eq!(big(&mut mux, 10), Err(Refused::Full));
     assert_eq!(mux.pending_len(), 1, "the refused call left nothing behind");
     let mut frames = Vec::new();
-    mux.take(&mut frames, 10);
+    mux.take(&mut frames, 10, usize::MAX);
     assert!(big(&mut mux, 600).is_ok());
     assert!(big(&mut mux, 400).is_ok());
     assert_eq!(big(&mut mux, 1), Err(Refused::Full));
     frames.clear();
-    mux.take(&mut frames, 1);
+    mux.take(&mut frames, 1, usize::MAX);
     assert!(big(&mut mux, 600).is_ok(), "taking a frame frees its bytes");
 }
 
@@ -152,12 +152,72 @@ fn a_batch_gets_one_id_per_waiting_call_in_order() {
     mux.set_phase(Phase::Open);
     let (senders, _receivers): (Vec<_>, Vec<_>) = (0..3).map(|_| oneshot::channel()).unzip();
     let ids = mux
-        .submit(false, senders, |ids| format!("{ids:?}"))
+        .submit(false, None, senders, |ids| format!("{ids:?}"))
         .unwrap();
     let mut frames = Vec::new();
-    mux.take(&mut frames, 8);
+    mux.take(&mut frames, 8, usize::MAX);
     assert_eq!(ids.as_slice().len(), 3);
     assert_eq!(frames[0].text, format!("{:?}", ids.as_slice()));
-    let note = mux.submit(false, Vec::new(), |_| "n".into()).unwrap();
+    let note = mux.submit(false, None, Vec::new(), |_| "n".into()).unwrap();
     assert_eq!(note, FrameIds::None);
+}
+
+#[test]
+fn the_writer_takes_frames_up_to_a_byte_limit_but_always_one() {
+    let mut mux = Mux::new(100, usize::MAX);
+    mux.set_phase(Phase::Open);
+    for len in [300, 300, 300, 5000] {
+        mux.submit(false, None, Vec::new(), |_| "x".repeat(len))
+            .unwrap();
+    }
+    let mut frames = Vec::new();
+    assert_eq!(
+        mux.take(&mut frames, 10, 500),
+        2,
+        "stops once 500 bytes are taken"
+    );
+    frames.clear();
+    assert_eq!(
+        mux.take(&mut frames, 10, 500),
+        2,
+        "300, then the 5000 that crosses it"
+    );
+    frames.clear();
+    mux.submit(false, None, Vec::new(), |_| "x".repeat(9000))
+        .unwrap();
+    assert_eq!(
+        mux.take(&mut frames, 10, 500),
+        1,
+        "a frame over the limit still goes"
+    );
+}
+
+#[test]
+fn a_queued_frame_is_charged_to_its_payer_until_written() {
+    use crate::budget::{Budget, Budgets};
+    let budgets = Budgets::for_connection(&Budget::new(1000), 1000);
+    let mut mux = Mux::new(100, usize::MAX);
+    mux.set_phase(Phase::Open);
+    let (tx, _rx) = oneshot::channel();
+    mux.submit(false, Some(&budgets), vec![tx], |_| "x".repeat(700))
+        .unwrap();
+    assert_eq!(budgets.gateway.used(), 700);
+    let (tx, _rx) = oneshot::channel();
+    let refused = mux.submit(false, Some(&budgets), vec![tx], |_| "x".repeat(400));
+    assert_eq!(
+        refused,
+        Err(Refused::Memory),
+        "700 + 400 is over the 1000 budget"
+    );
+    assert_eq!(mux.pending_len(), 1, "the refused call left nothing behind");
+    let mut frames = Vec::new();
+    mux.take(&mut frames, 10, usize::MAX);
+    assert_eq!(budgets.gateway.used(), 700, "taken, not yet written");
+    frames.clear();
+    assert_eq!(
+        budgets.gateway.used(),
+        0,
+        "written: the bytes are given back"
+    );
+    assert_eq!(budgets.connection.used(), 0);
 }
