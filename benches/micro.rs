@@ -58,7 +58,10 @@ fn restore_reply(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(label), &frame, |b, frame| {
             b.iter(|| {
                 let mut out = Vec::new();
-                jsonrpc::read_upstream(frame, |_, outcome| {
+                jsonrpc::read_upstream(frame, |m| {
+                    let jsonrpc::Message::Reply(_, outcome) = m else {
+                        return;
+                    };
                     let payload = outcome.payload().map_or("null", |p| p.get());
                     out.reserve(payload.len() + 64);
                     jsonrpc::write_reply(&mut out, client_id, outcome.is_error(), payload);
@@ -120,7 +123,10 @@ fn batch_split_and_reassemble(c: &mut Criterion) {
                         out.push(b',');
                     }
                     let id = entry.as_ref().expect("valid").id.expect("has id");
-                    jsonrpc::read_upstream(text, |_, o| {
+                    jsonrpc::read_upstream(text, |m| {
+                        let jsonrpc::Message::Reply(_, o) = m else {
+                            return;
+                        };
                         jsonrpc::write_reply(
                             &mut out,
                             id,

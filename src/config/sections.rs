@@ -99,6 +99,12 @@ pub(super) fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
         }
         Some(_) => p.push("on_connect: expected an array of tables ([[on_connect]])".into()),
     }
+    if let Some(t) = root.table("push", p) {
+        super::push::read_push(t, &mut c.push, p);
+    }
+    if let Some(v) = root.get("subscriptions") {
+        c.subscriptions = super::push::read_subscriptions(v, p);
+    }
     match root.get("upstreams") {
         None => {}
         Some(Value::Array(items)) => {
@@ -127,6 +133,7 @@ fn read_http(t: &Table, h: &mut HttpConfig, p: &mut Vec<String>) {
     s.duration("body_read_timeout", &mut h.body_read_timeout, p);
     s.duration("keep_alive_timeout", &mut h.keep_alive_timeout, p);
     s.number("max_connections", &mut h.max_connections, p);
+    s.boolean("websocket", &mut h.websocket, p);
     let mut streams = h.http2_max_streams as usize;
     s.number("http2_max_streams", &mut streams, p);
     h.http2_max_streams = u32::try_from(streams).unwrap_or(u32::MAX);

@@ -1,7 +1,7 @@
 //! The settings themselves and their defaults. Every default lives here, so the
 //! TOML reader, the flags and tests all start from the same `Config::default()`.
 
-use super::{AdminListen, Affinity, BatchMode, DiscoveryMode, LogFormat, WhenFull};
+use super::{AdminListen, PushConfig, SubscriptionRule, Affinity, BatchMode, DiscoveryMode, LogFormat, WhenFull};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -40,6 +40,10 @@ pub struct Config {
     pub metric_methods: Vec<String>,
     /// The memory budget: bytes held for clients.
     pub limits: LimitsConfig,
+    /// Session buffers, event streams and their limits.
+    pub push: PushConfig,
+    /// Calls that open and close subscriptions on shared connections.
+    pub subscriptions: Vec<SubscriptionRule>,
 }
 
 /// The memory budget (see `budget.rs`): bytes of request bodies, answers and queued
@@ -92,6 +96,8 @@ impl Default for Config {
             log: LogConfig::default(),
             metric_methods: Vec::new(),
             limits: LimitsConfig::default(),
+            push: PushConfig::default(),
+            subscriptions: Vec::new(),
         }
     }
 }
@@ -129,6 +135,8 @@ pub struct HttpConfig {
     pub http2_stream_window_bytes: usize,
     /// The same, for all streams of one connection together.
     pub http2_connection_window_bytes: usize,
+    /// Whether the JSON-RPC path also takes WebSocket upgrades.
+    pub websocket: bool,
 }
 
 impl Default for HttpConfig {
@@ -148,6 +156,7 @@ impl Default for HttpConfig {
             http2_send_buffer_bytes: 64 * 1024,
             http2_stream_window_bytes: 256 * 1024,
             http2_connection_window_bytes: 1024 * 1024,
+            websocket: true,
         }
     }
 }

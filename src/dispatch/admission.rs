@@ -327,6 +327,7 @@ mod tests {
     async fn a_session_whose_replay_failed_refuses_its_calls_but_not_the_next_replay() {
         let (upstreams, _) = fixture(4, |_| {});
         let conn = Arc::new(Conn::for_session(
+            "s1",
             0,
             4,
             1 << 20,

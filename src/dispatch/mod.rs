@@ -118,6 +118,7 @@ async fn deliver(
                 }
                 Ok(Ok(Ok(mut reply))) => {
                     reply.upstream = label.clone();
+                    reply.conn = Some(permit.conn.clone());
                     Ok(reply)
                 }
                 Ok(Ok(Err(Failure::NotSent))) => {
@@ -139,7 +140,7 @@ async fn deliver(
             continue;
         }
         return match msg {
-            Outbound::Notification(_) => Ok(Sent::Queued),
+            Outbound::Notification(_) | Outbound::Answer { .. } => Ok(Sent::Queued),
             Outbound::Batch(_) => Ok(Sent::Batch(answers)),
             _ => match answers.pop() {
                 Some(Ok(reply)) => Ok(Sent::Reply(reply)),
@@ -259,6 +260,13 @@ fn count(metrics: &Metrics, msg: &Outbound<'_>, sent: &Result<Sent, Error>, took
                 metrics.call_done(&call.method_name(), e.kind(), took);
             }
         }
-        (Outbound::Batch(_), Ok(_)) | (Outbound::Health { .. } | Outbound::Prelude { .. }, _) => {}
+        (Outbound::Batch(_), Ok(_))
+        | (
+            Outbound::Health { .. }
+            | Outbound::Prelude { .. }
+            | Outbound::Session { .. }
+            | Outbound::Answer { .. },
+            _,
+        ) => {}
     }
 }

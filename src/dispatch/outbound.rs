@@ -29,6 +29,12 @@ pub enum Outbound<'a> {
     Health { prefix: &'a str },
     /// An `on_connect` or replayed call on a preparing socket.
     Prelude { kind: Prelude, prefix: &'a str },
+    /// A call rpcgate makes for a push session: subscribing again after the socket
+    /// that held a subscription died, unsubscribing when the session ends.
+    Session { prefix: &'a str },
+    /// A client's (or rpcgate's) response to a request the upstream sent: written as
+    /// it is, with the upstream's own id; nobody waits.
+    Answer { text: &'a str },
 }
 
 impl Outbound<'_> {
@@ -44,7 +50,7 @@ impl Outbound<'_> {
     /// Replies it waits for.
     pub fn expecting(&self) -> usize {
         match self {
-            Outbound::Notification(_) => 0,
+            Outbound::Notification(_) | Outbound::Answer { .. } => 0,
             Outbound::Batch(calls) => calls.iter().filter(|c| !c.is_notification()).count(),
             _ => 1,
         }
@@ -55,7 +61,10 @@ impl Outbound<'_> {
         match self {
             Outbound::Call(_) | Outbound::Notification(_) => 1,
             Outbound::Batch(calls) => calls.len(),
-            Outbound::Health { .. } | Outbound::Prelude { .. } => 0,
+            Outbound::Health { .. }
+            | Outbound::Prelude { .. }
+            | Outbound::Session { .. }
+            | Outbound::Answer { .. } => 0,
         }
     }
 
@@ -101,7 +110,10 @@ impl Outbound<'_> {
                 text.push(']');
                 text
             }
-            Outbound::Health { prefix } | Outbound::Prelude { prefix, .. } => {
+            Outbound::Answer { text } => text.to_string(),
+            Outbound::Health { prefix }
+            | Outbound::Prelude { prefix, .. }
+            | Outbound::Session { prefix } => {
                 let mut text = String::with_capacity(prefix.len() + 24);
                 text.push_str(prefix);
                 finish_frame(&mut text, ids.first().copied());

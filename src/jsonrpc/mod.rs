@@ -19,7 +19,7 @@ mod upstream;
 
 pub use reply::{write_error, write_reply};
 pub use request::{Body, Call, Entry, Invalid, parse_body};
-pub use upstream::{Inbound, Outcome, finish_frame, read_upstream};
+pub use upstream::{Inbound, Message, Outcome, Pushed, finish_frame, read_upstream};
 
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;

@@ -306,7 +306,10 @@ mod tests {
             finish_frame(&mut frame, Some(7));
             let upstream_reply = r#"{"jsonrpc":"2.0","id":7,"result":[1]}"#;
             let mut out = Vec::new();
-            read_upstream(upstream_reply, |our, outcome| {
+            read_upstream(upstream_reply, |m| {
+                let super::super::Message::Reply(our, outcome) = m else {
+                    panic!("a reply, not {m:?}");
+                };
                 assert_eq!(our, 7);
                 write_reply(
                     &mut out,

@@ -57,38 +57,68 @@ fn well_formed_error(error: &RawValue) -> bool {
 pub struct Inbound {
     /// Replies handed to the callback.
     pub replies: usize,
-    /// Valid JSON that is not a reply to one of our ids: notifications, server requests.
+    /// Notifications and server requests, handed to the callback.
+    pub pushed: usize,
+    /// Replies to ids that are not ours.
     pub unsolicited: usize,
     /// Not JSON, or JSON that is no JSON-RPC message.
     pub garbage: usize,
 }
 
-/// Reads an upstream frame (one message or a batch of them) and calls `on_reply` with
-/// each reply's numeric id and payload. Never fails: what it can't use is counted.
-pub fn read_upstream<'a>(frame: &'a str, mut on_reply: impl FnMut(u64, Outcome<'a>)) -> Inbound {
+/// A message the upstream sent on its own: a notification (no `id`) or a request to
+/// the client (`id` and `method`), as the upstream wrote it.
+#[derive(Debug, Clone, Copy)]
+pub struct Pushed<'a> {
+    /// The whole message's text.
+    pub text: &'a str,
+    pub method: &'a RawValue,
+    pub id: Option<&'a RawValue>,
+}
+
+/// One message of an upstream frame.
+#[derive(Debug, Clone, Copy)]
+pub enum Message<'a> {
+    /// A reply to one of our numeric ids.
+    Reply(u64, Outcome<'a>),
+    Pushed(Pushed<'a>),
+}
+
+/// Reads an upstream frame (one message or a batch of them) and calls `on_message` with
+/// each reply's numeric id and payload, and each message the upstream pushed. Never
+/// fails: what it can't use is counted.
+pub fn read_upstream<'a>(frame: &'a str, mut on_message: impl FnMut(Message<'a>)) -> Inbound {
     let mut seen = Inbound::default();
     if first_byte(frame.as_bytes()) == Some(b'[') {
         match serde_json::from_str::<Vec<&'a RawValue>>(frame) {
             Ok(items) => {
                 for item in items {
-                    read_one(item.get(), &mut on_reply, &mut seen);
+                    read_one(item.get(), &mut on_message, &mut seen);
                 }
             }
             Err(_) => seen.garbage += 1,
         }
     } else {
-        read_one(frame, &mut on_reply, &mut seen);
+        read_one(frame, &mut on_message, &mut seen);
     }
     seen
 }
 
-fn read_one<'a>(text: &'a str, on_reply: &mut impl FnMut(u64, Outcome<'a>), seen: &mut Inbound) {
+fn read_one<'a>(text: &'a str, on_message: &mut impl FnMut(Message<'a>), seen: &mut Inbound) {
     let Ok(wire) = serde_json::from_str::<WireReply<'a>>(text) else {
         seen.garbage += 1;
         return;
     };
-    if wire.method.is_some() {
-        seen.unsolicited += 1;
+    if let Some(method) = wire.method {
+        if !method.get().starts_with('"') {
+            seen.garbage += 1;
+            return;
+        }
+        seen.pushed += 1;
+        on_message(Message::Pushed(Pushed {
+            text: text.trim(),
+            method,
+            id: wire.id,
+        }));
         return;
     }
     let outcome = match (wire.error, wire.result) {
@@ -102,7 +132,7 @@ fn read_one<'a>(text: &'a str, on_reply: &mut impl FnMut(u64, Outcome<'a>), seen
     match wire.id.and_then(|id| parse_our_id(id.get())) {
         Some(id) => {
             seen.replies += 1;
-            on_reply(id, outcome);
+            on_message(Message::Reply(id, outcome));
         }
         // Answers nobody, and is not JSON-RPC either.
         None if matches!(outcome, Outcome::Invalid) => seen.garbage += 1,
@@ -142,21 +172,25 @@ mod tests {
         let mut got = Vec::new();
         let seen = read_upstream(
             r#"[{"jsonrpc":"2.0","id":1,"result":null},{"jsonrpc":"2.0","id":"2","error":{"code":1,"message":"m","data":[1]}},{"jsonrpc":"2.0","method":"note"},{"jsonrpc":"2.0","id":"zz","result":1},{"nope":1}]"#,
-            |id, o| got.push((id, o)),
+            |m| match m {
+                Message::Reply(id, o) => got.push((id, o)),
+                Message::Pushed(p) => assert_eq!(p.method.get(), r#""note""#),
+            },
         );
         assert_eq!(
             seen,
             Inbound {
                 replies: 2,
-                unsolicited: 2,
+                pushed: 1,
+                unsolicited: 1,
                 garbage: 1
             }
         );
         assert_eq!(got[0].0, 1);
         assert!(matches!(got[0].1, Outcome::Result(r) if r.get() == "null"));
         assert!(matches!(got[1].1, Outcome::Error(_)));
-        assert_eq!(read_upstream("garbage", |_, _| {}).garbage, 1);
-        assert_eq!(read_upstream("[garbage", |_, _| {}).garbage, 1);
+        assert_eq!(read_upstream("garbage", |_| {}).garbage, 1);
+        assert_eq!(read_upstream("[garbage", |_| {}).garbage, 1);
     }
 
     #[test]
@@ -170,9 +204,37 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":7,"error":"boom"}"#,
         ] {
             let mut got = Vec::new();
-            let seen = read_upstream(reply, |id, o| got.push((id, o)));
+            let seen = read_upstream(reply, |m| {
+                if let Message::Reply(id, o) = m {
+                    got.push((id, o))
+                }
+            });
             assert_eq!(seen.replies, 1, "{reply}");
             assert!(matches!(got[..], [(7, Outcome::Invalid)]), "{reply}");
         }
+    }
+}
+
+#[cfg(test)]
+mod pushed_tests {
+    use super::*;
+
+    #[test]
+    fn notifications_and_server_requests_come_out_whole() {
+        let frame = r#"[{"jsonrpc":"2.0","method":"eth_subscription","params":{"subscription":"0x1","result":{}}} , {"jsonrpc":"2.0","id":"q1","method":"confirm","params":[1]},{"jsonrpc":"2.0","method":5}]"#;
+        let mut got = Vec::new();
+        let seen = read_upstream(frame, |m| {
+            if let Message::Pushed(p) = m {
+                got.push((p.text, p.id.map(RawValue::get)))
+            }
+        });
+        assert_eq!(seen.pushed, 2);
+        assert_eq!(seen.garbage, 1, "a method that is not a string");
+        assert_eq!(
+            got[0].0,
+            r#"{"jsonrpc":"2.0","method":"eth_subscription","params":{"subscription":"0x1","result":{}}}"#
+        );
+        assert_eq!(got[0].1, None);
+        assert_eq!(got[1].1, Some(r#""q1""#));
     }
 }

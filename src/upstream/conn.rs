@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
@@ -53,6 +53,18 @@ pub struct PoolSignals {
     /// Upstream frames that were not JSON-RPC at all.
     pub garbage: AtomicU64,
     pub metrics: Arc<Metrics>,
+    /// Where notifications and server requests go (`push/`); set once at startup.
+    pub push: OnceLock<Arc<dyn PushSink>>,
+}
+
+/// Takes what upstreams send on their own: notifications, subscription events,
+/// requests to the client.
+pub trait PushSink: Send + Sync + std::fmt::Debug {
+    /// `message` (one JSON-RPC message, as the upstream wrote it) came on `conn` and
+    /// answers no call of ours.
+    fn pushed(&self, conn: &Arc<Conn>, message: Bytes);
+    /// `conn`'s socket closed: what it carried for sessions must go elsewhere.
+    fn closed(&self, conn: &Arc<Conn>);
 }
 
 impl PoolSignals {
@@ -64,6 +76,7 @@ impl PoolSignals {
             unmatched: AtomicU64::new(0),
             garbage: AtomicU64::new(0),
             metrics,
+            push: OnceLock::new(),
         }
     }
 }
@@ -88,8 +101,13 @@ struct ReplayLog {
 /// The part of a connection callers see.
 #[derive(Debug)]
 pub struct Conn {
+    /// Unique in the process: what subscriptions remember their connection by.
+    pub serial: u64,
     /// `upstream#connection`, for logs.
     pub label: String,
+    /// The session whose own connection this is (`affinity = "connection"`): every
+    /// message it pushes is that session's.
+    pub owner: Option<Arc<str>>,
     /// The `upstream` metric label: the upstream's id, or `session` for a session's own
     /// connection (one label for all of them keeps the label set bounded).
     metric: Arc<str>,
@@ -119,8 +137,11 @@ impl Conn {
         max_queue_bytes: usize,
         signals: Arc<PoolSignals>,
     ) -> Self {
+        static SERIAL: AtomicU64 = AtomicU64::new(1);
         Conn {
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
             label: format!("{upstream}#{index}"),
+            owner: None,
             metric: upstream.clone(),
             state: AtomicU8::new(ConnState::Connecting as u8),
             in_flight: AtomicUsize::new(0),
@@ -135,9 +156,10 @@ impl Conn {
         }
     }
 
-    /// Session number `index`'s own connection, keeping up to `max_replay` calls to
-    /// replay.
+    /// Session `owner`'s own connection (number `index`), keeping up to `max_replay`
+    /// calls to replay.
     pub fn for_session(
+        owner: &str,
         index: usize,
         max_in_flight: usize,
         max_queue_bytes: usize,
@@ -145,6 +167,7 @@ impl Conn {
         max_replay: usize,
     ) -> Self {
         Conn {
+            owner: Some(Arc::from(owner)),
             replay: Some(Mutex::new(ReplayLog {
                 calls: VecDeque::new(),
                 max: max_replay,
@@ -231,7 +254,7 @@ impl Conn {
     /// Puts a connection with no socket in `state`, for tests of what sits above the
     /// socket (admission, picking).
     #[cfg(test)]
-    pub(crate) fn pretend(&self, state: ConnState) {
+    pub(crate) fn pretend(self: &Arc<Self>, state: ConnState) {
         match state {
             ConnState::Open => self.opened(),
             ConnState::Preparing => self.preparing(),
@@ -243,19 +266,36 @@ impl Conn {
     }
 
     /// The socket is gone: answer every caller now (see [`Mux::close`]).
-    pub(super) fn closed(&self, unsent: Vec<Frame>) -> Closed {
+    pub(super) fn closed(self: &Arc<Self>, unsent: Vec<Frame>) -> Closed {
         let was_open = self.is_open();
         let closed = self.mux.lock().close(unsent);
         if was_open {
             self.signals.open_connections.fetch_sub(1, Ordering::AcqRel);
         }
+        if let Some(push) = self.signals.push.get() {
+            push.closed(self);
+        }
         closed
     }
 
     /// Matches one upstream frame's replies to their callers, counting the rest.
-    pub(super) fn deliver(&self, frame: Bytes) {
+    pub(super) fn deliver(self: &Arc<Self>, frame: Bytes) {
         let seen: Delivery = self.mux.lock().deliver(&frame);
         let m = &self.signals.metrics;
+        if !seen.pushed.is_empty() {
+            match self.signals.push.get() {
+                Some(push) => {
+                    for range in seen.pushed {
+                        push.pushed(self, frame.slice(range));
+                    }
+                }
+                None => {
+                    let n = seen.pushed.len() as u64;
+                    self.signals.unmatched.fetch_add(n, Ordering::Relaxed);
+                    m.unmatched.with_label_values(&["unsolicited"]).inc_by(n);
+                }
+            }
+        }
         if seen.unsolicited > 0 {
             let n = seen.unsolicited as u64;
             self.signals.unmatched.fetch_add(n, Ordering::Relaxed);

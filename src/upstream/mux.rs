@@ -14,6 +14,7 @@
 
 use super::pending::{CallId, PendingMap};
 use crate::budget::{Budgets, Charge};
+use crate::jsonrpc::Message;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -32,6 +33,8 @@ pub struct Reply {
     /// The upstream that answered (none for a session's own connection), for the
     /// access log.
     pub upstream: Option<Arc<str>>,
+    /// The connection that answered: where a subscription it opened lives.
+    pub conn: Option<Arc<super::Conn>>,
 }
 
 impl Reply {
@@ -43,6 +46,18 @@ impl Reply {
 
     pub fn is_error(&self) -> bool {
         self.is_error
+    }
+
+    /// The same reply with `result` replaced by `text` (valid JSON).
+    pub fn with_result(&self, text: String) -> Reply {
+        let len = text.len();
+        Reply {
+            frame: Bytes::from(text),
+            range: 0..len,
+            is_error: false,
+            upstream: self.upstream.clone(),
+            conn: self.conn.clone(),
+        }
     }
 }
 
@@ -116,13 +131,16 @@ pub struct Frame {
     pub charge: Option<Charge>,
 }
 
-/// What one upstream frame held, for counting what matched nothing.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+/// What one upstream frame held: what was matched, what was pushed, what was nothing.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Delivery {
+    /// Where in the frame each notification or server request lies, for the push
+    /// router (`push/`), which reads them outside the lock.
+    pub pushed: Vec<Range<usize>>,
     /// Replies handed to their callers.
     pub matched: usize,
-    /// Valid messages that answer nobody waiting: notifications, server requests,
-    /// replies to calls that already gave up.
+    /// Replies that answer nobody waiting: to calls that already gave up, or to ids
+    /// that are not ours.
     pub unsolicited: usize,
     /// Frames or elements that are not JSON-RPC at all.
     pub garbage: usize,
@@ -282,7 +300,15 @@ impl Mux {
         };
         let base = text.as_ptr() as usize;
         let pending = &mut self.pending;
-        let inbound = crate::jsonrpc::read_upstream(text, |id, outcome| {
+        let inbound = crate::jsonrpc::read_upstream(text, |message| {
+            let (id, outcome) = match message {
+                Message::Reply(id, outcome) => (id, outcome),
+                Message::Pushed(p) => {
+                    let start = p.text.as_ptr() as usize - base;
+                    seen.pushed.push(start..start + p.text.len());
+                    return;
+                }
+            };
             let Some(tx) = pending.remove(id) else {
                 seen.unsolicited += 1;
                 return;
@@ -296,6 +322,7 @@ impl Mux {
                         range: start..start + payload.get().len(),
                         is_error: outcome.is_error(),
                         upstream: None,
+                        conn: None,
                     })
                 }
                 None => Err(Failure::InvalidReply),

@@ -280,6 +280,7 @@ impl Upstreams {
         token: CancellationToken,
     ) -> Arc<Conn> {
         let conn = Arc::new(Conn::for_session(
+            &String::from_utf8_lossy(key),
             index,
             max_in_flight,
             self.queue_bytes,

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use futures_util::stream::SplitSink;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::Message;
@@ -48,7 +49,7 @@ pub(super) enum End {
 /// in `unsent`, for [`Conn::closed`] to hand back as not sent.
 pub(super) async fn serve(
     socket: WsStream,
-    conn: &Conn,
+    conn: &Arc<Conn>,
     unsent: &mut Vec<Frame>,
     ws: &WebSocketConfig,
     stop: &CancellationToken,
