@@ -362,6 +362,161 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn notify_me_replies_then_pushes_its_params_as_sent() {
+        let out =
+            dispatch(r#"{"jsonrpc":"2.0","id":3,"method":"notify_me","params":[ {"a": 1.50} ]}"#);
+        assert!(out.before.is_empty(), "{out:?}");
+        assert_eq!(out.reply, Some(result("3", "true")));
+        assert_eq!(
+            out.after,
+            [r#"{"jsonrpc":"2.0","method":"notice","params":[ {"a": 1.50} ]}"#]
+        );
+        for bad in [
+            "",
+            r#","params":[]"#,
+            r#","params":[1,2]"#,
+            r#","params":{"a":1}"#,
+        ] {
+            let request = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"notify_me"{bad}}}"#);
+            assert!(error("1", INVALID_PARAMS)(&reply(&request)), "{request}");
+        }
+    }
+
+    #[test]
+    fn ticks_subscribe_replies_a_new_id_per_subscription() {
+        let backend = backend();
+        let mut session = session();
+        let subscribe = |session: &mut Session, params: &str| {
+            backend.dispatch(
+                &format!(r#"{{"jsonrpc":"2.0","id":1,"method":"ticks_subscribe"{params}}}"#),
+                session,
+            )
+        };
+        let out = subscribe(&mut session, r#","params":[20]"#);
+        assert_eq!(out.reply, Some(result("1", r#""tick-1""#)));
+        assert_eq!(out.tickers.len(), 1);
+        assert_eq!(out.tickers[0].id(), r#""tick-1""#);
+        let out = subscribe(&mut session, "");
+        assert_eq!(out.reply, Some(result("1", r#""tick-2""#)));
+
+        let bad = subscribe(&mut session, r#","params":["fast"]"#);
+        assert!(error("1", INVALID_PARAMS)(
+            bad.reply.as_deref().unwrap_or_default()
+        ));
+        assert!(bad.tickers.is_empty());
+        // Nobody could learn a notification's subscription id.
+        let out = backend.dispatch(
+            r#"{"jsonrpc":"2.0","method":"ticks_subscribe","params":[20]}"#,
+            &mut session,
+        );
+        assert_eq!(out, Dispatched::default());
+
+        for _ in 2..ticks::MAX_SUBSCRIPTIONS {
+            assert_eq!(subscribe(&mut session, "").tickers.len(), 1);
+        }
+        let full = subscribe(&mut session, "");
+        assert!(
+            error("1", LIMIT_REACHED)(full.reply.as_deref().unwrap_or_default()),
+            "{full:?}"
+        );
+        assert!(full.tickers.is_empty());
+    }
+
+    #[test]
+    fn ticks_unsubscribe_is_true_once_and_only_on_its_connection() {
+        let backend = backend();
+        let (mut mine, mut other) = (session(), session());
+        backend.dispatch(
+            r#"{"jsonrpc":"2.0","id":1,"method":"ticks_subscribe"}"#,
+            &mut mine,
+        );
+        let unsubscribe =
+            r#"{"jsonrpc":"2.0","id":2,"method":"ticks_unsubscribe","params":["tick-1"]}"#;
+        assert_eq!(
+            backend.dispatch(unsubscribe, &mut other).reply,
+            Some(result("2", "false"))
+        );
+        assert_eq!(
+            backend.dispatch(unsubscribe, &mut mine).reply,
+            Some(result("2", "true"))
+        );
+        assert_eq!(
+            backend.dispatch(unsubscribe, &mut mine).reply,
+            Some(result("2", "false"))
+        );
+        let bad = r#"{"jsonrpc":"2.0","id":2,"method":"ticks_unsubscribe","params":[1]}"#;
+        assert!(error("2", INVALID_PARAMS)(
+            &backend.dispatch(bad, &mut mine).reply.unwrap_or_default()
+        ));
+    }
+
+    #[test]
+    fn ask_sends_confirm_and_replies_only_once_answered() {
+        let backend = backend();
+        let mut session = session();
+        let out = backend.dispatch(
+            r#"{"jsonrpc":"2.0","id":"q","method":"ask","params":[ "ok?" ]}"#,
+            &mut session,
+        );
+        assert_eq!(
+            out.before,
+            [r#"{"jsonrpc":"2.0","id":"ask-1","method":"confirm","params":[ "ok?" ]}"#]
+        );
+        assert_eq!(out.reply, None, "the reply waits for the answer");
+        let ask = out.ask.expect("an ask waiting");
+        assert_eq!((&*ask.call_id, &*ask.question), (r#""q""#, r#""ok?""#));
+
+        // The client's response gets no reply of its own and reaches the ask.
+        let answered = backend.dispatch(
+            r#"{"jsonrpc":"2.0","id":"ask-1","result":"yes"}"#,
+            &mut session,
+        );
+        assert_eq!(answered, Dispatched::default());
+        let mut answer = ask.answer;
+        assert_eq!(answer.try_recv(), Ok(Answer::Result(r#""yes""#.into())));
+
+        let out = backend.dispatch(
+            r#"{"jsonrpc":"2.0","id":1,"method":"ask","params":[2]}"#,
+            &mut session,
+        );
+        assert!(out.before[0].contains(r#""id":"ask-2""#), "{out:?}");
+        let mut answer = out.ask.expect("an ask waiting").answer;
+        // A batch of responses, one of them to nobody.
+        let answered = backend.dispatch(
+            r#"[{"jsonrpc":"2.0","id":"ask-7","result":1},
+                {"jsonrpc":"2.0","id":"ask-2","error":{"code":5,"message":"no"}}]"#,
+            &mut session,
+        );
+        assert_eq!(answered, Dispatched::default());
+        assert_eq!(
+            answer.try_recv(),
+            Ok(Answer::Error(r#"{"code":5,"message":"no"}"#.into()))
+        );
+    }
+
+    #[test]
+    fn ask_is_refused_in_a_batch_with_bad_params_and_ignored_as_a_notification() {
+        let out = dispatch(r#"[{"jsonrpc":"2.0","id":1,"method":"ask","params":[1]}]"#);
+        assert!(out.before.is_empty() && out.ask.is_none(), "{out:?}");
+        let replies: Vec<&RawValue> =
+            serde_json::from_str(out.reply.as_deref().unwrap_or_default()).expect("an array");
+        assert!(error("1", INVALID_REQUEST)(replies[0].get()));
+        for bad in [
+            "",
+            r#","params":[]"#,
+            r#","params":[1,2]"#,
+            r#","params":"x""#,
+        ] {
+            let request = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"ask"{bad}}}"#);
+            assert!(error("1", INVALID_PARAMS)(&reply(&request)), "{request}");
+        }
+        assert_eq!(
+            dispatch(r#"{"jsonrpc":"2.0","method":"ask","params":[1]}"#),
+            Dispatched::default()
+        );
+    }
+
+    #[test]
     fn unknown_method_is_not_found() {
         assert!(error("1", METHOD_NOT_FOUND)(&reply(
             r#"{"jsonrpc":"2.0","id":1,"method":"nope"}"#

@@ -280,10 +280,11 @@ async fn write_loop(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The connection plumbing, against a real socket and a real WebSocket client.
+    //! The helpers are shared with `push_tests.rs`.
 
-    use crate::serve;
+    use crate::serve_tracked;
     use futures_util::{SinkExt as _, StreamExt as _};
     use std::future::Future;
     use std::net::SocketAddr;
@@ -294,13 +295,14 @@ mod tests {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
 
-    type Client = tokio_tungstenite::WebSocketStream<
+    pub(crate) type Client = tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >;
 
     /// Generous: it only bounds how long a broken build takes to fail.
-    async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    pub(crate) async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(10), f)
             .await
             .unwrap_or_else(|_| panic!("timed out: {what}"))
@@ -311,14 +313,31 @@ mod tests {
         CancellationToken,
         JoinHandle<std::io::Result<()>>,
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, Arc::from("sock"), shutdown.clone()));
+        let (addr, shutdown, server, _) = start_tracked().await;
         (addr, shutdown, server)
     }
 
-    async fn connect(addr: SocketAddr) -> Client {
+    /// [`start`], also returning the tracker of every connection and push task.
+    pub(crate) async fn start_tracked() -> (
+        SocketAddr,
+        CancellationToken,
+        JoinHandle<std::io::Result<()>>,
+        TaskTracker,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let server = tokio::spawn(serve_tracked(
+            listener,
+            Arc::from("sock"),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        (addr, shutdown, server, tasks)
+    }
+
+    pub(crate) async fn connect(addr: SocketAddr) -> Client {
         let url = format!("ws://{addr}");
         within("connect", tokio_tungstenite::connect_async(url))
             .await
@@ -326,7 +345,7 @@ mod tests {
             .0
     }
 
-    async fn next_text(client: &mut Client) -> String {
+    pub(crate) async fn next_text(client: &mut Client) -> String {
         loop {
             match within("next message", client.next()).await {
                 Some(Ok(Message::Text(text))) => return text.as_str().to_owned(),

@@ -59,6 +59,8 @@ mod ask;
 mod backend;
 mod connection;
 mod methods;
+#[cfg(test)]
+mod push_tests;
 mod ticks;
 mod wire;
 
