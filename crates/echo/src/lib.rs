@@ -44,16 +44,18 @@
 //! # Layout
 //!
 //! - this file: [`serve`], the accept loop and shutdown.
-//! - `connection.rs`: one WebSocket: handshake, read loop, delayed replies, the writer
-//!   that batches flushes, the Close on shutdown.
+//! - `connection.rs`: one WebSocket: handshake, read loop, delayed replies, starting
+//!   tickers and `ask` waits, the writer that batches flushes, the Close on shutdown.
 //! - `backend.rs`: one incoming message in, what to send back out: batches,
-//!   notifications, and the table of methods.
+//!   notifications, the table of methods, and the `Session` a connection keeps
+//!   between messages (its subscriptions and waiting `ask`s).
 //! - `methods.rs`: the methods that take any work: `sum` and `sleep`.
 //! - `ticks.rs`: a connection's subscriptions and the task ticking for each.
 //! - `ask.rs`: a connection's requests to the client waiting for an answer, and the
 //!   reply an answer becomes.
 //! - `wire.rs`: reading a request object or a client's response, writing replies,
 //!   pushed messages and error codes.
+//! - `push_tests.rs`: the pushing methods against a real socket.
 
 mod ask;
 mod backend;

@@ -126,7 +126,8 @@ async fn two_subscriptions_tick_under_their_own_ids() {
     stop(client, shutdown, server).await;
 }
 
-#[tokio::test]
+// Multi-threaded, where a ticker can race the reader that cancels it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_unsubscribe_no_tick_of_it_follows() {
     let (addr, shutdown, server, _) = start_tracked().await;
     let mut client = connect(addr).await;
