@@ -1,5 +1,6 @@
 //! One client connection: the WebSocket handshake, a reader that dispatches each
-//! message, a writer task that owns the socket's write half, and the Close on shutdown.
+//! message, a writer task that owns the socket's write half, the tasks that push
+//! (tickers, `ask`s waiting for answers), and the Close on shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,9 +15,11 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::debug;
 
-use crate::backend::{Backend, Dispatched};
+use crate::ask::ANSWER_TIMEOUT;
+use crate::backend::{Backend, Dispatched, Session};
 
 /// Outgoing messages queued per connection. When it is full the reader stops reading,
 /// which pushes back on a client that sends faster than it reads its replies.
@@ -42,6 +45,7 @@ pub(crate) async fn run(
     stream: TcpStream,
     peer: SocketAddr,
     backend: Arc<Backend>,
+    tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
     // Replies are small and benchmarks measure their latency; Nagle would hold them back.
@@ -74,18 +78,28 @@ pub(crate) async fn run(
     let ending = shutdown.child_token();
     let writer = tokio::spawn(write_loop(sink, rx, ending.clone(), peer));
     let sleeps = Arc::new(Semaphore::new(MAX_PENDING_SLEEPS));
+    let mut conn = Conn {
+        session: Session::new(ending.clone()),
+        tx: tx.clone(),
+        sleeps,
+        ending: ending.clone(),
+        tasks,
+    };
 
     // Dropping `read_loop` midway can lose a reply it was queueing, which is fine
     // because in both cases the connection is ending.
     tokio::select! {
         biased;
         () = ending.cancelled() => {}
-        () = read_loop(&mut source, &backend, &tx, &sleeps, &ending, peer) => {}
+        () = read_loop(&mut source, &backend, &mut conn, peer) => {}
     }
+    // Ending stops the tickers; dropping the session drops the senders every
+    // waiting `ask` listens on.
+    ending.cancel();
+    drop(conn);
     if shutdown.is_cancelled() {
         go_away(&mut source, &tx).await;
     }
-    ending.cancel();
     drop(tx);
     // The writer ends once every sender is gone, but a peer that stopped reading can
     // keep it stuck in a flush; do not let that hold up shutdown.
@@ -95,19 +109,25 @@ pub(crate) async fn run(
     }
 }
 
+/// What the reader needs to run what a message asks for.
+struct Conn {
+    /// Subscriptions and waiting `ask`s: only the reader touches them.
+    session: Session,
+    tx: mpsc::Sender<Message>,
+    sleeps: Arc<Semaphore>,
+    /// Cancelled when the connection ends; every task below stops on it.
+    ending: CancellationToken,
+    /// Where tickers and `ask` waits are spawned, so `serve` can wait for them too
+    /// (and tests can see that none outlives its socket).
+    tasks: TaskTracker,
+}
+
 /// Reads messages and dispatches them until the peer closes or the socket fails.
-async fn read_loop(
-    source: &mut Source,
-    backend: &Backend,
-    tx: &mpsc::Sender<Message>,
-    sleeps: &Arc<Semaphore>,
-    ending: &CancellationToken,
-    peer: SocketAddr,
-) {
+async fn read_loop(source: &mut Source, backend: &Backend, conn: &mut Conn, peer: SocketAddr) {
     while let Some(message) = source.next().await {
         let dispatched = match message {
-            Ok(Message::Text(text)) => backend.dispatch(text.as_str()),
-            Ok(Message::Binary(bytes)) => backend.dispatch_bytes(&bytes),
+            Ok(Message::Text(text)) => backend.dispatch(text.as_str(), &mut conn.session),
+            Ok(Message::Binary(bytes)) => backend.dispatch_bytes(&bytes, &mut conn.session),
             // tungstenite answers Pings itself and acknowledges a Close on the next
             // read, after which the stream ends; neither needs anything from us.
             Ok(_) => continue,
@@ -116,36 +136,61 @@ async fn read_loop(
                 return;
             }
         };
-        if !deliver(dispatched, tx, sleeps, ending).await {
+        if !deliver(dispatched, conn).await {
             return;
         }
     }
 }
 
 /// Queues what one incoming message produced. Returns false once the writer is gone.
-async fn deliver(
-    dispatched: Dispatched,
-    tx: &mpsc::Sender<Message>,
-    sleeps: &Arc<Semaphore>,
-    ending: &CancellationToken,
-) -> bool {
-    for notification in dispatched.notifications {
-        if tx.send(Message::text(notification)).await.is_err() {
+async fn deliver(dispatched: Dispatched, conn: &Conn) -> bool {
+    let Dispatched {
+        before,
+        reply,
+        after,
+        delay,
+        tickers,
+        ask,
+    } = dispatched;
+    for message in before {
+        if conn.tx.send(Message::text(message)).await.is_err() {
             return false;
         }
     }
-    let Some(reply) = dispatched.reply else {
-        return true;
+    if let Some(ask) = ask {
+        let tx = conn.tx.clone();
+        let ending = conn.ending.clone();
+        // Its own task, so the reader goes on serving calls (and reading the answer).
+        conn.tasks.spawn(async move {
+            // Cancel-safe: a reply dropped here belongs to a connection that is ending.
+            tokio::select! {
+                biased;
+                () = ending.cancelled() => {}
+                _ = async {
+                    if let Some(reply) = ask.reply(ANSWER_TIMEOUT).await {
+                        let _ = tx.send(Message::text(reply)).await;
+                    }
+                } => {}
+            }
+        });
+    }
+    // What follows the reply: notices, then tickers, whose first tick is therefore
+    // queued behind the reply that carries their id.
+    let follow = Follow {
+        reply,
+        after,
+        tickers,
     };
-    if dispatched.delay.is_zero() {
-        return tx.send(Message::text(reply)).await.is_ok();
+    if delay.is_zero() {
+        return follow.send(&conn.tx, &conn.tasks).await;
     }
     // The semaphore is never closed, so this only fails if that changes.
-    let Ok(permit) = sleeps.clone().acquire_owned().await else {
+    let Ok(permit) = conn.sleeps.clone().acquire_owned().await else {
         return false;
     };
-    let tx = tx.clone();
-    let ending = ending.clone();
+    let tx = conn.tx.clone();
+    let ending = conn.ending.clone();
+    let tasks = conn.tasks.clone();
     tokio::spawn(async move {
         let _permit = permit;
         // Cancel-safe: a reply dropped here belongs to a connection that is ending.
@@ -153,12 +198,34 @@ async fn deliver(
             biased;
             () = ending.cancelled() => {}
             _ = async {
-                tokio::time::sleep(dispatched.delay).await;
-                tx.send(Message::text(reply)).await
+                tokio::time::sleep(delay).await;
+                follow.send(&tx, &tasks).await
             } => {}
         }
     });
     true
+}
+
+/// A message's reply and what must come after it.
+struct Follow {
+    reply: Option<String>,
+    after: Vec<String>,
+    tickers: Vec<crate::ticks::Ticker>,
+}
+
+impl Follow {
+    /// Returns false once the writer is gone.
+    async fn send(self, tx: &mpsc::Sender<Message>, tasks: &TaskTracker) -> bool {
+        for message in self.reply.into_iter().chain(self.after) {
+            if tx.send(Message::text(message)).await.is_err() {
+                return false;
+            }
+        }
+        for ticker in self.tickers {
+            tasks.spawn(ticker.run(tx.clone()));
+        }
+        true
+    }
 }
 
 /// Sends our Close (1001) after whatever is already queued, then reads until the peer
@@ -213,10 +280,11 @@ async fn write_loop(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! The connection plumbing, against a real socket and a real WebSocket client.
+    //! The helpers are shared with `push_tests.rs`.
 
-    use crate::serve;
+    use crate::serve_tracked;
     use futures_util::{SinkExt as _, StreamExt as _};
     use std::future::Future;
     use std::net::SocketAddr;
@@ -227,13 +295,14 @@ mod tests {
     use tokio_tungstenite::tungstenite::Message;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
 
-    type Client = tokio_tungstenite::WebSocketStream<
+    pub(crate) type Client = tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >;
 
     /// Generous: it only bounds how long a broken build takes to fail.
-    async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    pub(crate) async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(10), f)
             .await
             .unwrap_or_else(|_| panic!("timed out: {what}"))
@@ -244,14 +313,31 @@ mod tests {
         CancellationToken,
         JoinHandle<std::io::Result<()>>,
     ) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        let shutdown = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, Arc::from("sock"), shutdown.clone()));
+        let (addr, shutdown, server, _) = start_tracked().await;
         (addr, shutdown, server)
     }
 
-    async fn connect(addr: SocketAddr) -> Client {
+    /// [`start`], also returning the tracker of every connection and push task.
+    pub(crate) async fn start_tracked() -> (
+        SocketAddr,
+        CancellationToken,
+        JoinHandle<std::io::Result<()>>,
+        TaskTracker,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let server = tokio::spawn(serve_tracked(
+            listener,
+            Arc::from("sock"),
+            shutdown.clone(),
+            tasks.clone(),
+        ));
+        (addr, shutdown, server, tasks)
+    }
+
+    pub(crate) async fn connect(addr: SocketAddr) -> Client {
         let url = format!("ws://{addr}");
         within("connect", tokio_tungstenite::connect_async(url))
             .await
@@ -259,7 +345,7 @@ mod tests {
             .0
     }
 
-    async fn next_text(client: &mut Client) -> String {
+    pub(crate) async fn next_text(client: &mut Client) -> String {
         loop {
             match within("next message", client.next()).await {
                 Some(Ok(Message::Text(text))) => return text.as_str().to_owned(),

@@ -10,21 +10,60 @@
 //! on the rpcgate crate at all: an upstream that reads requests with the same code as
 //! the gateway that writes them would hide the bugs the two have in common.
 //!
-//! Methods: `echo`, `sum`, `sleep`, `whoami`, `fail`, `notify`.
+//! Methods:
+//!
+//! - `echo`: `params` as sent (`null` if absent).
+//! - `sum`: the sum of an array of numbers.
+//! - `sleep` `[ms]`: replies `ms` after that long (at most 60000), without holding up
+//!   other calls.
+//! - `whoami`: the server name.
+//! - `fail`: error -32000 `"requested failure"` with `params` as `data`.
+//! - `notify`: pushes `{"jsonrpc":"2.0","method":"notification","params":<params>}`,
+//!   then replies `true`.
+//! - `notify_me` `[value]`: replies `true`, then pushes
+//!   `{"jsonrpc":"2.0","method":"notice","params":[value]}` (params as sent).
+//! - `ticks_subscribe` `[interval_ms]` (default 1000, clamped to 10..=60000): replies a
+//!   subscription id unique on the connection (`"tick-1"`, `"tick-2"`, ...), then
+//!   every interval, the first one interval after the reply, pushes
+//!   `{"jsonrpc":"2.0","method":"ticks","params":{"subscription":"tick-1","result":N}}`
+//!   with N = 1, 2, 3, ... At most 64 active per connection (error -32000 past that).
+//!   As a notification it subscribes nothing.
+//! - `ticks_unsubscribe` `[id]`: `true` if the subscription was active on this
+//!   connection, and no tick of it follows the reply; else `false`.
+//! - `ask` `[question]`: sends the client the request
+//!   `{"jsonrpc":"2.0","id":"ask-1","method":"confirm","params":[question]}` (ids
+//!   `ask-1`, `ask-2`, ... per connection) and replies once the client responds:
+//!   `{"question":question,"answer":<its result>}`; error -32001
+//!   `"client refused: <its message>"` with its error object as `data` if it answered
+//!   with an error; error -32002 after 30 s without an answer. Other calls are served
+//!   meanwhile. Not allowed in a batch (-32600), ignored as a notification; at most
+//!   256 waiting per connection (-32000). Responses with an unknown id are ignored.
+//!
+//! Subscriptions and asks belong to their connection and end with it.
 //!
 //! # Layout
 //!
 //! - this file: [`serve`], the accept loop and shutdown.
-//! - `connection.rs`: one WebSocket: handshake, read loop, delayed replies, the writer
-//!   that batches flushes, the Close on shutdown.
+//! - `connection.rs`: one WebSocket: handshake, read loop, delayed replies, starting
+//!   tickers and `ask` waits, the writer that batches flushes, the Close on shutdown.
 //! - `backend.rs`: one incoming message in, what to send back out: batches,
-//!   notifications, and the table of methods.
+//!   notifications, the table of methods, and the `Session` a connection keeps
+//!   between messages (its subscriptions and waiting `ask`s).
 //! - `methods.rs`: the methods that take any work: `sum` and `sleep`.
-//! - `wire.rs`: reading a request object, writing replies and error codes.
+//! - `ticks.rs`: a connection's subscriptions and the task ticking for each.
+//! - `ask.rs`: a connection's requests to the client waiting for an answer, and the
+//!   reply an answer becomes.
+//! - `wire.rs`: reading a request object or a client's response, writing replies,
+//!   pushed messages and error codes.
+//! - `push_tests.rs`: the pushing methods against a real socket.
 
+mod ask;
 mod backend;
 mod connection;
 mod methods;
+#[cfg(test)]
+mod push_tests;
+mod ticks;
 mod wire;
 
 use std::io;
@@ -55,9 +94,19 @@ pub async fn serve(
     name: Arc<str>,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
+    serve_tracked(listener, name, shutdown, TaskTracker::new()).await
+}
+
+/// [`serve`], running every connection and every task a connection starts (tickers,
+/// `ask`s waiting) on `tasks`, which is empty again once they have all ended.
+pub(crate) async fn serve_tracked(
+    listener: TcpListener,
+    name: Arc<str>,
+    shutdown: CancellationToken,
+    connections: TaskTracker,
+) -> io::Result<()> {
     let local = listener.local_addr()?;
     let backend = Arc::new(Backend::new(&name));
-    let connections = TaskTracker::new();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     info!(%local, %name, "echo backend listening");
 
@@ -76,6 +125,7 @@ pub async fn serve(
                     stream,
                     peer,
                     backend.clone(),
+                    connections.clone(),
                     shutdown.clone(),
                 ));
             }

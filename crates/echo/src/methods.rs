@@ -88,7 +88,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::backend::tests::{backend, error, reply, result};
+    use crate::backend::tests::{dispatch, error, reply, result};
 
     #[test]
     fn sum_adds_integers_exactly_and_falls_back_to_float() {
@@ -151,18 +151,15 @@ mod tests {
 
     #[test]
     fn sleep_delays_the_reply_and_clamps() {
-        let out =
-            backend().dispatch(r#"{"jsonrpc":"2.0","id":"s","method":"sleep","params":[250]}"#);
+        let out = dispatch(r#"{"jsonrpc":"2.0","id":"s","method":"sleep","params":[250]}"#);
         assert_eq!(out.delay, Duration::from_millis(250));
         assert_eq!(out.reply.as_deref(), Some(result(r#""s""#, "250").as_str()));
 
-        let out =
-            backend().dispatch(r#"{"jsonrpc":"2.0","id":1,"method":"sleep","params":[99999999]}"#);
+        let out = dispatch(r#"{"jsonrpc":"2.0","id":1,"method":"sleep","params":[99999999]}"#);
         assert_eq!(out.delay, Duration::from_millis(MAX_SLEEP_MS));
         assert_eq!(out.reply.as_deref(), Some(result("1", "60000").as_str()));
 
-        let out = backend()
-            .dispatch(r#"{"jsonrpc":"2.0","id":2,"method":"sleep","params":[30,"xxxxxxxx"]}"#);
+        let out = dispatch(r#"{"jsonrpc":"2.0","id":2,"method":"sleep","params":[30,"xxxxxxxx"]}"#);
         assert_eq!(out.delay, Duration::from_millis(30), "padding is ignored");
 
         for bad in [

@@ -13,6 +13,12 @@ pub(crate) const INVALID_REQUEST: i32 = -32600;
 pub(crate) const METHOD_NOT_FOUND: i32 = -32601;
 pub(crate) const INVALID_PARAMS: i32 = -32602;
 pub(crate) const REQUESTED_FAILURE: i32 = -32000;
+/// A per-connection limit (subscriptions, waiting `ask`s) is reached.
+pub(crate) const LIMIT_REACHED: i32 = -32000;
+/// The client answered our `confirm` request with an error object.
+pub(crate) const CLIENT_REFUSED: i32 = -32001;
+/// The client did not answer our `confirm` request in time.
+pub(crate) const NO_ANSWER: i32 = -32002;
 
 /// The reply to one call, borrowing from the request (and from the `Backend`).
 pub(crate) struct Reply<'a> {
@@ -24,12 +30,21 @@ pub(crate) struct Reply<'a> {
 pub(crate) enum Outcome<'a> {
     /// Raw JSON text of the result.
     Raw(&'a str),
+    /// Raw JSON text made for this reply, such as a new subscription id.
+    Owned(String),
     Int(i64),
     Float(f64),
     Error {
         code: i32,
         /// Written without escaping, so it must be plain ASCII without quotes.
         message: &'static str,
+        /// Raw JSON text.
+        data: Option<&'a str>,
+    },
+    /// An error whose message comes from a peer, so it is escaped when written.
+    Relayed {
+        code: i32,
+        message: String,
         /// Raw JSON text.
         data: Option<&'a str>,
     },
@@ -106,9 +121,11 @@ pub(crate) fn invalid<'a>(text: &'a str, error: &serde_json::Error) -> Reply<'a>
 }
 
 pub(crate) fn single(reply: &Reply<'_>) -> String {
-    let payload = match reply.outcome {
+    let payload = match &reply.outcome {
         Outcome::Raw(raw) => raw.len(),
+        Outcome::Owned(raw) => raw.len(),
         Outcome::Error { data, .. } => data.map_or(0, str::len),
+        Outcome::Relayed { message, data, .. } => message.len() + data.map_or(0, str::len),
         Outcome::Int(_) | Outcome::Float(_) => 0,
     };
     // Envelope, message and number fit in the 96; sized up front so a large echo is one allocation.
@@ -120,18 +137,22 @@ pub(crate) fn single(reply: &Reply<'_>) -> String {
 pub(crate) fn write_reply(buf: &mut String, reply: &Reply<'_>) {
     buf.push_str(r#"{"jsonrpc":"2.0","id":"#);
     buf.push_str(reply.id);
-    match reply.outcome {
+    match &reply.outcome {
         Outcome::Raw(raw) => {
+            buf.push_str(r#","result":"#);
+            buf.push_str(raw);
+        }
+        Outcome::Owned(raw) => {
             buf.push_str(r#","result":"#);
             buf.push_str(raw);
         }
         Outcome::Int(n) => {
             buf.push_str(r#","result":"#);
-            buf.push_str(itoa::Buffer::new().format(n));
+            buf.push_str(itoa::Buffer::new().format(*n));
         }
         Outcome::Float(f) => {
             buf.push_str(r#","result":"#);
-            match serde_json::Number::from_f64(f) {
+            match serde_json::Number::from_f64(*f) {
                 // Writing to a String cannot fail.
                 Some(n) => {
                     let _ = write!(buf, "{n}");
@@ -146,16 +167,33 @@ pub(crate) fn write_reply(buf: &mut String, reply: &Reply<'_>) {
             data,
         } => {
             buf.push_str(r#","error":{"code":"#);
-            buf.push_str(itoa::Buffer::new().format(code));
+            buf.push_str(itoa::Buffer::new().format(*code));
             buf.push_str(r#","message":""#);
             buf.push_str(message);
             buf.push('"');
-            if let Some(data) = data {
-                buf.push_str(r#","data":"#);
-                buf.push_str(data);
-            }
-            buf.push('}');
+            write_data(buf, *data);
         }
+        Outcome::Relayed {
+            code,
+            message,
+            data,
+        } => {
+            buf.push_str(r#","error":{"code":"#);
+            buf.push_str(itoa::Buffer::new().format(*code));
+            buf.push_str(r#","message":"#);
+            // Display on a `Value` escapes and cannot fail, unlike `to_string`'s `Result`.
+            let _ = write!(buf, "{}", serde_json::Value::from(message.as_str()));
+            write_data(buf, *data);
+        }
+    }
+    buf.push('}');
+}
+
+/// The optional `data` member and the end of an error object.
+fn write_data(buf: &mut String, data: Option<&str>) {
+    if let Some(data) = data {
+        buf.push_str(r#","data":"#);
+        buf.push_str(data);
     }
     buf.push('}');
 }
@@ -169,10 +207,69 @@ pub(crate) fn notification(params: Option<&str>) -> String {
     buf
 }
 
+/// `notify_me`'s notice: its params, already checked to be one-element array, as sent.
+pub(crate) fn notice(params: &str) -> String {
+    let mut buf = String::with_capacity(48 + params.len());
+    buf.push_str(r#"{"jsonrpc":"2.0","method":"notice","params":"#);
+    buf.push_str(params);
+    buf.push('}');
+    buf
+}
+
+/// One tick of a `ticks_subscribe` subscription, in the jsonrpsee/Substrate shape
+/// (`params.subscription` + `params.result`) that gateways route by.
+pub(crate) fn tick(subscription: &str, n: u64) -> String {
+    let mut buf = String::with_capacity(96 + subscription.len());
+    buf.push_str(r#"{"jsonrpc":"2.0","method":"ticks","params":{"subscription":"#);
+    buf.push_str(subscription);
+    buf.push_str(r#","result":"#);
+    buf.push_str(itoa::Buffer::new().format(n));
+    buf.push_str("}}");
+    buf
+}
+
+/// The request `ask` sends the client: `id` is a JSON string literal, `params` the
+/// `ask` call's own params as sent.
+pub(crate) fn confirm(id: &str, params: &str) -> String {
+    let mut buf = String::with_capacity(64 + id.len() + params.len());
+    buf.push_str(r#"{"jsonrpc":"2.0","id":"#);
+    buf.push_str(id);
+    buf.push_str(r#","method":"confirm","params":"#);
+    buf.push_str(params);
+    buf.push('}');
+    buf
+}
+
+/// The members of a response object from the client (to our `confirm`).
+#[derive(Deserialize)]
+pub(crate) struct Response<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub(crate) id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub(crate) result: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    pub(crate) error: Option<&'a RawValue>,
+    /// Only to tell a response from a request whose `method` has the wrong type.
+    #[serde(default)]
+    method: Option<IgnoredAny>,
+}
+
+impl<'a> Response<'a> {
+    /// Reads `text` as a response: an object with an id and a result or an error but no
+    /// method. Only tried on text that did not read as a request, so calls pay nothing.
+    pub(crate) fn parse(text: &'a str) -> Option<Self> {
+        let response = serde_json::from_str::<Response<'a>>(text).ok()?;
+        let is_response = response.method.is_none()
+            && response.id.is_some()
+            && (response.result.is_some() || response.error.is_some());
+        is_response.then_some(response)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::tests::{backend, error, reply, result};
+    use crate::backend::tests::{backend, error, reply, result, session};
 
     #[test]
     fn ids_come_back_exactly() {
@@ -207,7 +304,7 @@ mod tests {
                 reply(request)
             );
         }
-        let out = backend().dispatch_bytes(b"\xff\xfe");
+        let out = backend().dispatch_bytes(b"\xff\xfe", &mut session());
         assert!(error("null", PARSE_ERROR)(
             out.reply.as_deref().unwrap_or_default()
         ));
