@@ -135,6 +135,14 @@ impl Charge {
         true
     }
 
+    /// Gives `n` of the charged bytes back (at most all of them).
+    pub fn shrink(&mut self, n: usize) {
+        let n = n.min(self.bytes);
+        self.connection.give_back(n);
+        self.gateway.give_back(n);
+        self.bytes -= n;
+    }
+
     pub fn bytes(&self) -> usize {
         self.bytes
     }

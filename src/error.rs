@@ -139,6 +139,27 @@ pub enum Error {
     TooManySessions(usize),
     #[error("too many sessions for one client: {0}")]
     TooManyClientSessions(ClientLimit),
+    #[error(
+        "{0} opens a subscription, but this request has nowhere to receive its notifications: \
+         send a session key (the session header, cookie or ?session= query parameter) and read \
+         GET {1} with it, or call over a WebSocket"
+    )]
+    NoPushTarget(String, String),
+    #[error(
+        "this session holds {0} subscriptions (push.max_subscriptions); unsubscribe some first"
+    )]
+    TooManySubscriptions(usize),
+    #[error("too many push sessions open (push.max_sessions {0}); retry later")]
+    TooManyPushSessions(usize),
+    #[error(
+        "this answers no request the upstream is waiting on for this session: the id is unknown, \
+         already answered, or its time ran out"
+    )]
+    UnknownServerRequest,
+    #[error(
+        "WebSocket upgrades are turned off here (http.websocket = false); POST JSON-RPC instead"
+    )]
+    WebSocketOff,
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -159,6 +180,11 @@ impl Error {
             Error::ReplayFailed(_) => -32085,
             Error::TooManySessions(_) => -32086,
             Error::TooManyClientSessions(_) => -32087,
+            Error::NoPushTarget(..) => -32088,
+            Error::TooManySubscriptions(_) => -32089,
+            Error::TooManyPushSessions(_) => -32095,
+            Error::UnknownServerRequest => -32096,
+            Error::WebSocketOff => -32097,
             // What was wrong with the HTTP request.
             Error::MethodNotAllowed => -32090,
             Error::UnsupportedMediaType => -32091,
@@ -176,6 +202,10 @@ impl Error {
                 StatusCode::BAD_REQUEST
             }
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::NoPushTarget(..) | Error::WebSocketOff => StatusCode::BAD_REQUEST,
+            Error::TooManySubscriptions(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::TooManyPushSessions(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::UnknownServerRequest => StatusCode::NOT_FOUND,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
@@ -223,6 +253,11 @@ impl Error {
             Error::TooManyClientSessions(_) => "too_many_client_sessions",
             Error::UpstreamLost => "upstream_lost",
             Error::Timeout(_) => "timeout",
+            Error::NoPushTarget(..) => "no_push_target",
+            Error::TooManySubscriptions(_) => "too_many_subscriptions",
+            Error::TooManyPushSessions(_) => "too_many_push_sessions",
+            Error::UnknownServerRequest => "unknown_server_request",
+            Error::WebSocketOff => "websocket_off",
             Error::Internal(_) => "internal",
         }
     }

@@ -49,6 +49,7 @@ pub mod error;
 pub mod jsonrpc;
 pub mod logging;
 pub mod metrics;
+pub mod push;
 pub mod server;
 pub mod upstream;
 

@@ -3,7 +3,8 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use rpcgate::config::{
-    AdminListen, Affinity, Config, DiscoveryMode, LogFormat, UpstreamConfig, parse_duration,
+    AdminListen, Affinity, Config, DiscoveryMode, LogFormat, SubscriptionRule, UpstreamConfig,
+    parse_duration,
 };
 use rpcgate::{Gateway, logging};
 use std::net::SocketAddr;
@@ -82,6 +83,25 @@ struct RunArgs {
     /// After the listener closes, how long open requests get to finish.
     #[arg(long, env = "RPCGATE_DRAIN_TIMEOUT", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
+    /// WebSocket clients on the JSON-RPC path: on or off.
+    #[arg(long, env = "RPCGATE_WEBSOCKET", value_parser = on_off)]
+    websocket: Option<bool>,
+    /// Subscriptions to track on shared connections: a preset (ethereum, substrate) or
+    /// SUBSCRIBE,UNSUBSCRIBE[,NOTIFICATION]; repeat for several.
+    #[arg(
+        long = "subscription",
+        env = "RPCGATE_SUBSCRIPTIONS",
+        value_delimiter = ';'
+    )]
+    subscriptions: Vec<SubscriptionRule>,
+}
+
+fn on_off(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("{value:?}: expected on or off")),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -247,6 +267,12 @@ fn build_config(args: RunArgs) -> Result<Config> {
     if let Some(d) = args.drain_timeout {
         config.shutdown.drain_timeout = d;
     }
+    if let Some(on) = args.websocket {
+        config.http.websocket = on;
+    }
+    if !args.subscriptions.is_empty() {
+        config.subscriptions = args.subscriptions;
+    }
     let problems = config.check();
     if !problems.is_empty() {
         bail!("{}", rpcgate::config::Problems(problems));
@@ -394,6 +420,8 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
     };
     // Nothing routes to the demo through a load balancer: Ctrl-C stops at once.
     config.shutdown.delay = std::time::Duration::ZERO;
+    // The backend's `ticks_subscribe` follows jsonrpsee's naming.
+    config.subscriptions = SubscriptionRule::preset("substrate").into_iter().collect();
     config
         .upstreams
         .push(UpstreamConfig::new(format!("ws://{backend_addr}/")));
@@ -406,7 +434,15 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
     println!(
         "  curl -s http://{addr}/ -H 'Content-Type: application/json' -d '[{{\"jsonrpc\":\"2.0\",\"id\":\"a\",\"method\":\"sum\",\"params\":[1,2,3]}},{{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"whoami\"}}]'"
     );
-    println!("Methods: echo, sum, sleep [ms], whoami, fail, notify. Ctrl-C to stop.");
+    println!("Push: open an event stream for session `demo`, then subscribe to ticks in it:");
+    println!("  curl -N 'http://{addr}/events?session=demo' -H 'Accept: text/event-stream'");
+    println!(
+        "  curl -s http://{addr}/ -H 'Content-Type: application/json' -H 'rpcgate-session: demo' -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ticks_subscribe\",\"params\":[1000]}}'"
+    );
+    println!("WebSocket clients connect to ws://{addr}/ (e.g. websocat ws://{addr}/).");
+    println!(
+        "Methods: echo, sum, sleep [ms], whoami, fail, notify, notify_me [value], ticks_subscribe [ms], ticks_unsubscribe [id], ask [question]. Ctrl-C to stop."
+    );
     gateway.run(shutdown).await;
     backend_shutdown.cancel();
     echo_task.await.context("echo backend task")??;

@@ -38,12 +38,25 @@ pub struct Metrics {
     pub memory_budget_limit: IntGauge,
     pub http_connections_open: IntGauge,
     pub http_connections_refused: IntCounter,
+    pub push_sessions: IntGauge,
+    pub push_streams: IntGauge,
+    pub push_subscriptions: IntGauge,
+    pub pushed: IntCounterVec,
+    pub resubscribed: IntCounterVec,
+    pub server_requests: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    reg(
+        r,
+        IntGauge::new(name, help).expect("valid metric definition"),
+    )
 }
 
 /// Registering a metric fails only on a name clash, which is a bug in this file.
@@ -162,6 +175,39 @@ impl Metrics {
                     .buckets(latency),
                 )
                 .expect("valid metric definition"),
+            ),
+            push_sessions: gauge(
+                &r,
+                "rpcgate_push_sessions",
+                "Push sessions open: named by a session key, each with its buffer of pushed messages.",
+            ),
+            push_streams: gauge(
+                &r,
+                "rpcgate_push_streams",
+                "Event streams, long-polls and WebSocket clients reading a push session now.",
+            ),
+            push_subscriptions: gauge(
+                &r,
+                "rpcgate_push_subscriptions",
+                "Subscriptions rpcgate tracks for sessions ([[subscriptions]]).",
+            ),
+            pushed: counter_vec(
+                &r,
+                "rpcgate_pushed_messages_total",
+                "Messages pushed to sessions: buffered (routed to a session), delivered (written to its stream or socket), dropped (pushed out of a full buffer before anyone read them, or refused by the memory budget).",
+                &["outcome"],
+            ),
+            resubscribed: counter_vec(
+                &r,
+                "rpcgate_push_resubscriptions_total",
+                "Subscriptions opened again after their upstream connection died, by result (ok, failed).",
+                &["result"],
+            ),
+            server_requests: counter_vec(
+                &r,
+                "rpcgate_server_requests_total",
+                "Requests upstreams sent to clients, by outcome (answered by the client, timed_out: rpcgate answered with an error).",
+                &["outcome"],
             ),
             sessions_active: reg(
                 &r,

@@ -88,6 +88,17 @@ impl Config {
                 ));
             }
         }
+        let events = &self.push.events_path;
+        if !events.starts_with('/') {
+            p.push("push.events_path: must start with '/'".into());
+        } else if *events == self.http.path {
+            p.push(format!(
+                "push.events_path: {events:?} is also http.path; give the event stream a path of its own"
+            ));
+        }
+        if self.push.buffer == 0 {
+            p.push("push.buffer: must be at least 1".into());
+        }
         if !self.http.path.starts_with('/') {
             p.push("http.path: must start with '/'".into());
         }

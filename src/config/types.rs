@@ -1,7 +1,10 @@
 //! The settings themselves and their defaults. Every default lives here, so the
 //! TOML reader, the flags and tests all start from the same `Config::default()`.
 
-use super::{AdminListen, PushConfig, SubscriptionRule, Affinity, BatchMode, DiscoveryMode, LogFormat, WhenFull};
+use super::{
+    AdminListen, Affinity, BatchMode, DiscoveryMode, LogFormat, PushConfig, SubscriptionRule,
+    WhenFull,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -57,6 +57,29 @@ struct WireId<'a> {
 ///
 /// Returns `Err` only when the body as a whole is unusable (not JSON, empty batch,
 /// batch too large); a bad element inside a batch becomes that element's `Invalid`.
+/// The members a client's answer to an upstream request has.
+#[derive(Deserialize)]
+struct WireAnswer<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    error: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    method: Option<&'a RawValue>,
+}
+
+/// When `body` is a JSON-RPC response (an `id` with a `result` or an `error`, no
+/// `method`): a client answering a request its upstream sent. Its id.
+pub fn parse_answer(body: &[u8]) -> Option<&RawValue> {
+    let wire: WireAnswer<'_> = serde_json::from_slice(body).ok()?;
+    match (wire.method, wire.id, wire.result.or(wire.error)) {
+        (None, Some(id), Some(_)) if id.get() != "null" => Some(id),
+        _ => None,
+    }
+}
+
 pub fn parse_body(body: &[u8], max_batch_size: usize) -> Result<Body<'_>, Error> {
     match first_byte(body) {
         Some(b'[') => {

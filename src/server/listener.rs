@@ -255,15 +255,21 @@ async fn serve_connection(
             let mut stack = stack.clone();
             async move {
                 let answer = tower::Service::call(&mut stack, req).await;
-                drop(guard);
-                answer
+                // Held until the body is sent: an event stream is a request in
+                // progress for as long as it runs.
+                answer.map(|resp| {
+                    resp.map(|body| Guarded {
+                        body,
+                        _guard: guard,
+                    })
+                })
             }
         })
     };
     let io = TokioIo::new(WatchedIo::new(stream, activity.clone()));
     // Boxed: hyper's connection state is large, and inline it would size this task's
     // allocation, which lives until the task is joined.
-    let mut conn = Box::pin(builder.serve_connection(io, service));
+    let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service));
     // Set when the graceful close starts: it is bounded too (see `watch::closed_by`).
     let mut closing: Option<tokio::time::Instant> = None;
     loop {
@@ -308,5 +314,31 @@ async fn serve_connection(
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+/// A response body that holds something until hyper has sent all of it.
+struct Guarded<B, G> {
+    body: B,
+    _guard: G,
+}
+
+impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for Guarded<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

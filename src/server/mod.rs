@@ -5,6 +5,7 @@
 
 mod accept;
 mod admin;
+mod events;
 mod fdlimit;
 mod listener;
 mod response;
@@ -13,11 +14,13 @@ mod session_key;
 mod stack;
 mod trim;
 mod watch;
+mod ws;
 
 use crate::budget::{Budget, Budgets};
 use crate::config::{AdminListen, Affinity, Config, DiscoveryMode};
 use crate::logging::AccessLog;
 use crate::metrics::Metrics;
+use crate::push::{Hub, HubConfig};
 use crate::upstream::{Resolver, Sessions, SystemResolver, TargetError, Upstreams, discovery};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -58,6 +61,11 @@ pub struct AppState {
     pub stopping: AtomicBool,
     /// Bytes held for all clients (`limits.memory`).
     pub budget: Arc<Budget>,
+    /// Push sessions: what upstreams send on their own, on its way to clients.
+    pub hub: Arc<Hub>,
+    /// Cancelled when connections are asked to finish: event streams and WebSocket
+    /// clients end then, instead of holding the drain open.
+    pub closing: CancellationToken,
 }
 
 impl AppState {
@@ -174,6 +182,19 @@ impl Gateway {
             Sessions::start(config.sessions.clone(), upstreams.clone(), max_in_flight)
         });
         let config_memory = config.limits.memory_bytes();
+        let budget = Budget::new(config_memory);
+        let hub = Hub::start(
+            HubConfig {
+                push: config.push.clone(),
+                rules: config.subscriptions.clone(),
+                request_timeout: config.calls.request_timeout,
+                reconnect_base: config.websocket.reconnect_base,
+                reconnect_max: config.websocket.reconnect_max,
+            },
+            &upstreams,
+            budget.clone(),
+            metrics.clone(),
+        );
         let access_log = if config.log.access_log {
             AccessLog::start(config.log.access_log_sample)
         } else {
@@ -189,7 +210,9 @@ impl Gateway {
                 metrics,
                 access_log,
                 stopping: AtomicBool::new(false),
-                budget: Budget::new(config_memory),
+                budget,
+                hub,
+                closing: CancellationToken::new(),
             }),
             background,
         })
@@ -224,11 +247,13 @@ impl Gateway {
                 tracing::info!(delay = ?state.config.shutdown.delay, "shutting down: not ready; draining after the delay");
                 tokio::time::sleep(state.config.shutdown.delay).await;
                 closing.cancel();
+                state.closing.cancel();
             });
         }
         let shutdown = closing;
         listener::serve(self.listener, self.state.clone(), shutdown).await;
         self.background.cancel();
+        self.state.hub.close();
         if let Some(sessions) = &self.state.sessions {
             sessions.close();
         }

@@ -27,10 +27,13 @@ const CHUNK: usize = 64 * 1024;
 /// It is handed over in chunks: hyper asks for the next one only when its own write
 /// buffer (HTTP/1) or the stream's send buffer (HTTP/2) has room, so what hyper holds
 /// beyond this charge stays within those buffers' limits.
+///
+/// Or a stream (an event stream's events), handed over as its producer sends them.
 #[derive(Debug, Default)]
 pub struct Body {
     data: Option<Bytes>,
     charge: Option<Charge>,
+    stream: Option<tokio::sync::mpsc::Receiver<Bytes>>,
 }
 
 impl Body {
@@ -38,6 +41,17 @@ impl Body {
         Body {
             data: (!data.is_empty()).then_some(data),
             charge: None,
+            stream: None,
+        }
+    }
+
+    /// A body that ends when `rx`'s senders are gone; dropping it (the client went
+    /// away) tells the producer.
+    pub fn streaming(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
+        Body {
+            data: None,
+            charge: None,
+            stream: Some(rx),
         }
     }
 
@@ -58,8 +72,13 @@ impl http_body::Body for Body {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(rx) = self.stream.as_mut() {
+            return rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(Frame::data(c))));
+        }
         let chunk = match self.data.as_mut() {
             None => return Poll::Ready(None),
             Some(data) if data.len() > CHUNK => data.split_to(CHUNK),
@@ -74,11 +93,14 @@ impl http_body::Body for Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none()
+        self.data.is_none() && self.stream.is_none()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.len() as u64)
+        match self.stream {
+            Some(_) => http_body::SizeHint::default(),
+            None => http_body::SizeHint::with_exact(self.len() as u64),
+        }
     }
 }
 
@@ -108,10 +130,15 @@ pub fn error_bytes(id: Option<&RawValue>, error: &Error) -> Vec<u8> {
 
 /// The single place a gateway failure becomes an HTTP answer.
 pub fn error(id: Option<&RawValue>, error: &Error) -> HttpResponse {
+    error_with(error_bytes(id, error), error)
+}
+
+/// [`error`] with the error object already written.
+pub fn error_with(bytes: Vec<u8>, error: &Error) -> HttpResponse {
     if error.status().is_server_error() {
         tracing::debug!(kind = error.kind(), "call failed: {error}");
     }
-    let mut resp = json(error.status(), error_bytes(id, error));
+    let mut resp = json(error.status(), bytes);
     if error.status() == StatusCode::SERVICE_UNAVAILABLE {
         // Unavailable for now, not for good: tell well-behaved clients when to retry.
         resp.headers_mut()
@@ -124,6 +151,13 @@ pub fn json(status: StatusCode, body: Vec<u8>) -> HttpResponse {
     let mut resp = Response::new(Body::new(Bytes::from(body)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, JSON);
+    resp
+}
+
+/// A client's answer to the upstream was passed on.
+pub fn accepted() -> HttpResponse {
+    let mut resp = Response::new(Body::default());
+    *resp.status_mut() = StatusCode::ACCEPTED;
     resp
 }
 

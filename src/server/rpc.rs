@@ -13,6 +13,7 @@ use crate::config::{Affinity, BatchMode};
 use crate::dispatch::{self, Outbound, Route, Sent};
 use crate::error::{Busy, Error};
 use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
+use crate::push::Kind;
 use crate::upstream::{Conn, Reply};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
@@ -20,6 +21,7 @@ use http::header::{CONTENT_LENGTH, SET_COOKIE};
 use http::{HeaderValue, Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use serde_json::value::RawValue;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -48,16 +50,12 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
         Ok(own) => own,
         Err(e) => return response::error(None, &e),
     };
-    let via = Via {
-        state,
-        route: route_of(state, session.as_ref(), own.as_ref()),
-        payer: &budgets,
+    let caller = Caller {
+        session: session.as_ref().map(|s| s.key.as_str()),
+        own: own.as_ref(),
+        budgets: &budgets,
     };
-    let mut resp = match jsonrpc::parse_body(&body, http.max_batch_size) {
-        Err(e) => response::error(None, &e),
-        Ok(Body::Single(entry)) => single(entry, &via, deadline).await,
-        Ok(Body::Batch(entries)) => batch(entries, &via, deadline).await,
-    };
+    let mut resp = answer(state, &body, &caller, deadline).await.into_http();
     if let Some(SessionKey {
         key,
         issued: Some(secure),
@@ -172,17 +170,117 @@ fn own_connection(
     }
 }
 
+/// Who sends a body of calls: over HTTP or a WebSocket, the same three things.
+pub(super) struct Caller<'a> {
+    /// The session key, when the client named one (or was given one).
+    pub session: Option<&'a str>,
+    /// The session's own upstream connection (`affinity = "connection"`).
+    pub own: Option<&'a Arc<Conn>>,
+    /// The client connection's budgets, which each call's frame is charged to.
+    pub budgets: &'a Budgets,
+}
+
+/// What a body of calls got, before it is put in an HTTP answer or a WebSocket frame.
+pub(super) enum Answer {
+    /// Only notifications: nothing to say (HTTP 204).
+    Nothing,
+    /// A client's answer to a request from the upstream, passed on (HTTP 202).
+    Accepted,
+    /// One call's reply with the client's id.
+    Reply {
+        bytes: Vec<u8>,
+        upstream: Option<Arc<str>>,
+    },
+    /// A whole request failed: the error object, and the error for the HTTP status.
+    Failed(Vec<u8>, Error),
+    /// A batch's answers, in order.
+    Batch { bytes: Vec<u8>, len: usize },
+}
+
+impl Answer {
+    fn failed(id: Option<&RawValue>, e: Error) -> Answer {
+        Answer::Failed(response::error_bytes(id, &e), e)
+    }
+
+    /// The JSON text to send back, if any (a WebSocket client's frame).
+    pub fn into_text(self) -> Option<Vec<u8>> {
+        match self {
+            Answer::Nothing | Answer::Accepted => None,
+            Answer::Reply { bytes, .. }
+            | Answer::Failed(bytes, _)
+            | Answer::Batch { bytes, .. } => Some(bytes),
+        }
+    }
+
+    fn into_http(self) -> HttpResponse {
+        match self {
+            Answer::Nothing => response::no_content(),
+            Answer::Accepted => response::accepted(),
+            Answer::Reply { bytes, upstream } => {
+                let mut resp = response::json(StatusCode::OK, bytes);
+                if let Some(upstream) = upstream {
+                    resp.extensions_mut().insert(response::AnsweredBy(upstream));
+                }
+                resp
+            }
+            Answer::Failed(bytes, e) => response::error_with(bytes, &e),
+            Answer::Batch { bytes, len } => {
+                let mut resp = match bytes.is_empty() {
+                    true => response::no_content(),
+                    false => response::json(StatusCode::OK, bytes),
+                };
+                resp.extensions_mut().insert(response::BatchLen(len));
+                resp
+            }
+        }
+    }
+}
+
+/// Answers one body of JSON-RPC (a call, a notification, a batch, or a client's
+/// answer to the upstream), from HTTP or from a WebSocket frame.
+pub(super) async fn answer(
+    state: &AppState,
+    body: &[u8],
+    caller: &Caller<'_>,
+    deadline: Instant,
+) -> Answer {
+    let via = Via {
+        state,
+        route: route_of(state, caller.session, caller.own),
+        payer: caller.budgets,
+        session: caller.session,
+    };
+    match jsonrpc::parse_body(body, state.config.http.max_batch_size) {
+        Err(e) => Answer::failed(None, e),
+        Ok(Body::Single(Err(invalid))) => match jsonrpc::parse_answer(body) {
+            Some(id) => match state.hub.answer(caller.session, id, as_text(body)).await {
+                Ok(()) => Answer::Accepted,
+                Err(e) => Answer::failed(Some(id), e),
+            },
+            None => {
+                via.count_invalid();
+                Answer::failed(invalid.id, Error::InvalidRequest(invalid.reason))
+            }
+        },
+        Ok(Body::Single(Ok(call))) => single(call, &via, deadline).await,
+        Ok(Body::Batch(entries)) => batch(entries, &via, deadline).await,
+    }
+}
+
+/// The body as text: `parse_body` accepted it, so it is UTF-8.
+fn as_text(body: &[u8]) -> &str {
+    std::str::from_utf8(body).unwrap_or_default()
+}
+
 /// Where this request's calls go: one value, decided once per request.
 fn route_of<'a>(
     state: &AppState,
-    session: Option<&'a SessionKey>,
+    session: Option<&'a str>,
     own: Option<&'a Arc<Conn>>,
 ) -> Route<'a> {
     match (own, session) {
         (Some(conn), _) => Route::Own(conn),
-        (None, Some(SessionKey { key, .. }))
-            if state.config.sessions.affinity == Affinity::Upstream =>
-        {
+        (None, Some(key)) if state.config.sessions.affinity == Affinity::Upstream => {
             Route::Sticky(key.as_bytes())
         }
         _ => Route::Any,
@@ -195,11 +293,55 @@ struct Via<'a> {
     route: Route<'a>,
     /// The client connection's budgets, which each call's frame is charged to.
     payer: &'a Budgets,
+    /// Whose subscriptions these calls open or close.
+    session: Option<&'a str>,
 }
 
 impl Via<'_> {
     async fn call(&self, call: &Call<'_>, deadline: Instant) -> Result<Reply, Error> {
-        match self.send(Outbound::Call(call), deadline).await? {
+        let hub = &self.state.hub;
+        match hub.kind_of(&call.method_name()) {
+            None => self.plain_call(call, self.route, deadline).await,
+            Some(Kind::Subscribe(rule)) => {
+                let session = hub.may_subscribe(self.session, &call.method_name())?;
+                let reply = self.plain_call(call, self.route, deadline).await?;
+                Ok(hub.subscribed(session, rule, call, reply))
+            }
+            Some(Kind::Unsubscribe(_)) => match hub.unsubscribe_target(self.session, call.params) {
+                // Not one of ours: the upstream may know it.
+                None => self.plain_call(call, self.route, deadline).await,
+                Some((sub, conn, params)) => {
+                    let params = RawValue::from_string(params).map_err(|_| {
+                        Error::Internal("an unsubscribe call could not be rewritten")
+                    })?;
+                    let rewritten = Call {
+                        params: Some(&params),
+                        ..*call
+                    };
+                    let reply = self
+                        .plain_call(&rewritten, Route::Own(&conn), deadline)
+                        .await;
+                    hub.unsubscribed(sub);
+                    reply
+                }
+            },
+        }
+    }
+
+    async fn plain_call(
+        &self,
+        call: &Call<'_>,
+        route: Route<'_>,
+        deadline: Instant,
+    ) -> Result<Reply, Error> {
+        let sent = dispatch::send(
+            &self.state.upstreams,
+            Outbound::Call(call),
+            route,
+            Some(self.payer),
+            deadline,
+        );
+        match sent.await? {
             Sent::Reply(reply) => Ok(reply),
             _ => Err(Error::Internal("a call was answered as if it were not one")),
         }
@@ -224,6 +366,7 @@ impl Via<'_> {
         }
     }
 
+    /// A notification or forwarded batch (calls go through [`Via::call`]).
     async fn send(&self, msg: Outbound<'_>, deadline: Instant) -> Result<Sent, Error> {
         dispatch::send(
             &self.state.upstreams,
@@ -246,28 +389,18 @@ impl Via<'_> {
     }
 }
 
-async fn single(entry: Entry<'_>, via: &Via<'_>, deadline: Instant) -> HttpResponse {
-    let call = match entry {
-        Ok(call) => call,
-        Err(Invalid { id, reason }) => {
-            via.count_invalid();
-            return response::error(id, &Error::InvalidRequest(reason));
-        }
-    };
+async fn single(call: Call<'_>, via: &Via<'_>, deadline: Instant) -> Answer {
     match call.id {
         None => match via.notify(&call, deadline).await {
-            Ok(()) => response::no_content(),
-            Err(e) => response::error(None, &e),
+            Ok(()) => Answer::Nothing,
+            Err(e) => Answer::failed(None, e),
         },
         Some(id) => match via.call(&call, deadline).await {
-            Ok(reply) => {
-                let mut resp = response::json(StatusCode::OK, response::reply_bytes(id, &reply));
-                if let Some(upstream) = reply.upstream {
-                    resp.extensions_mut().insert(response::AnsweredBy(upstream));
-                }
-                resp
-            }
-            Err(e) => response::error(Some(id), &e),
+            Ok(reply) => Answer::Reply {
+                bytes: response::reply_bytes(id, &reply),
+                upstream: reply.upstream,
+            },
+            Err(e) => Answer::failed(Some(id), e),
         },
     }
 }
@@ -275,15 +408,9 @@ async fn single(entry: Entry<'_>, via: &Via<'_>, deadline: Instant) -> HttpRespo
 /// One element's answer inside a batch response; `None` for notifications.
 type Slot = Option<Vec<u8>>;
 
-async fn batch(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> HttpResponse {
+async fn batch(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> Answer {
     let n = entries.len();
     via.state.metrics.batch_size.observe(n as f64);
-    let mut resp = batch_answer(entries, via, deadline).await;
-    resp.extensions_mut().insert(response::BatchLen(n));
-    resp
-}
-
-async fn batch_answer(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> HttpResponse {
     let slots: Vec<Slot> = match via.state.config.http.batch {
         BatchMode::Split => {
             join_all(entries.iter().map(|entry| element(entry, via, deadline))).await
@@ -292,7 +419,10 @@ async fn batch_answer(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant)
     };
     let answered: Vec<Vec<u8>> = slots.into_iter().flatten().collect();
     if answered.is_empty() {
-        return response::no_content();
+        return Answer::Batch {
+            bytes: Vec::new(),
+            len: n,
+        };
     }
     let len = answered.iter().map(|a| a.len() + 1).sum::<usize>() + 1;
     let mut out = Vec::with_capacity(len);
@@ -304,7 +434,7 @@ async fn batch_answer(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant)
         out.extend_from_slice(item);
     }
     out.push(b']');
-    response::json(StatusCode::OK, out)
+    Answer::Batch { bytes: out, len: n }
 }
 
 /// One batch element sent as its own upstream call.

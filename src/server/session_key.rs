@@ -9,7 +9,6 @@ use crate::error::Error;
 use crate::upstream::sessions::{self, MAX_KEY_LEN};
 use http::Request;
 use http::header::COOKIE;
-use hyper::body::Incoming;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// A request's session key.
@@ -22,16 +21,14 @@ pub(super) struct SessionKey {
     pub client: IpAddr,
 }
 
-/// The session key from the configured header or cookie; a new one when
-/// `issue_cookie` is on; none when stickiness is off.
-pub(super) fn session_of(
-    req: &Request<Incoming>,
+/// The session key from the configured header, cookie or `session` query parameter
+/// (a browser's EventSource cannot set headers); a new one when `issue_cookie` is on
+/// and stickiness is too. A key is read whatever the affinity: push sessions need it.
+pub(super) fn session_of<B>(
+    req: &Request<B>,
     state: &AppState,
 ) -> Result<Option<SessionKey>, Error> {
     let cfg = &state.config.sessions;
-    if cfg.affinity == Affinity::None {
-        return Ok(None);
-    }
     let headers = req.headers();
     let from_header = headers
         .get(cfg.header.as_str())
@@ -48,17 +45,22 @@ pub(super) fn session_of(
             .find(|(name, value)| *name == cfg.cookie && !value.is_empty())
             .map(|(_, value)| value)
     };
+    let from_query = query_param(req.uri().query(), "session");
     let client = client_of(req, cfg);
-    match from_header.or_else(from_cookie) {
+    let found = from_header
+        .map(str::to_string)
+        .or_else(|| from_cookie().map(str::to_string))
+        .or(from_query);
+    match found {
         Some(key) if key.len() > MAX_KEY_LEN => {
             Err(Error::InvalidRequest("session key longer than 256 bytes"))
         }
         Some(key) => Ok(Some(SessionKey {
-            key: key.to_string(),
+            key,
             issued: None,
             client,
         })),
-        None if cfg.issue_cookie => Ok(Some(SessionKey {
+        None if cfg.issue_cookie && cfg.affinity != Affinity::None => Ok(Some(SessionKey {
             key: sessions::new_key()?,
             issued: Some(behind_tls(headers)),
             client,
@@ -67,11 +69,37 @@ pub(super) fn session_of(
     }
 }
 
+/// A key made up for a client that brought none (a WebSocket client's own session).
+pub(super) fn new_session<B>(req: &Request<B>, state: &AppState) -> Result<SessionKey, Error> {
+    Ok(SessionKey {
+        key: sessions::new_key()?,
+        issued: None,
+        client: client_of(req, &state.config.sessions),
+    })
+}
+
+/// The percent-decoded value of `name` in a query string.
+pub(super) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    let decode = |text: &str| {
+        let text = text.replace('+', " ");
+        percent_encoding::percent_decode_str(&text)
+            .decode_utf8()
+            .ok()
+            .map(|v| v.into_owned())
+    };
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('=').or(Some((pair, ""))))
+        .find(|(k, _)| decode(k).as_deref() == Some(name))
+        .and_then(|(_, v)| decode(v))
+        .filter(|v| !v.is_empty())
+}
+
 /// The client's address: with `client_ip_header`, the right-most address in it (the
 /// one the proxy in front of us appended; those left of it are the client's own
 /// claims); else, or when that header is missing or garbled, the TCP peer, so a
 /// request without it counts against the proxy rather than against nobody.
-fn client_of(req: &Request<Incoming>, cfg: &SessionConfig) -> IpAddr {
+fn client_of<B>(req: &Request<B>, cfg: &SessionConfig) -> IpAddr {
     let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
     let forwarded = cfg.client_ip_header.as_deref().and_then(|name| {
         let last = req.headers().get_all(name).iter().next_back()?;

@@ -12,7 +12,8 @@
 //! 4. [`Checks`]: the cheap request checks (path, method, content type, declared
 //!    length) before a body byte is read; later, CORS, authentication and rate limits
 //!    go here, each as a layer of its own.
-//! 5. `rpc::handle`: body, parsing, dispatch.
+//! 5. `rpc::handle`: body, parsing, dispatch; or `ws::upgrade` for a WebSocket
+//!    client on the same path, or `events::handle` on the events path.
 
 use super::AppState;
 use super::response::{self, HttpResponse};
@@ -82,7 +83,15 @@ impl Service<Request<Incoming>> for Rpc {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let state = self.state.clone();
-        Box::pin(async move { Ok(super::rpc::handle(req, &state).await) })
+        Box::pin(async move {
+            Ok(if req.uri().path() == state.config.push.events_path {
+                super::events::handle(req, &state).await
+            } else if super::ws::is_upgrade(&req) {
+                super::ws::upgrade(req, &state)
+            } else {
+                super::rpc::handle(req, &state).await
+            })
+        })
     }
 }
 
@@ -111,8 +120,17 @@ impl<S> Checks<S> {
     /// The answer to a request that fails a check, cheapest check first.
     fn refuse<B>(&self, req: &Request<B>) -> Option<HttpResponse> {
         let http = &self.state.config.http;
+        if req.uri().path() == self.state.config.push.events_path {
+            return None; // `events.rs` checks its own requests.
+        }
         if req.uri().path() != http.path {
             return Some(response::error(None, &Error::NotFound(http.path.clone())));
+        }
+        if super::ws::is_upgrade(req) {
+            return match http.websocket {
+                true => None,
+                false => Some(response::error(None, &Error::WebSocketOff)),
+            };
         }
         if req.method() != Method::POST {
             let mut resp = response::error(None, &Error::MethodNotAllowed);

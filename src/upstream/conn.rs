@@ -12,8 +12,8 @@ use crate::metrics::Metrics;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
-use std::sync::{Arc, OnceLock};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use tokio::sync::Notify;
 
 /// Where a connection is in its life; readable without locking.
@@ -308,6 +308,16 @@ impl Conn {
             m.unmatched.with_label_values(&["garbage"]).inc_by(n);
             tracing::debug!(conn = %self.label, "upstream sent a frame that is not JSON-RPC; ignored");
         }
+    }
+
+    /// Counts a pushed message that belongs to nobody.
+    pub fn count_unrouted(&self) {
+        self.signals.unmatched.fetch_add(1, Ordering::Relaxed);
+        self.signals
+            .metrics
+            .unmatched
+            .with_label_values(&["unsolicited"])
+            .inc();
     }
 
     /// Records a successful call to replay after a reconnect.

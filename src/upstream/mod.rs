@@ -28,14 +28,14 @@ mod set;
 mod socket;
 
 pub use backoff::Backoff;
-pub(crate) use conn::{Conn, ConnState, PoolSignals, PreludeCall};
+pub(crate) use conn::{Conn, ConnState, PoolSignals, PreludeCall, PushSink};
 pub use connect::TargetError;
 pub use discovery::{Resolver, SystemResolver};
 pub use mux::{Failure, Reply};
 pub(crate) use mux::{FrameIds, Refused};
 pub(crate) use pending::CallId;
 pub use sessions::Sessions;
-pub use set::{Upstream, Upstreams};
+pub use set::{Upstream, Upstreams, prefix_for};
 
 /// The pending map, for `benches/micro.rs` only: not part of the API.
 #[doc(hidden)]

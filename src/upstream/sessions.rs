@@ -175,6 +175,15 @@ impl Sessions {
         Ok(conn)
     }
 
+    /// Marks session `key` as in use (a stream or socket is reading it), so it is not
+    /// closed as idle.
+    pub fn touch(&self, key: &str) {
+        let now = self.now_ms();
+        if let Some(session) = self.table.lock().sessions.get(key) {
+            session.last_used_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
     /// Closes every session's connection.
     pub fn close(&self) {
         self.shutdown.cancel();

@@ -68,7 +68,12 @@ fn a_reply_nobody_waits_for_is_unsolicited_and_a_non_jsonrpc_frame_is_garbage() 
     let late = format!(r#"{{"jsonrpc":"2.0","id":{id},"result":1}}"#);
     assert_eq!(mux.deliver(&Bytes::from(late)).unsolicited, 1);
     let note = r#"{"jsonrpc":"2.0","method":"tick","params":[1]}"#;
-    assert_eq!(mux.deliver(&Bytes::from(note)).unsolicited, 1);
+    let pushed = mux.deliver(&Bytes::from(note));
+    assert_eq!(
+        (pushed.unsolicited, pushed.pushed.len()),
+        (0, 1),
+        "a notification is pushed"
+    );
     assert_eq!(mux.deliver(&Bytes::from_static(b"\xff\xfe")).garbage, 1);
     assert_eq!(mux.deliver(&Bytes::from_static(b"{}")).garbage, 1);
 }
