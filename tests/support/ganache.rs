@@ -122,6 +122,68 @@ struct Control {
     next_id: u64,
 }
 
+// Each method runs under the one lock on the connection, so `mine` (two calls) and `transact`
+// (four) are not interleaved with another task's: one emit_log, one block of its own.
+impl Control {
+    async fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        with_timeout(self.ws.send(Message::text(request.to_string())))
+            .await
+            .unwrap_or_else(|e| panic!("send {method} to ganache: {e}"));
+        loop {
+            let message = with_timeout(self.ws.next())
+                .await
+                .unwrap_or_else(|| panic!("ganache closed the connection during {method}"))
+                .unwrap_or_else(|e| panic!("read ganache's reply to {method}: {e}"));
+            let text = match message {
+                Message::Text(text) => text.as_str().to_owned(),
+                Message::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+                _ => continue,
+            };
+            let mut reply: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
+                panic!("ganache's reply to {method} is not JSON ({e}): {text}")
+            });
+            // Nothing subscribes on this connection, so nothing else should come; skip it if it does.
+            if reply["id"] != id {
+                continue;
+            }
+            return match reply.get_mut("error") {
+                Some(error) => Err(error.take()),
+                None => Ok(reply["result"].take()),
+            };
+        }
+    }
+
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.try_call(method, params)
+            .await
+            .unwrap_or_else(|e| panic!("ganache {method}: {e}"))
+    }
+
+    async fn block_number(&mut self) -> u64 {
+        parse_quantity(&self.call("eth_blockNumber", json!([])).await)
+    }
+
+    async fn mine(&mut self) -> u64 {
+        assert_eq!(self.call("evm_mine", json!([])).await, "0x0");
+        self.block_number().await
+    }
+
+    /// `eth_sendTransaction`, `evm_mine`, then the receipt, which must say it succeeded.
+    async fn transact(&mut self, tx: Value) -> Value {
+        let hash = self.call("eth_sendTransaction", json!([tx])).await;
+        self.mine().await;
+        let receipt = self.call("eth_getTransactionReceipt", json!([hash])).await;
+        assert_eq!(
+            receipt["status"], "0x1",
+            "transaction {tx} failed: {receipt}"
+        );
+        receipt
+    }
+}
+
 /// A ganache process on 127.0.0.1; killed when dropped. See the module docs.
 pub struct Ganache {
     child: Child,
@@ -189,17 +251,17 @@ impl Ganache {
     }
 
     async fn prepare(&mut self) {
-        let block = self.call("eth_blockNumber", json!([])).await;
+        let control = self.control.get_mut();
+        let block = control.call("eth_blockNumber", json!([])).await;
         assert_eq!(block, "0x0", "a new ganache chain starts at block 0");
-        assert_eq!(self.call("miner_stop", json!([])).await, true);
-        let accounts = self.call("eth_accounts", json!([])).await;
+        assert_eq!(control.call("miner_stop", json!([])).await, true);
+        let accounts = control.call("eth_accounts", json!([])).await;
         self.account = accounts[0]
             .as_str()
             .unwrap_or_else(|| panic!("eth_accounts: {accounts}"))
             .to_owned();
-        let receipt = self
-            .transact(json!({"from": self.account, "data": LOG_CONTRACT_INIT_CODE}))
-            .await;
+        let deploy = json!({"from": self.account, "data": LOG_CONTRACT_INIT_CODE});
+        let receipt = control.transact(deploy).await;
         self.log_contract = receipt["contractAddress"]
             .as_str()
             .unwrap_or_else(|| panic!("no contractAddress in {receipt}"))
@@ -235,70 +297,34 @@ impl Ganache {
     /// Calls `method` over the harness's own connection; its result, or `Err` with the error
     /// object.
     pub async fn try_call(&self, method: &str, params: Value) -> Result<Value, Value> {
-        let mut control = self.control.lock().await;
-        let id = control.next_id;
-        control.next_id += 1;
-        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        with_timeout(control.ws.send(Message::text(request.to_string())))
-            .await
-            .unwrap_or_else(|e| panic!("send {method} to ganache: {e}"));
-        loop {
-            let message = with_timeout(control.ws.next())
-                .await
-                .unwrap_or_else(|| panic!("ganache closed the connection during {method}"))
-                .unwrap_or_else(|e| panic!("read ganache's reply to {method}: {e}"));
-            let text = match message {
-                Message::Text(text) => text.as_str().to_owned(),
-                Message::Binary(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
-                _ => continue,
-            };
-            let mut reply: Value = serde_json::from_str(&text).unwrap_or_else(|e| {
-                panic!("ganache's reply to {method} is not JSON ({e}): {text}")
-            });
-            // Nothing subscribes on this connection, so nothing else should come; skip it if it does.
-            if reply["id"] != id {
-                continue;
-            }
-            return match reply.get_mut("error") {
-                Some(error) => Err(error.take()),
-                None => Ok(reply["result"].take()),
-            };
-        }
+        self.control.lock().await.try_call(method, params).await
     }
 
     /// [`Self::try_call`], panicking on an error reply.
     pub async fn call(&self, method: &str, params: Value) -> Value {
-        self.try_call(method, params)
-            .await
-            .unwrap_or_else(|e| panic!("ganache {method}: {e}"))
+        self.control.lock().await.call(method, params).await
     }
 
     /// The current block number (`eth_blockNumber`).
     pub async fn block_number(&self) -> u64 {
-        let n = self.call("eth_blockNumber", json!([])).await;
-        parse_quantity(&n)
+        self.control.lock().await.block_number().await
     }
 
     /// Mines one block (`evm_mine`, with any pending transactions) and returns its number. The
     /// `newHeads` notifications for it may arrive after this returns: wait for them.
     pub async fn mine(&self) -> u64 {
-        assert_eq!(self.call("evm_mine", json!([])).await, "0x0");
-        self.block_number().await
+        self.control.lock().await.mine().await
     }
 
     /// Sends a transaction from [`Self::account`] to the log contract and mines it: one log with
-    /// `topics == [topic]` and `data == data` from [`Self::log_contract`], in a new block (so
-    /// `newHeads` subscribers see a block too). Returns the log as the receipt reports it.
+    /// `topics == [topic]` and `data == data` from [`Self::log_contract`], in a new block of its
+    /// own (so `newHeads` subscribers see a block too). Returns the log as the receipt reports
+    /// it; its `logs` notification may arrive after this returns.
     pub async fn emit_log(&self, topic: [u8; 32], data: &[u8]) -> EmittedLog {
         let mut calldata = topic.to_vec();
         calldata.extend_from_slice(data);
-        let receipt = self
-            .transact(json!({
-                "from": self.account,
-                "to": self.log_contract,
-                "data": hex(&calldata),
-            }))
-            .await;
+        let tx = json!({"from": self.account, "to": self.log_contract, "data": hex(&calldata)});
+        let receipt = self.control.lock().await.transact(tx).await;
         let logs = receipt["logs"].as_array().cloned().unwrap_or_default();
         assert_eq!(logs.len(), 1, "one log expected in {receipt}");
         EmittedLog {
@@ -309,18 +335,6 @@ impl Ganache {
                 .to_owned(),
             log: logs.into_iter().next().expect("one log"),
         }
-    }
-
-    /// `eth_sendTransaction`, `evm_mine`, then the receipt, which must say it succeeded.
-    async fn transact(&self, tx: Value) -> Value {
-        let hash = self.call("eth_sendTransaction", json!([tx])).await;
-        self.mine().await;
-        let receipt = self.call("eth_getTransactionReceipt", json!([hash])).await;
-        assert_eq!(
-            receipt["status"], "0x1",
-            "transaction {tx} failed: {receipt}"
-        );
-        receipt
     }
 
     /// Kills ganache now (a dying upstream); dropping the [`Ganache`] does the same.
