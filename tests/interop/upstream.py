@@ -27,6 +27,30 @@ Methods (same as src/echo.rs, plus `close`):
             then replies true
     close   replies true, then closes the connection with code 1000
 
+Methods that push (same formats as the Rust demo backend). Whatever a method sends
+besides its reply goes out after the reply (after the whole batch's reply array when
+it came in a batch), and also when the call was a notification:
+    notify_me          params: [value]; replies true, then sends
+                       {"jsonrpc":"2.0","method":"notice","params":[value]}
+    ticks_subscribe    params: [interval_ms], an integer 1..=60000; replies a new
+                       subscription id (a string unique on this connection: "ticks-1",
+                       "ticks-2", ...), then every interval_ms sends
+                       {"jsonrpc":"2.0","method":"ticks","params":{"subscription":id,"result":n}}
+                       with n = 1, 2, 3, ... until unsubscribed or the connection closes
+    ticks_unsubscribe  params: [id]; replies true if that subscription was running on
+                       this connection (no tick for it follows the reply), else false
+    ask                params: [question]; sends the client a request of its own,
+                       {"jsonrpc":"2.0","id":"ask-N","method":"confirm","params":[question]}
+                       (N = 1, 2, ... per connection), waits as long as it takes for the
+                       client's response with that id, then replies
+                       {"question":question,"answer":<the client's result>}, or, if the
+                       client answered with an error, the error
+                       {"code":-32001,"message":"the client refused to confirm","data":<the
+                       client's error object>}
+A response from the client (an object with an id, a result or an error and no method)
+whose id is an outstanding "ask-N" answers that ask and gets no reply; any other such
+object is an invalid request, as before.
+
 Requires websockets >= 13 (the `websockets.asyncio` API); tested with 15 and 17.
 """
 
@@ -39,7 +63,7 @@ import os
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 try:
     from websockets.asyncio.server import ServerConnection, serve
@@ -53,8 +77,10 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 REQUESTED_FAILURE = -32000
+CLIENT_REFUSED = -32001
 
 MAX_SLEEP_MS = 60_000
+MAX_TICK_INTERVAL_MS = 60_000
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 # tungstenite's default; websockets' own 1 MiB default would reject large calls the
 # gateway is allowed to forward, and the interop tests should fail on the gateway,
@@ -123,6 +149,26 @@ def sleep_ms(params: Any) -> int | None:
     return min(ms, MAX_SLEEP_MS)
 
 
+def single_param(params: Any) -> Any:
+    """The one element of a one-element params array, else MISSING."""
+    if not isinstance(params, list) or len(params) != 1:
+        return MISSING
+    return params[0]
+
+
+def tick_interval_ms(params: Any) -> int | None:
+    ms = single_param(params)
+    if not isinstance(ms, int) or isinstance(ms, bool) or not 1 <= ms <= MAX_TICK_INTERVAL_MS:
+        return None
+    return ms
+
+
+def is_response(request: dict[str, Any]) -> bool:
+    """A response object (what a client sends back for our `confirm`), not a request."""
+    has_outcome = "result" in request or "error" in request
+    return "method" not in request and "id" in request and has_outcome
+
+
 class Effects:
     """What the calls in one WebSocket message asked for besides their replies."""
 
@@ -130,17 +176,85 @@ class Effects:
         # Set by `close`. Per message, not per connection: the connection must close
         # after *this* message's reply, not after whichever reply happens to come next.
         self.close = False
+        # What pushes after this message's reply, in call order (notify_me's notice,
+        # the start of a ticks subscription).
+        self.after_reply: list[Callable[[], Awaitable[None]]] = []
 
 
 class Connection:
     def __init__(self, ws: ServerConnection, name: str) -> None:
         self.ws = ws
         self.name = name
+        # ticks subscription id -> the task sending its ticks (None until it starts)
+        self.subscriptions: dict[str, asyncio.Task[None] | None] = {}
+        self.subscription_count = 0
+        # "ask-N" -> the future the client's response resolves
+        self.asks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.ask_count = 0
+
+    def close_pushes(self) -> None:
+        """Stops every subscription and outstanding ask (the connection is gone)."""
+        for task in self.subscriptions.values():
+            if task is not None:
+                task.cancel()
+        self.subscriptions.clear()
+        for future in self.asks.values():
+            future.cancel()
+        self.asks.clear()
+
+    async def ticks(self, sub_id: str, interval_ms: int) -> None:
+        n = 0
+        try:
+            while True:
+                await asyncio.sleep(interval_ms / 1000)
+                n += 1
+                await self.ws.send(
+                    encode(
+                        {
+                            "jsonrpc": "2.0",
+                            "method": "ticks",
+                            "params": {"subscription": sub_id, "result": n},
+                        }
+                    )
+                )
+        except ConnectionClosed:
+            pass
+        finally:
+            if self.subscriptions.get(sub_id) is asyncio.current_task():
+                del self.subscriptions[sub_id]
+
+    def start_ticks(self, sub_id: str, interval_ms: int) -> Callable[[], Awaitable[None]]:
+        async def start() -> None:
+            # Not there if it was unsubscribed (or the connection closed) before it started.
+            if sub_id in self.subscriptions:
+                self.subscriptions[sub_id] = asyncio.create_task(self.ticks(sub_id, interval_ms))
+
+        return start
+
+    async def ask(self, question: Any) -> dict[str, Any]:
+        """Sends the client `confirm` and waits for its response object."""
+        self.ask_count += 1
+        ask_id = f"ask-{self.ask_count}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.asks[ask_id] = future
+        try:
+            await self.ws.send(
+                encode({"jsonrpc": "2.0", "id": ask_id, "method": "confirm", "params": [question]})
+            )
+            return await future
+        finally:
+            self.asks.pop(ask_id, None)
 
     async def call(self, request: Any, effects: Effects) -> dict[str, Any] | None:
         """Runs one request object; returns its reply, or None for a notification."""
         if not isinstance(request, dict):
             return error(None, INVALID_REQUEST, "invalid request: expected an object")
+        if is_response(request) and isinstance(request["id"], str):
+            future = self.asks.get(request["id"])
+            if future is not None:
+                if not future.done():
+                    future.set_result(request)
+                return None
         id_ = request.get("id", MISSING)
         if id_ is not MISSING and not valid_id(id_):
             return error(None, INVALID_REQUEST, "invalid request: bad id")
@@ -185,6 +299,54 @@ class Connection:
         elif method == "close":
             effects.close = True
             reply = result(reply_id, True)
+        elif method == "notify_me":
+            value = single_param(params)
+            if value is MISSING:
+                reply = error(reply_id, INVALID_PARAMS, "invalid params: notify_me expects [value]")
+            else:
+                notice = encode({"jsonrpc": "2.0", "method": "notice", "params": [value]})
+                effects.after_reply.append(lambda: self.ws.send(notice))
+                reply = result(reply_id, True)
+        elif method == "ticks_subscribe":
+            interval = tick_interval_ms(params)
+            if interval is None:
+                reply = error(
+                    reply_id,
+                    INVALID_PARAMS,
+                    "invalid params: ticks_subscribe expects [interval_ms], 1 to 60000",
+                )
+            else:
+                self.subscription_count += 1
+                sub_id = f"ticks-{self.subscription_count}"
+                # Reserved now so an unsubscribe in the same batch finds it; the task
+                # starts only once the reply carrying the id has been sent.
+                self.subscriptions[sub_id] = None
+                effects.after_reply.append(self.start_ticks(sub_id, interval))
+                reply = result(reply_id, sub_id)
+        elif method == "ticks_unsubscribe":
+            sub_id = single_param(params)
+            if sub_id is MISSING:
+                reply = error(
+                    reply_id, INVALID_PARAMS, "invalid params: ticks_unsubscribe expects [id]"
+                )
+            else:
+                running = isinstance(sub_id, str) and sub_id in self.subscriptions
+                task = self.subscriptions.pop(sub_id) if running else None
+                if task is not None:
+                    task.cancel()
+                reply = result(reply_id, running)
+        elif method == "ask":
+            question = single_param(params)
+            if question is MISSING:
+                reply = error(reply_id, INVALID_PARAMS, "invalid params: ask expects [question]")
+            else:
+                response = await self.ask(question)
+                if "error" in response:
+                    reply = error(
+                        reply_id, CLIENT_REFUSED, "the client refused to confirm", response["error"]
+                    )
+                else:
+                    reply = result(reply_id, {"question": question, "answer": response["result"]})
         else:
             reply = error(reply_id, METHOD_NOT_FOUND, "method not found")
         return None if id_ is MISSING else reply
@@ -210,6 +372,8 @@ class Connection:
                 reply = await self.call(parsed, effects)
         if reply is not None:
             await self.ws.send(encode(reply))
+        for push in effects.after_reply:
+            await push()
         if effects.close:
             await self.ws.close(1000, "closed on request")
 
@@ -239,6 +403,7 @@ async def handler(ws: ServerConnection, name: str) -> None:
         # may be among them; websockets shields the handshake from cancellation.
         for task in pending:
             task.cancel()
+        conn.close_pushes()
 
 
 def watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

@@ -6,6 +6,8 @@
 //! - `admin`: `/metrics` samples and `eventually`, for tests that watch the admin listener.
 //! - `fake_upstream`: [`FakeUpstream`], a real WebSocket server whose every frame is handed to the
 //!   test, so the test decides when and how the upstream answers.
+//! - `ganache`: [`ganache::Ganache`], a real Ethereum node (npm `ganache`) for `eth_subscribe`
+//!   pushes; `.ci/run` installs it.
 //! - `gateway`: `start_gateway()`, the real gateway in-process on port 0.
 //! - `http`: clients that reach the gateway over real TCP: one-shot [`post`]/[`request`], keep-alive
 //!   [`Client`] and [`H2Client`], and [`RawTcp`] for byte-level (slow or malformed) clients.
@@ -14,6 +16,7 @@
 
 pub mod admin;
 pub mod fake_upstream;
+pub mod ganache;
 pub mod gateway;
 pub mod http;
 
