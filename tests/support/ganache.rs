@@ -198,8 +198,8 @@ impl Ganache {
     /// has stopped its miner and has deployed the log contract (block 1). Panics, naming `.ci/run`,
     /// if `RPCGATE_GANACHE` is not set or does not lead to ganache [`GANACHE_VERSION`].
     pub async fn start() -> Ganache {
-        let package =
-            ganache_package(std::env::var_os(GANACHE_ENV)).unwrap_or_else(|e| panic!("{e}"));
+        let package = ganache_package(std::env::var_os(GANACHE_ENV).or_else(installed_by_ci))
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut child = Command::new("node")
             .args(["-e", LAUNCHER])
             .env("RPCGATE_GANACHE_PACKAGE", &package)
@@ -345,6 +345,14 @@ impl Ganache {
 
 /// The ganache package directory (the one holding its package.json) from the value of
 /// `RPCGATE_GANACHE`, the path of its bin script; `Err` says what is wrong and how to fix it.
+/// Where `.ci/run` installs ganache, when that has been run once: `cargo test` then
+/// finds it without the variable.
+fn installed_by_ci() -> Option<std::ffi::OsString> {
+    let bin =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ganache/node_modules/.bin/ganache");
+    bin.exists().then(|| bin.into_os_string())
+}
+
 pub fn ganache_package(bin: Option<std::ffi::OsString>) -> Result<PathBuf, String> {
     let install = format!(
         "`.ci/run` installs ganache {GANACHE_VERSION} and exports {GANACHE_ENV}; without running all \
