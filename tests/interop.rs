@@ -301,3 +301,58 @@ async fn killed_upstream_answers_in_flight_calls_502() {
     let v: Value = resp.json();
     assert_eq!(v["error"]["code"], -32080);
 }
+
+/// A session with its own socket to the Python upstream: what that socket pushes
+/// (a notification, a request to the client, subscription ticks) reaches the session's
+/// long-poll, and the client's answer posted over HTTP reaches the upstream.
+#[tokio::test]
+async fn pushes_and_requests_to_the_client_reach_an_http_session() {
+    use http::Method;
+    use support::http::{JSON, request};
+    let py = PyUpstream::start("py-push").await;
+    let mut config = config_for(std::slice::from_ref(&py.url), 1);
+    config.sessions.affinity = rpcgate::config::Affinity::Connection;
+    let gw = start_gateway(config).await;
+    gw.wait_open(1).await;
+    let addr = gw.addr;
+    let call = move |body: Value| async move {
+        let headers = [JSON, ("rpcgate-session", "py-s1")];
+        request(addr, Method::POST, "/", &headers, body.to_string()).await
+    };
+    let poll = move |after: u64| async move {
+        let path = format!("/events?session=py-s1&after={after}&wait=5");
+        request(addr, Method::GET, &path, &[], "").await
+    };
+
+    let v = call(json!({"jsonrpc":"2.0","id":1,"method":"notify_me","params":[{"n":1.50}]}))
+        .await
+        .json();
+    assert_eq!(v["result"], true, "{v}");
+    let events = poll(0).await.json();
+    assert_eq!(events[0]["id"], 1, "{events}");
+    assert_eq!(
+        events[0]["message"],
+        json!({"jsonrpc":"2.0","method":"notice","params":[{"n":1.50}]})
+    );
+
+    // The upstream asks the client; the call that made it ask waits for the answer.
+    let ask = tokio::spawn(call(
+        json!({"jsonrpc":"2.0","id":2,"method":"ask","params":["sure?"]}),
+    ));
+    let events = poll(1).await.json();
+    let question = &events[0]["message"];
+    assert_eq!(question["method"], "confirm", "{events}");
+    let answer = json!({"jsonrpc":"2.0","id":question["id"],"result":"yes"});
+    let accepted = call(answer.clone()).await;
+    assert_eq!(accepted.status, StatusCode::ACCEPTED, "{}", accepted.text());
+    let asked = with_timeout(ask).await.expect("ask call").json();
+    assert_eq!(
+        asked["result"],
+        json!({"question":"sure?","answer":"yes"}),
+        "{asked}"
+    );
+    // Answered once: the same answer again is for nobody.
+    let again = call(answer).await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    assert_eq!(again.json()["error"]["code"], -32096);
+}
