@@ -44,6 +44,9 @@ use tokio_util::sync::CancellationToken;
 
 /// The error rpcgate answers an upstream's request with when no client did in time.
 pub const NO_ANSWER_CODE: i32 = -32098;
+/// Requests to clients waiting for an answer, over all sessions, at most: an upstream
+/// that floods them gets the rest answered at once, never a table without bound.
+const MAX_ASKS: usize = 65_536;
 
 /// What a call's method does to subscriptions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,9 +424,17 @@ impl Hub {
     /// Remembers a request to the client, answering it ourselves if nobody does in time.
     fn expect_answer(&self, session: Arc<str>, id: String, conn: Arc<Conn>) {
         let key = (session, id);
-        self.asks.lock().insert(key.clone(), Ask { conn });
+        let timeout = {
+            let mut asks = self.asks.lock();
+            let full = asks.len() >= MAX_ASKS;
+            asks.insert(key.clone(), Ask { conn });
+            if full {
+                Duration::ZERO
+            } else {
+                self.request_timeout
+            }
+        };
         let hub = self.me.clone();
-        let timeout = self.request_timeout;
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
             tokio::select! {
