@@ -210,6 +210,9 @@ async fn serve(ws: Socket, state: Arc<AppState>, client: Client) {
         }
     };
 
+    // A client that stops reading blocks our writes; past `http.write_timeout` it is
+    // dropped, as an HTTP client would be, releasing what was queued for it.
+    let stall = state.config.http.write_timeout;
     let writer = async {
         let mut cursor = client.after.or(Some(push.delivered()));
         let mut ping =
@@ -219,7 +222,7 @@ async fn serve(ws: Socket, state: Arc<AppState>, client: Client) {
                 answer = rx.recv() => {
                     let Some((text, _held)) = answer else { return };
                     let text = String::from_utf8(text).unwrap_or_default();
-                    if sink.send(Message::text(text)).await.is_err() {
+                    if failed(stall, sink.send(Message::text(text))).await {
                         return;
                     }
                 }
@@ -227,14 +230,16 @@ async fn serve(ws: Socket, state: Arc<AppState>, client: Client) {
                     let read = match read {
                         Ok(read) => read,
                         Err(Stopped::Replaced) => {
-                            let _ = sink.send(close(CloseCode::Policy, "another stream or socket took this session over")).await;
+                            failed(stall, sink.send(close(CloseCode::Policy, "another stream or socket took this session over"))).await;
                             return;
                         }
                         Err(Stopped::Closed) => return,
                     };
                     let mut n = 0;
-                    if let Some(missed) = read.missed {
-                        let _ = sink.feed(Message::text(gap_frame("buffer_overflow", Some(missed)))).await;
+                    if let Some(missed) = read.missed
+                        && failed(stall, sink.feed(Message::text(gap_frame("buffer_overflow", Some(missed))))).await
+                    {
+                        return;
                     }
                     for item in &read.items {
                         let frame = match &item.event {
@@ -244,11 +249,11 @@ async fn serve(ws: Socket, state: Arc<AppState>, client: Client) {
                             }
                             Event::Gap { reason, missed } => Message::text(gap_frame(reason, *missed)),
                         };
-                        if sink.feed(frame).await.is_err() {
+                        if failed(stall, sink.feed(frame)).await {
                             return;
                         }
                     }
-                    if sink.flush().await.is_err() {
+                    if failed(stall, sink.flush()).await {
                         return;
                     }
                     if let Some(last) = read.items.last() {
@@ -264,7 +269,7 @@ async fn serve(ws: Socket, state: Arc<AppState>, client: Client) {
                     }
                     if sent == 0 {
                         ping_sent.store(ms(), Ordering::Release);
-                        if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                        if failed(stall, sink.send(Message::Ping(Bytes::new()))).await {
                             return;
                         }
                     }
@@ -273,7 +278,7 @@ async fn serve(ws: Socket, state: Arc<AppState>, client: Client) {
                     }
                 }
                 _ = state.closing.cancelled() => {
-                    let _ = sink.send(close(CloseCode::Away, "rpcgate shutting down")).await;
+                    failed(stall, sink.send(close(CloseCode::Away, "rpcgate shutting down"))).await;
                     return;
                 }
             }
@@ -288,6 +293,11 @@ async fn serve(ws: Socket, state: Arc<AppState>, client: Client) {
     if !client.named {
         state.hub.end_now(&key);
     }
+}
+
+/// Whether a write failed or made no progress within `limit`.
+async fn failed<E>(limit: std::time::Duration, write: impl Future<Output = Result<(), E>>) -> bool {
+    !matches!(tokio::time::timeout(limit, write).await, Ok(Ok(())))
 }
 
 fn close(code: CloseCode, reason: &str) -> Message {
