@@ -39,6 +39,18 @@ const H2_MAX_WINDOW: usize = (1 << 31) - 1;
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddr(pub SocketAddr);
 
+/// A connection's place among `max_connections`, which a WebSocket client takes over
+/// when its connection is upgraded: hyper is then done with it, but the socket stays.
+#[derive(Clone)]
+pub struct Place(Arc<parking_lot::Mutex<Option<Open>>>);
+
+impl Place {
+    /// Takes the place, to be held for as long as the upgraded socket lives.
+    pub fn take(&self) -> Option<impl Send + 'static> {
+        self.0.lock().take()
+    }
+}
+
 /// Holds one of the `max_connections` places while its connection is served.
 struct Open {
     _permit: OwnedSemaphorePermit,
@@ -165,8 +177,9 @@ pub(super) async fn serve(
         connections.spawn(async move {
             match seat {
                 Seat::Served(open) => {
-                    serve_connection(stream, peer, state, &builder, shutdown).await;
-                    drop(open);
+                    let place = Place(Arc::new(parking_lot::Mutex::new(Some(open))));
+                    serve_connection(stream, peer, state, &builder, shutdown, place.clone()).await;
+                    drop(place);
                 }
                 Seat::Refused(permit) => {
                     state.metrics.http_connections_refused.inc();
@@ -233,6 +246,7 @@ async fn serve_connection(
     state: Arc<AppState>,
     builder: &auto::Builder<TokioExecutor>,
     shutdown: CancellationToken,
+    place: Place,
 ) {
     let _ = stream.set_nodelay(true);
     let activity = Activity::new();
@@ -250,6 +264,7 @@ async fn serve_connection(
         hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(budgets.clone());
             req.extensions_mut().insert(ClientAddr(peer));
+            req.extensions_mut().insert(place.clone());
             // A request in progress holds off the idle timeout (see `watch`).
             let guard = activity.request_started();
             let mut stack = stack.clone();

@@ -82,6 +82,11 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> HttpRespons
         None => state.connection_budgets(),
     };
     let session_header = HeaderValue::from_str(&session.key).ok();
+    // The socket keeps its connection's place among `http.max_connections`.
+    let place = req
+        .extensions()
+        .get::<super::listener::Place>()
+        .and_then(|p| p.take());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let socket_state = state.clone();
     tokio::spawn(async move {
@@ -108,6 +113,7 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> HttpRespons
                     },
                 )
                 .await;
+                drop(place);
             }
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
