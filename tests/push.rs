@@ -1267,3 +1267,120 @@ async fn an_own_socket_subscription_survives_an_upstream_restart() {
         1.0
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Batches, readers taking over, limits on sessions
+// ---------------------------------------------------------------------------------------
+
+/// A batch of two subscribe calls for `session` (`None`: no session); the answers by id.
+async fn batch_subscribe(addr: SocketAddr, session: Option<&str>) -> Vec<Value> {
+    let body = json!([
+        {"jsonrpc": "2.0", "id": "s1", "method": "ticks_subscribe", "params": [20]},
+        {"jsonrpc": "2.0", "id": "s2", "method": "ticks_subscribe", "params": [20]},
+    ])
+    .to_string();
+    let resp = post_as(addr, session, body).await;
+    match resp.json() {
+        Value::Array(items) => items,
+        other => panic!("a batch answer is not an array: {other}"),
+    }
+}
+
+async fn subscriptions_in_a_batch(mode: rpcgate::config::BatchMode) {
+    let echo = Echo::start("a").await;
+    let mut config = push_config(std::slice::from_ref(&echo.url), 1);
+    config.http.batch = mode;
+    let gw = gateway_with(config, 1).await;
+
+    let refused = batch_subscribe(gw.addr, None).await;
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for item in &refused {
+        assert_eq!(error_code(item), -32088, "{refused:?}");
+    }
+
+    let mut sse = stream_of(gw.addr, "b").await;
+    let answers = batch_subscribe(gw.addr, Some("b")).await;
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(answers[0]["id"], "s1", "{answers:?}");
+    assert_eq!(answers[1]["id"], "s2", "{answers:?}");
+    let subs: HashSet<String> = answers
+        .iter()
+        .map(|a| a["result"].as_str().expect("a subscription id").to_string())
+        .collect();
+    assert_eq!(subs.len(), 2);
+    assert_eq!(metric(gw.admin, "rpcgate_push_subscriptions").await, 2.0);
+    let mut seen = HashSet::new();
+    while seen.len() < 2 {
+        let message = sse.event().await.json();
+        let of = message["params"]["subscription"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(subs.contains(&of), "{message}");
+        seen.insert(of);
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_in_a_split_batch_are_the_sessions() {
+    subscriptions_in_a_batch(rpcgate::config::BatchMode::Split).await;
+}
+
+#[tokio::test]
+async fn a_named_websocket_session_resumes_where_it_was() {
+    let echo = Echo::start("a").await;
+    let gw = gateway_with(push_config(std::slice::from_ref(&echo.url), 1), 1).await;
+    let (mut ws, _) = ws_connect(gw.addr, "/?session=back", &[]).await;
+    let sub = subscribe(gw.addr, "back", 20).await;
+    let mut last = 0;
+    for n in 1..=3 {
+        last = tick_of(&ws_next(&mut ws).await, &sub);
+        assert_eq!(last, n);
+    }
+    with_timeout(ws.close(None)).await.ok();
+    drop(ws);
+    let (mut again, _) = ws_connect(gw.addr, "/?session=back", &[]).await;
+    assert_eq!(tick_of(&ws_next(&mut again).await, &sub), last + 1);
+    drop(again);
+    // `?after=` asks for an earlier point.
+    let (mut replay, _) = ws_connect(gw.addr, "/?session=back&after=1", &[]).await;
+    assert_eq!(tick_of(&ws_next(&mut replay).await, &sub), 2);
+}
+
+#[tokio::test]
+async fn a_waiting_long_poll_ends_when_another_reader_takes_the_session() {
+    let echo = Echo::start("a").await;
+    let mut config = push_config(std::slice::from_ref(&echo.url), 1);
+    config.push.max_poll_wait = Duration::from_secs(600);
+    let gw = gateway_with(config, 1).await;
+    let addr = gw.addr;
+    let poll = tokio::spawn(async move { long_poll(addr, "lp", "wait=600").await });
+    eventually(async || metric(gw.admin, "rpcgate_push_streams").await == 1.0).await;
+    let _sse = stream_of(gw.addr, "lp").await;
+    let items = with_timeout(poll).await.expect("long-poll task");
+    assert_eq!(items, Vec::<Value>::new());
+}
+
+#[tokio::test]
+async fn push_sessions_are_limited() {
+    let echo = Echo::start("a").await;
+    let mut config = push_config(std::slice::from_ref(&echo.url), 1);
+    config.push.max_sessions = 1;
+    let gw = gateway_with(config, 1).await;
+    let _one = stream_of(gw.addr, "one").await;
+    let resp = request(gw.addr, Method::GET, "/events?session=two&wait=0", &[], "").await;
+    assert_eq!(
+        resp.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "body: {}",
+        resp.text()
+    );
+    assert_eq!(error_code(&resp.json()), -32095, "{}", resp.text());
+    let resp = post_as(
+        gw.addr,
+        Some("two"),
+        call_body(1, "ticks_subscribe", json!([20])),
+    )
+    .await;
+    assert_eq!(error_code(&resp.json()), -32095, "{}", resp.text());
+}
