@@ -1384,3 +1384,111 @@ async fn push_sessions_are_limited() {
     .await;
     assert_eq!(error_code(&resp.json()), -32095, "{}", resp.text());
 }
+
+// ---------------------------------------------------------------------------------------
+// Gaps on WebSocket clients, unsubscribing while the upstream is away
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_websocket_client_hears_of_gaps_as_notifications() {
+    let first = Echo::start("first").await;
+    let second_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second_url = format!("ws://{}", second_listener.local_addr().unwrap());
+    let mut config = push_config(&[first.url.clone(), second_url], 1);
+    config.push.buffer = 4;
+    let gw = gateway_with(config, 1).await;
+
+    // A full buffer before the socket came: a gap first.
+    let sub = subscribe(gw.addr, "wsgap", 10).await;
+    eventually(async || {
+        metric(
+            gw.admin,
+            "rpcgate_pushed_messages_total{outcome=\"dropped\"}",
+        )
+        .await
+            >= 2.0
+    })
+    .await;
+    let (mut ws, _) = ws_connect(gw.addr, "/?session=wsgap&after=0", &[]).await;
+    let gap = ws_next(&mut ws).await;
+    assert_eq!(gap["jsonrpc"], "2.0", "{gap}");
+    assert_eq!(gap["method"], "rpcgate.gap", "{gap}");
+    assert_eq!(gap["params"]["reason"], "buffer_overflow", "{gap}");
+    assert!(gap["params"]["missed"].as_u64().unwrap() >= 2, "{gap}");
+    assert!(gap.get("id").is_none(), "a gap is a notification: {gap}");
+    tick_of(&ws_next(&mut ws).await, &sub);
+
+    // The upstream holding the subscription dies: a gap, then ticks under the same id.
+    let second = Echo::serve(second_listener, "second");
+    gw.wait_open(2).await;
+    first.kill().await;
+    loop {
+        let frame = ws_next(&mut ws).await;
+        if frame["method"] == "rpcgate.gap" {
+            assert_eq!(
+                frame["params"],
+                json!({"reason": "upstream_reconnected", "missed": null}),
+                "{frame}"
+            );
+            break;
+        }
+        tick_of(&frame, &sub);
+    }
+    let a = tick_of(&ws_next(&mut ws).await, &sub);
+    assert_eq!(tick_of(&ws_next(&mut ws).await, &sub), a + 1);
+    drop(second);
+}
+
+#[tokio::test]
+async fn unsubscribing_while_the_upstream_is_away_ends_the_subscription() {
+    let echo = Echo::start("a").await;
+    let addr = echo.url.trim_start_matches("ws://").to_string();
+    let mut config = push_config(std::slice::from_ref(&echo.url), 1);
+    // The unsubscribe call waits this long for a connection that is not coming.
+    config.calls.connect_wait = Duration::from_millis(200);
+    let gw = gateway_with(config, 1).await;
+    let mut sse = stream_of(gw.addr, "gone").await;
+    let sub = subscribe(gw.addr, "gone", 20).await;
+    tick_of(&sse.event().await.json(), &sub);
+    echo.kill().await;
+    eventually(async || gw.upstreams.open_connections() == 0).await;
+
+    let resp = post_as(
+        gw.addr,
+        Some("gone"),
+        call_body(2, "ticks_unsubscribe", json!([sub])),
+    )
+    .await;
+    // The call could not reach the upstream (see the report: the client is told so though
+    // the subscription is gone), but rpcgate forgets it either way.
+    assert_eq!(resp.json()["id"], 2, "{}", resp.text());
+    assert_eq!(metric(gw.admin, "rpcgate_push_subscriptions").await, 0.0);
+
+    let listener = TcpListener::bind(&addr)
+        .await
+        .expect("rebind the same port");
+    let _again = Echo::serve(listener, "a");
+    gw.wait_open(1).await;
+    // Another session's subscription ticks; the ended one is not opened again.
+    let mut other = stream_of(gw.addr, "other").await;
+    let fresh = subscribe(gw.addr, "other", 20).await;
+    for _ in 0..3 {
+        tick_of(&other.event().await.json(), &fresh);
+    }
+    assert_eq!(
+        metric(
+            gw.admin,
+            "rpcgate_push_resubscriptions_total{result=\"ok\"}"
+        )
+        .await,
+        0.0
+    );
+    assert_eq!(
+        metric(
+            gw.admin,
+            "rpcgate_upstream_unmatched_messages_total{kind=\"unsolicited\"}"
+        )
+        .await,
+        0.0
+    );
+}
