@@ -1492,3 +1492,36 @@ async fn unsubscribing_while_the_upstream_is_away_ends_the_subscription() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn only_the_asked_session_may_answer() {
+    let echo = Echo::start("a").await;
+    let gw = gateway_with(own_socket_config(&echo), 1).await;
+    let mut sse = stream_of(gw.addr, "asked").await;
+    let addr = gw.addr;
+    let ask = tokio::spawn(async move {
+        post_as(addr, Some("asked"), call_body(1, "ask", json!(["who?"]))).await
+    });
+    let confirm = sse.event().await.json();
+    let answer = |session: &'static str| {
+        post_as(
+            addr,
+            Some(session),
+            json!({"jsonrpc": "2.0", "id": confirm["id"], "result": session}).to_string(),
+        )
+    };
+    let wrong = answer("stranger").await;
+    assert_eq!(
+        wrong.status,
+        StatusCode::NOT_FOUND,
+        "body: {}",
+        wrong.text()
+    );
+    let right = answer("asked").await;
+    assert_eq!(right.status, StatusCode::ACCEPTED, "body: {}", right.text());
+    let resp = with_timeout(ask).await.expect("ask task");
+    assert_eq!(
+        result_of(&resp),
+        json!({"question": "who?", "answer": "asked"})
+    );
+}
