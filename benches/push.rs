@@ -20,7 +20,11 @@
 //! | `RPCGATE_BENCH_SECS` | 5 | measured seconds per row (after 1 s warmup) |
 //! | `RPCGATE_BENCH_PUSH_CLIENTS` | 1000 | subscribers in rows 1 and 2 |
 //! | `RPCGATE_BENCH_PUSH_IDLE` | 10000 | idle event streams in row 3 |
-//! | `RPCGATE_BENCH_PUSH_CONNECTIONS` | unset | `--connections` of the gateway (unset: the shipped default) |
+//! | `RPCGATE_BENCH_PUSH_CONNECTIONS` | clients × 1.25 / 64 | `--connections` of the second run of rows 1 and 2 |
+//!
+//! Rows 1 and 2 run twice: with the shipped defaults (4 upstream connections), where
+//! the echo backend's cap of 64 subscriptions per connection lets only 256 clients
+//! subscribe, and with `--connections N`, enough sockets for every client.
 //!
 //! The gateway runs with no `RUST_LOG` and no `RPCGATE_*` settings but the flags
 //! above (`procs.rs` strips them), its stderr a pipe this bench drains. Each row gets
@@ -91,8 +95,12 @@ struct Settings {
     secs: Duration,
     clients: usize,
     idle: usize,
-    connections: Option<usize>,
+    /// `--connections` of the second run of rows 1 and 2.
+    connections: usize,
 }
+
+/// Subscriptions the echo backend allows per connection.
+const ECHO_MAX_SUBSCRIPTIONS: usize = 64;
 
 impl Settings {
     fn from_env() -> Result<Settings> {
@@ -119,13 +127,13 @@ impl Settings {
             }
             None => Duration::from_secs(5),
         };
-        let connections = match var("RPCGATE_BENCH_PUSH_CONNECTIONS") {
-            Some(_) => Some(count("RPCGATE_BENCH_PUSH_CONNECTIONS", 4, 1024)?),
-            None => None,
-        };
+        let clients = count("RPCGATE_BENCH_PUSH_CLIENTS", 1000, 5000)?;
+        // A quarter more than the least that fits, for an uneven spread.
+        let enough = (clients * 5 / 4).div_ceil(ECHO_MAX_SUBSCRIPTIONS).max(1);
+        let connections = count("RPCGATE_BENCH_PUSH_CONNECTIONS", enough, 1024)?;
         Ok(Settings {
             secs,
-            clients: count("RPCGATE_BENCH_PUSH_CLIENTS", 1000, 5000)?,
+            clients,
             idle: count("RPCGATE_BENCH_PUSH_IDLE", 10_000, 10_000)?,
             connections,
         })
@@ -237,6 +245,9 @@ struct IdleRow {
     with_kib: Option<u64>,
     fds: Option<usize>,
     connect_secs: f64,
+    /// Seconds the first and the last tenth of the connect batches took.
+    first_tenth: f64,
+    last_tenth: f64,
     first_error: Option<String>,
 }
 
@@ -260,11 +271,17 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
     let upstream = echo.url().to_owned();
     let mut rows = Vec::new();
 
-    for kind in [Kind::WebSocket, Kind::EventStream] {
-        let gateway = start_gateway(&upstream, settings.connections).await?;
+    let runs = [
+        (Kind::WebSocket, None),
+        (Kind::EventStream, None),
+        (Kind::WebSocket, Some(settings.connections)),
+        (Kind::EventStream, Some(settings.connections)),
+    ];
+    for (kind, connections) in runs {
+        let gateway = start_gateway(&upstream, connections).await?;
         let addr = addr_of(gateway.url())?;
         wait_ready(addr).await?;
-        let row = measure(kind, addr, &gateway, echo.pid(), &settings).await;
+        let row = measure(kind, addr, &gateway, echo.pid(), &settings, connections).await;
         let scan = gateway.stop().await;
         let row = row?;
         eprintln!(
@@ -281,7 +298,7 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
         tokio::time::sleep(SETTLE).await;
     }
 
-    let gateway = start_gateway(&upstream, settings.connections).await?;
+    let gateway = start_gateway(&upstream, None).await?;
     let addr = addr_of(gateway.url())?;
     wait_ready(addr).await?;
     let idle = idle_streams(addr, gateway.pid(), settings.idle).await;
@@ -370,6 +387,7 @@ async fn measure(
     gateway: &Proc,
     echo_pid: u32,
     settings: &Settings,
+    connections: Option<usize>,
 ) -> Result<Row> {
     let counts = Arc::new(Counts::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -437,10 +455,15 @@ async fn measure(
     let usage = |i: usize| watched.usage.get(i).copied().flatten();
     let secs = settings.secs.as_secs_f64();
     let first_error = counts.first_error.lock().clone();
+    let config = connections.map_or("defaults (4 upstream conns)".to_owned(), |n| {
+        format!("--connections {n}")
+    });
     Ok(Row {
         what: match kind {
-            Kind::WebSocket => format!("{} WebSocket clients", settings.clients),
-            Kind::EventStream => format!("{} event streams (SSE + POST)", settings.clients),
+            Kind::WebSocket => format!("{} WebSocket clients, {config}", settings.clients),
+            Kind::EventStream => {
+                format!("{} event streams (SSE + POST), {config}", settings.clients)
+            }
         },
         clients: settings.clients,
         subscribed,
@@ -713,7 +736,9 @@ async fn idle_streams(addr: SocketAddr, pid: u32, n: usize) -> Result<IdleRow> {
     let mut open = Vec::with_capacity(n);
     let mut first_error = None;
     let mut failed = 0usize;
+    let mut batch_secs = Vec::new();
     'batches: for batch in (0..n).collect::<Vec<_>>().chunks(BATCH * 2) {
+        let batch_start = Instant::now();
         let mut set = tokio::task::JoinSet::new();
         for &i in batch {
             set.spawn(async move {
@@ -735,6 +760,7 @@ async fn idle_streams(addr: SocketAddr, pid: u32, n: usize) -> Result<IdleRow> {
                 }
             }
         }
+        batch_secs.push(batch_start.elapsed().as_secs_f64());
         if Instant::now() >= deadline || failed > 100 {
             break 'batches;
         }
@@ -745,7 +771,12 @@ async fn idle_streams(addr: SocketAddr, pid: u32, n: usize) -> Result<IdleRow> {
     let fds = procs::open_fds(pid).ok();
     let opened = open.len();
     drop(open);
+    let tenth = (batch_secs.len() / 10).max(1);
+    let first_tenth: f64 = batch_secs.iter().take(tenth).sum();
+    let last_tenth: f64 = batch_secs.iter().rev().take(tenth).sum();
     Ok(IdleRow {
+        first_tenth,
+        last_tenth,
         streams: n,
         opened,
         before_kib,
@@ -766,12 +797,9 @@ fn report(rows: &[Row], idle: &IdleRow, settings: &Settings, nofile: Option<u64>
     let _ = writeln!(md, "# rpcgate push path\n");
     let _ = writeln!(
         md,
-        "Gateway: `rpcgate --listen 127.0.0.1:0 --upstream ws://ECHO/ --admin-listen off --subscription substrate{}`, no RUST_LOG, stderr piped and drained. \
+        "Gateway: `rpcgate --listen 127.0.0.1:0 --upstream ws://ECHO/ --admin-listen off --subscription substrate` (plus `--connections N` where a row says so), no RUST_LOG, stderr piped and drained. \
          Each subscriber: `ticks_subscribe [{INTERVAL_MS}]` (10 ticks/s expected). Window {:.0} s after {:.0} s warmup. \
          CPU and RSS from /proc of the gateway process; `other work` is CPU the rest of the machine used in the window (not this bench, the gateway or the echo backend).\n",
-        settings
-            .connections
-            .map_or(String::new(), |n| format!(" --connections {n}")),
         settings.secs.as_secs_f64(),
         WARMUP.as_secs_f64(),
     );
@@ -801,14 +829,17 @@ fn report(rows: &[Row], idle: &IdleRow, settings: &Settings, nofile: Option<u64>
             r.foreign_cores.map_or("n/a".into(), |c| format!("{c:.2}")),
         );
     }
-    if let [a, b] = rows
-        && let (Some(x), Some(y)) = (a.cpu_per_msg(), b.cpu_per_msg())
-    {
-        let _ = writeln!(
-            md,
-            "\nEvent stream / WebSocket gateway CPU per tick: {:.2}×",
-            y / x
-        );
+    for pair in rows.chunks(2) {
+        if let [a, b] = pair
+            && let (Some(x), Some(y)) = (a.cpu_per_msg(), b.cpu_per_msg())
+        {
+            let _ = writeln!(
+                md,
+                "\nEvent stream / WebSocket gateway CPU per tick ({} subscribed): {:.2}×",
+                a.subscribed.min(b.subscribed),
+                y / x
+            );
+        }
     }
     for r in rows {
         if r.failed > 0 {
@@ -841,6 +872,13 @@ fn report(rows: &[Row], idle: &IdleRow, settings: &Settings, nofile: Option<u64>
         mib(idle.with_kib),
         idle.fds.map_or("n/a".into(), |f| f.to_string()),
         idle.connect_secs,
+    );
+    let _ = writeln!(
+        md,
+        "\nConnect time of the idle streams: first tenth of the batches {:.2} s, last tenth {:.2} s ({:.1}×).",
+        idle.first_tenth,
+        idle.last_tenth,
+        idle.last_tenth / idle.first_tenth.max(1e-9)
     );
     if let Some(e) = &idle.first_error {
         let _ = writeln!(md, "\nIdle streams: first failure: {e}");
