@@ -240,32 +240,47 @@ impl Hub {
             .or_else(|| rule(|r| &r.subscribe).map(Kind::Subscribe))
     }
 
-    /// Checks a subscribe call may go ahead for `session` (limits), before it is sent.
-    pub fn may_subscribe(&self, session: Option<&str>, method: &str) -> Result<Arc<str>, Error> {
+    /// Checks a subscribe call may go ahead for `session` and holds its place in the
+    /// session's allowance until it is answered.
+    pub fn may_subscribe(
+        self: &Arc<Self>,
+        session: Option<&str>,
+        method: &str,
+    ) -> Result<Reservation, Error> {
         let Some(key) = session else {
             return Err(Error::NoPushTarget(
                 method.to_string(),
                 self.config.events_path.clone(),
             ));
         };
-        let session = self.session(key)?;
-        let held = self.subs.lock().of_session(key);
-        if held >= self.config.max_subscriptions {
+        let session = self.session(key)?.key.clone();
+        let mut table = self.subs.lock();
+        if table.of_session(&session) >= self.config.max_subscriptions {
             return Err(Error::TooManySubscriptions(self.config.max_subscriptions));
         }
-        Ok(session.key.clone())
+        table.reserve(&session);
+        Ok(Reservation {
+            hub: self.clone(),
+            session,
+            released: false,
+        })
     }
 
-    /// A subscribe call succeeded: remembers the subscription and returns the reply
-    /// the client gets (its id rewritten only when the session already holds one
-    /// the same, which subscriptions on different sockets can be).
+    /// A subscribe call was answered: remembers the subscription and returns the reply
+    /// the client gets (its id rewritten only when the session already holds one the
+    /// same, which subscriptions on different sockets can be). Notifications that came
+    /// before this reply was read are delivered first, in order.
     pub fn subscribed(
         &self,
-        session: Arc<str>,
+        mut reservation: Reservation,
         rule: usize,
         call: &Call<'_>,
         reply: Reply,
     ) -> Reply {
+        let session = reservation.session.clone();
+        let mut table = self.subs.lock();
+        table.release(&session);
+        reservation.released = true;
         let Some(conn) = reply.conn.clone() else {
             return reply;
         };
@@ -273,9 +288,15 @@ impl Hub {
             return reply;
         }
         let upstream_id = reply.payload().to_string();
+        if self.existing(&session).is_none() {
+            // Its session ended while the call was out (a WebSocket client that left):
+            // nobody will ever read it, so it is closed upstream at once.
+            drop(table);
+            self.close_upstream(rule, &conn, &upstream_id, call.method_name().as_ref());
+            return reply;
+        }
         let mut prefix = String::with_capacity(call.frame_len_hint());
         call.encode_prefix(&mut prefix);
-        let mut table = self.subs.lock();
         let mut client_id = upstream_id.clone();
         let mut n = 1;
         while table.client_id_taken(&session, &client_id) {
@@ -287,9 +308,10 @@ impl Hub {
             true => reply,
             false => reply.with_result(client_id.clone()),
         };
+        let early = table.claim(conn.serial, &upstream_id);
         table.add(Sub {
-            session,
-            client_id,
+            session: session.clone(),
+            client_id: client_id.clone(),
             upstream_id,
             conn,
             rule,
@@ -297,25 +319,61 @@ impl Hub {
             moving: false,
         });
         self.metrics.push_subscriptions.set(table.len() as i64);
+        // Under the table's lock: the connection's reader cannot deliver a later
+        // notification of this subscription before these.
+        for text in early {
+            let text = self.rewritten(rule, &text, &client_id);
+            self.deliver(&session, Event::Message(Bytes::from(text)), false);
+        }
         answer
     }
 
-    /// Where an unsubscribe call for the client's subscription goes: its connection,
-    /// and its params with the upstream's id in place of the client's.
+    /// `text` with the subscription id at `rule`'s pointer replaced by `client_id`.
+    fn rewritten(&self, rule: usize, text: &str, client_id: &str) -> String {
+        let pointer = self
+            .rules
+            .get(rule)
+            .map_or("/params/subscription", |r| r.id_pointer.as_str());
+        match pointer::find(text, pointer) {
+            Some(at) if text[at.clone()] != *client_id => pointer::splice(text, at, client_id),
+            _ => text.to_string(),
+        }
+    }
+
+    /// What an unsubscribe call with these params is to rpcgate.
     pub fn unsubscribe_target(
         &self,
         session: Option<&str>,
         params: Option<&RawValue>,
-    ) -> Option<(SubId, Arc<Conn>, String)> {
-        let session: Arc<str> = Arc::from(session?);
-        let first = pointer::first_param(params)?;
-        let table = self.subs.lock();
-        let id = table.by_client(&session, first.get())?;
-        let sub = table.get(id)?;
-        let params = params?.get();
+    ) -> Unsubscribe {
+        let (Some(session), Some(first)) = (session, pointer::first_param(params)) else {
+            return Unsubscribe::NotHeld;
+        };
+        let session: Arc<str> = Arc::from(session);
+        let mut table = self.subs.lock();
+        let Some(id) = table.by_client(&session, first.get()) else {
+            return Unsubscribe::NotHeld;
+        };
+        let Some(sub) = table.get(id) else {
+            return Unsubscribe::NotHeld;
+        };
+        if sub.moving {
+            // Its socket is gone and the new one is not open yet: nothing to tell the
+            // upstream; a re-subscribe already sent closes what it opens (`moved`).
+            table.cancel(id);
+            self.metrics.push_subscriptions.set(table.len() as i64);
+            return Unsubscribe::Moving;
+        }
+        let Some(params) = params.map(RawValue::get) else {
+            return Unsubscribe::NotHeld;
+        };
         let start = first.get().as_ptr() as usize - params.as_ptr() as usize;
         let rewritten = pointer::splice(params, start..start + first.get().len(), &sub.upstream_id);
-        Some((id, sub.conn.clone(), rewritten))
+        Unsubscribe::Held {
+            id,
+            conn: sub.conn.clone(),
+            params: rewritten,
+        }
     }
 
     /// The client unsubscribed (whatever the upstream said: it asked to stop).
@@ -367,12 +425,18 @@ impl Hub {
             return;
         };
         let method: String = serde_json::from_str(head.method.get()).unwrap_or_default();
-        if head.id.is_none()
-            && !self.rules.is_empty()
-            && let Some((session, text)) = self.subscription_event(conn, &method, text)
-        {
-            self.deliver(&session, Event::Message(Bytes::from(text)), false);
-            return;
+        if head.id.is_none() && !self.rules.is_empty() {
+            match self.subscription_event(conn, &method, text) {
+                Routed::To(session, text) => {
+                    self.deliver(&session, Event::Message(Bytes::from(text)), false);
+                    return;
+                }
+                Routed::Parked(expired) => {
+                    self.expired(expired);
+                    return;
+                }
+                Routed::No => {}
+            }
         }
         let Some(owner) = &conn.owner else {
             self.unrouted(conn, &method);
@@ -389,14 +453,29 @@ impl Hub {
         tracing::debug!(conn = %conn.label, method, "upstream message belongs to no session");
     }
 
-    /// The session a subscription notification is for, and the message with the id
-    /// the client holds.
-    fn subscription_event(
-        &self,
-        conn: &Conn,
-        method: &str,
-        text: &str,
-    ) -> Option<(Arc<str>, String)> {
+    /// Parked notifications whose subscription never showed up: a session's own
+    /// socket's go to the session as they are; the rest belong to nobody.
+    fn expired(&self, expired: Vec<subs::Parked>) {
+        for parked in expired {
+            match &parked.owner {
+                Some(owner) => self.deliver(owner, Event::Message(Bytes::from(parked.text)), true),
+                None => {
+                    self.metrics
+                        .unmatched
+                        .with_label_values(&["unsolicited"])
+                        .inc();
+                    tracing::debug!(
+                        id = parked.upstream_id,
+                        "subscription notification for an id nobody holds"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The session a subscription notification is for, with the id the client holds;
+    /// or kept for a while, when its id is not recorded yet.
+    fn subscription_event(&self, conn: &Conn, method: &str, text: &str) -> Routed {
         for rule in &self.rules {
             if rule
                 .notification
@@ -408,17 +487,28 @@ impl Hub {
             let Some(at) = pointer::find(text, &rule.id_pointer) else {
                 continue;
             };
-            let table = self.subs.lock();
-            let Some(sub) = table.by_upstream(conn.serial, &text[at.clone()]) else {
-                continue;
+            let upstream_id = &text[at.clone()];
+            let mut table = self.subs.lock();
+            let Some(sub) = table.by_upstream(conn.serial, upstream_id) else {
+                // The subscribe call's reply may still be on its way to its caller
+                // (or its connection's replacement): keep it, under the same lock
+                // `subscribed` and `moved` record subscriptions with.
+                let expired = table.park(subs::Parked {
+                    at: Instant::now(),
+                    serial: conn.serial,
+                    upstream_id: upstream_id.to_string(),
+                    text: text.to_string(),
+                    owner: conn.owner.clone(),
+                });
+                return Routed::Parked(expired);
             };
             let out = match sub.client_id == sub.upstream_id {
                 true => text.to_string(),
                 false => pointer::splice(text, at, &sub.client_id),
             };
-            return Some((sub.session.clone(), out));
+            return Routed::To(sub.session.clone(), out);
         }
-        None
+        Routed::No
     }
 
     /// Remembers a request to the client, answering it ourselves if nobody does in time.
@@ -486,28 +576,72 @@ impl Hub {
         }
     }
 
-    /// Subscription `id` was opened again with `reply`.
+    /// Subscription `id` was opened again with `reply`; if the client unsubscribed
+    /// meanwhile, what was opened is closed again.
     fn moved(&self, id: SubId, reply: &Reply) {
         let Some(conn) = reply.conn.clone() else {
             return;
         };
-        let session = {
-            let mut table = self.subs.lock();
-            if !table.moved(id, conn, reply.payload().to_string()) {
-                return;
-            }
-            table.get(id).map(|s| s.session.clone())
-        };
+        let upstream_id = reply.payload().to_string();
+        let mut table = self.subs.lock();
+        if let Some((rule, prefix)) = table.take_cancelled(id) {
+            drop(table);
+            let subscribe = method_of(&prefix).and_then(|m| serde_json::from_str::<String>(m).ok());
+            self.close_upstream(
+                rule,
+                &conn,
+                &upstream_id,
+                subscribe.as_deref().unwrap_or(""),
+            );
+            return;
+        }
+        if table.get(id).is_none() {
+            return;
+        }
+        table.moved(id, conn.clone(), upstream_id.clone());
+        let early = table.claim(conn.serial, &upstream_id);
+        let Some(sub) = table.get(id) else { return };
+        let (session, client_id, rule) = (sub.session.clone(), sub.client_id.clone(), sub.rule);
         self.metrics.resubscribed.with_label_values(&["ok"]).inc();
-        if let Some(session) = session
-            && self.existing(&session).is_some()
-        {
+        if self.existing(&session).is_none() {
+            return;
+        }
+        // A session's own socket announced its gap when it dropped (`lost`).
+        if conn.owner.is_none() {
             self.deliver(&session, gap("upstream_reconnected"), false);
         }
+        for text in early {
+            let text = self.rewritten(rule, &text, &client_id);
+            self.deliver(&session, Event::Message(Bytes::from(text)), false);
+        }
+    }
+
+    /// Closes `upstream_id` on `conn` with `rule`'s unsubscribe method, in the
+    /// background (`subscribe` names the method that opened it, for pattern rules).
+    fn close_upstream(&self, rule: usize, conn: &Arc<Conn>, upstream_id: &str, subscribe: &str) {
+        let Some(unsubscribe) = self.unsubscribe_method(rule, subscribe) else {
+            return;
+        };
+        let prefix = crate::upstream::prefix_for(&unsubscribe, Some(&format!("[{upstream_id}]")));
+        let (upstreams, conn, timeout) =
+            (self.upstreams.clone(), conn.clone(), self.request_timeout);
+        tokio::spawn(async move {
+            let Some(upstreams) = upstreams.upgrade() else {
+                return;
+            };
+            let deadline = Instant::now() + timeout;
+            let msg = Outbound::Session { prefix: &prefix };
+            if let Err(e) = dispatch::send(&upstreams, msg, Route::Own(&conn), None, deadline).await
+            {
+                tracing::debug!(error = %e, "closing a subscription nobody holds failed");
+            }
+        });
     }
 
     /// Ends sessions nobody has read or used for `idle_timeout`.
     fn sweep(&self) {
+        let expired = self.subs.lock().expire(Instant::now());
+        self.expired(expired);
         let limit = self.config.idle_timeout.as_millis() as u64;
         let now = self.now_ms();
         let ended: Vec<Arc<str>> = {
@@ -549,48 +683,79 @@ impl Hub {
 
     /// Session `key` is gone: unsubscribe its subscriptions upstream.
     fn end(&self, key: &str) {
-        let subs = self.subs.lock().end_session(key);
-        self.metrics
-            .push_subscriptions
-            .set(self.subs.lock().len() as i64);
+        let subs = {
+            let mut table = self.subs.lock();
+            let subs = table.end_session(key);
+            self.metrics.push_subscriptions.set(table.len() as i64);
+            subs
+        };
         for sub in subs {
-            let Some(unsubscribe) = self.unsubscribe_call(&sub) else {
-                continue;
-            };
-            let upstreams = self.upstreams.clone();
-            let timeout = self.request_timeout;
-            tokio::spawn(async move {
-                let Some(upstreams) = upstreams.upgrade() else {
-                    return;
-                };
-                let deadline = Instant::now() + timeout;
-                let msg = Outbound::Session {
-                    prefix: &unsubscribe,
-                };
-                if let Err(e) =
-                    dispatch::send(&upstreams, msg, Route::Own(&sub.conn), None, deadline).await
-                {
-                    tracing::debug!(error = %e, "unsubscribing an ended session's subscription failed");
-                }
-            });
+            // One that is moving has no socket now: `end_session` left a note for the
+            // re-subscribe on its way to close what it opens.
+            if !sub.moving {
+                let subscribe =
+                    method_of(&sub.prefix).and_then(|m| serde_json::from_str::<String>(m).ok());
+                self.close_upstream(
+                    sub.rule,
+                    &sub.conn,
+                    &sub.upstream_id,
+                    subscribe.as_deref().unwrap_or(""),
+                );
+            }
         }
     }
 
-    /// The unsubscribe call for `sub`: the rule's method (a pattern's is derived from
-    /// the subscribe method, `chain_subscribeNewHeads` → `chain_unsubscribeNewHeads`),
-    /// with the upstream's id.
-    fn unsubscribe_call(&self, sub: &Sub) -> Option<String> {
-        let rule = self.rules.get(sub.rule)?;
-        let method = match rule.unsubscribe.contains('*') {
-            false => rule.unsubscribe.clone(),
-            true => {
-                let subscribe: String = serde_json::from_str(method_of(&sub.prefix)?).ok()?;
-                subscribe.replacen("subscribe", "unsubscribe", 1)
+    /// The unsubscribe method of `rule`: a pattern's is derived from the subscribe
+    /// method (`chain_subscribeNewHeads` → `chain_unsubscribeNewHeads`).
+    fn unsubscribe_method(&self, rule: usize, subscribe: &str) -> Option<String> {
+        let rule = self.rules.get(rule)?;
+        match rule.unsubscribe.contains('*') {
+            false => Some(rule.unsubscribe.clone()),
+            true if subscribe.contains("subscribe") => {
+                Some(subscribe.replacen("subscribe", "unsubscribe", 1))
             }
-        };
-        let params = format!("[{}]", sub.upstream_id);
-        Some(crate::upstream::prefix_for(&method, Some(&params)))
+            true => None,
+        }
     }
+}
+
+/// A subscribe call's place in its session's allowance, from before it is sent until
+/// its answer is recorded (or it fails, or its caller goes away).
+pub struct Reservation {
+    hub: Arc<Hub>,
+    session: Arc<str>,
+    released: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.released {
+            self.hub.subs.lock().release(&self.session);
+        }
+    }
+}
+
+/// What an unsubscribe call is, to rpcgate.
+#[derive(Debug)]
+pub enum Unsubscribe {
+    /// A subscription of this session: send it to `conn` with these params.
+    Held {
+        id: SubId,
+        conn: Arc<Conn>,
+        params: String,
+    },
+    /// A subscription of this session whose socket died: closed once it is back.
+    Moving,
+    /// Not one this session holds.
+    NotHeld,
+}
+
+/// Where a subscription notification goes.
+enum Routed {
+    To(Arc<str>, String),
+    /// Kept until its subscription is recorded; these others expired meanwhile.
+    Parked(Vec<subs::Parked>),
+    No,
 }
 
 /// The gap event for `reason`.
@@ -638,12 +803,17 @@ async fn resubscribe(hub: Weak<Hub>, id: SubId) {
     let mut backoff = None;
     for _ in 0..1000 {
         let Some(strong) = hub.upgrade() else { return };
-        let Some((prefix, conn)) = strong
-            .subs
-            .lock()
-            .get(id)
-            .map(|s| (s.prefix.clone(), s.conn.clone()))
-        else {
+        let found = {
+            let mut table = strong.subs.lock();
+            let found = table.get(id).map(|s| (s.prefix.clone(), s.conn.clone()));
+            if found.is_none() {
+                // Unsubscribed (or its session ended) while there was no socket:
+                // nothing was opened, so nothing to close.
+                table.take_cancelled(id);
+            }
+            found
+        };
+        let Some((prefix, conn)) = found else {
             return;
         };
         let Some(upstreams) = strong.upstreams.upgrade() else {

@@ -6,8 +6,16 @@
 //! life; the upstream's id and connection change each time it is re-established.
 
 use crate::upstream::Conn;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Notifications for a subscription id nobody holds yet, kept at most this long: the
+/// upstream may notify before the subscribe call's reply has been read by its caller.
+pub const PARK_FOR: Duration = Duration::from_secs(10);
+/// Such notifications kept at most, over all connections.
+pub const MAX_PARKED: usize = 1024;
 
 pub type SubId = u64;
 
@@ -27,6 +35,17 @@ pub struct Sub {
     pub moving: bool,
 }
 
+/// A notification waiting for its subscription to be recorded.
+#[derive(Debug)]
+pub struct Parked {
+    pub at: Instant,
+    pub serial: u64,
+    pub upstream_id: String,
+    pub text: String,
+    /// The connection's session, for an own socket: what expires goes there as it is.
+    pub owner: Option<Arc<str>>,
+}
+
 #[derive(Debug, Default)]
 pub struct Table {
     next: SubId,
@@ -34,6 +53,12 @@ pub struct Table {
     by_upstream: HashMap<(u64, String), SubId>,
     by_client: HashMap<(Arc<str>, String), SubId>,
     per_session: HashMap<Arc<str>, usize>,
+    /// Subscribe calls on their way, per session: they count against its allowance.
+    pending: HashMap<Arc<str>, usize>,
+    parked: VecDeque<Parked>,
+    /// Subscriptions the client closed while they were moving, with their rule and
+    /// subscribe frame: a re-subscribe already sent must close what it opens.
+    cancelled: HashMap<SubId, (usize, String)>,
 }
 
 impl Table {
@@ -41,8 +66,74 @@ impl Table {
         self.subs.len()
     }
 
+    /// Subscriptions `session` holds or has on their way.
     pub fn of_session(&self, session: &str) -> usize {
         self.per_session.get(session).copied().unwrap_or(0)
+            + self.pending.get(session).copied().unwrap_or(0)
+    }
+
+    /// A subscribe call of `session` is on its way.
+    pub fn reserve(&mut self, session: &Arc<str>) {
+        *self.pending.entry(session.clone()).or_default() += 1;
+    }
+
+    /// ... and has been answered (or given up).
+    pub fn release(&mut self, session: &str) {
+        if let Some(n) = self.pending.get_mut(session) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending.remove(session);
+            }
+        }
+    }
+
+    /// Keeps a notification for an id not recorded yet. Returns what no longer fits
+    /// or waited too long.
+    pub fn park(&mut self, parked: Parked) -> Vec<Parked> {
+        let mut out = self.expire(parked.at);
+        if self.parked.len() >= MAX_PARKED {
+            out.extend(self.parked.pop_front());
+        }
+        self.parked.push_back(parked);
+        out
+    }
+
+    /// Notifications that waited longer than [`PARK_FOR`].
+    pub fn expire(&mut self, now: Instant) -> Vec<Parked> {
+        let mut out = Vec::new();
+        while self
+            .parked
+            .front()
+            .is_some_and(|p| now.duration_since(p.at) > PARK_FOR)
+        {
+            out.extend(self.parked.pop_front());
+        }
+        out
+    }
+
+    /// The notifications kept for `upstream_id` on connection `serial`, oldest first.
+    pub fn claim(&mut self, serial: u64, upstream_id: &str) -> Vec<String> {
+        if self.parked.is_empty() {
+            return Vec::new();
+        }
+        let (mine, rest): (VecDeque<Parked>, VecDeque<Parked>) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|p| p.serial == serial && p.upstream_id == upstream_id);
+        self.parked = rest;
+        mine.into_iter().map(|p| p.text).collect()
+    }
+
+    /// The client closed moving subscription `id`: forgotten now, remembered only
+    /// for the re-subscribe on its way.
+    pub fn cancel(&mut self, id: SubId) {
+        if let Some(sub) = self.remove(id) {
+            self.cancelled.insert(id, (sub.rule, sub.prefix));
+        }
+    }
+
+    /// Whether `id` was cancelled while moving (and forgets that it was).
+    pub fn take_cancelled(&mut self, id: SubId) -> Option<(usize, String)> {
+        self.cancelled.remove(&id)
     }
 
     /// Whether `session` already holds a subscription the client knows as `client_id`.
@@ -135,6 +226,15 @@ impl Table {
             .filter(|(_, s)| &*s.session == session)
             .map(|(id, _)| *id)
             .collect();
-        ids.into_iter().filter_map(|id| self.remove(id)).collect()
+        let mut ended = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(sub) = self.remove(id) {
+                if sub.moving {
+                    self.cancelled.insert(id, (sub.rule, sub.prefix.clone()));
+                }
+                ended.push(sub);
+            }
+        }
+        ended
     }
 }

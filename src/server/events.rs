@@ -118,7 +118,9 @@ fn stream(
                     if tx.send(Bytes::from(text)).await.is_err() {
                         return;
                     }
-                    consumer.delivered(n);
+                    if let Some(last) = last {
+                        consumer.delivered_to(n, last);
+                    }
                     cursor = last.or(cursor);
                 }
                 _ = tokio::time::sleep(heartbeat) => {
@@ -186,7 +188,9 @@ async fn poll(mut consumer: Consumer, after: Option<u64>, wait: Duration) -> Htt
         }
     }
     out.push(']');
-    consumer.delivered(n);
+    if let Some(last) = read.items.last() {
+        consumer.delivered_to(n, last.id);
+    }
     response::json(StatusCode::OK, out.into_bytes())
 }
 

@@ -13,7 +13,7 @@ use crate::config::{Affinity, BatchMode};
 use crate::dispatch::{self, Outbound, Route, Sent};
 use crate::error::{Busy, Error};
 use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
-use crate::push::Kind;
+use crate::push::{Kind, Reservation, Unsubscribe};
 use crate::upstream::{Conn, Reply};
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
@@ -303,14 +303,11 @@ impl Via<'_> {
         match hub.kind_of(&call.method_name()) {
             None => self.plain_call(call, self.route, deadline).await,
             Some(Kind::Subscribe(rule)) => {
-                let session = hub.may_subscribe(self.session, &call.method_name())?;
-                let reply = self.plain_call(call, self.route, deadline).await?;
-                Ok(hub.subscribed(session, rule, call, reply))
+                let reservation = hub.may_subscribe(self.session, &call.method_name())?;
+                self.subscribe(call, rule, reservation, deadline).await
             }
             Some(Kind::Unsubscribe(_)) => match hub.unsubscribe_target(self.session, call.params) {
-                // Not one of ours: the upstream may know it.
-                None => self.plain_call(call, self.route, deadline).await,
-                Some((sub, conn, params)) => {
+                Unsubscribe::Held { id, conn, params } => {
                     let params = RawValue::from_string(params).map_err(|_| {
                         Error::Internal("an unsubscribe call could not be rewritten")
                     })?;
@@ -321,11 +318,47 @@ impl Via<'_> {
                     let reply = self
                         .plain_call(&rewritten, Route::Own(&conn), deadline)
                         .await;
-                    hub.unsubscribed(sub);
+                    hub.unsubscribed(id);
                     reply
                 }
+                // Its socket died: rpcgate closes it once it is open again.
+                Unsubscribe::Moving => Ok(Reply::local("true")),
+                // On the session's own socket the upstream knows its own ids.
+                Unsubscribe::NotHeld if matches!(self.route, Route::Own(_)) => {
+                    self.plain_call(call, self.route, deadline).await
+                }
+                // On shared sockets an id is only unique per socket: one this session
+                // does not hold may be another session's, and is not sent.
+                Unsubscribe::NotHeld => Ok(Reply::local("false")),
             },
         }
+    }
+
+    /// A subscribe call, run to its end in a task of its own: if the client goes away
+    /// meanwhile, the subscription it opened upstream is still recorded (and closed
+    /// when its session ends), never left open with nobody to close it.
+    async fn subscribe(
+        &self,
+        call: &Call<'_>,
+        rule: usize,
+        reservation: Reservation,
+        deadline: Instant,
+    ) -> Result<Reply, Error> {
+        let owned = OwnedCall::of(call);
+        let upstreams = self.state.upstreams.clone();
+        let hub = self.state.hub.clone();
+        let payer = self.payer.clone();
+        let route = OwnedRoute::of(self.route);
+        let task = tokio::spawn(async move {
+            let call = owned.call();
+            let msg = Outbound::Call(&call);
+            match dispatch::send(&upstreams, msg, route.route(), Some(&payer), deadline).await? {
+                Sent::Reply(reply) => Ok(hub.subscribed(reservation, rule, &call, reply)),
+                _ => Err(Error::Internal("a call was answered as if it were not one")),
+            }
+        });
+        task.await
+            .unwrap_or(Err(Error::Internal("a subscribe call's task failed")))
     }
 
     async fn plain_call(
@@ -405,13 +438,76 @@ async fn single(call: Call<'_>, via: &Via<'_>, deadline: Instant) -> Answer {
     }
 }
 
+/// A call with its parts owned, to outlive the request body.
+struct OwnedCall {
+    id: Option<Box<RawValue>>,
+    method: Box<RawValue>,
+    params: Option<Box<RawValue>>,
+}
+
+impl OwnedCall {
+    fn of(call: &Call<'_>) -> OwnedCall {
+        OwnedCall {
+            id: call.id.map(ToOwned::to_owned),
+            method: call.method.to_owned(),
+            params: call.params.map(ToOwned::to_owned),
+        }
+    }
+
+    fn call(&self) -> Call<'_> {
+        Call {
+            id: self.id.as_deref(),
+            method: &self.method,
+            params: self.params.as_deref(),
+        }
+    }
+}
+
+/// A [`Route`] that owns what it names.
+enum OwnedRoute {
+    Any,
+    Sticky(Vec<u8>),
+    Own(Arc<Conn>),
+    Upstream(Arc<crate::upstream::Upstream>),
+}
+
+impl OwnedRoute {
+    fn of(route: Route<'_>) -> OwnedRoute {
+        match route {
+            Route::Any => OwnedRoute::Any,
+            Route::Sticky(key) => OwnedRoute::Sticky(key.to_vec()),
+            Route::Own(conn) => OwnedRoute::Own(conn.clone()),
+            Route::Upstream(up) => OwnedRoute::Upstream(up.clone()),
+        }
+    }
+
+    fn route(&self) -> Route<'_> {
+        match self {
+            OwnedRoute::Any => Route::Any,
+            OwnedRoute::Sticky(key) => Route::Sticky(key),
+            OwnedRoute::Own(conn) => Route::Own(conn),
+            OwnedRoute::Upstream(up) => Route::Upstream(up),
+        }
+    }
+}
+
 /// One element's answer inside a batch response; `None` for notifications.
 type Slot = Option<Vec<u8>>;
 
 async fn batch(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> Answer {
     let n = entries.len();
     via.state.metrics.batch_size.observe(n as f64);
-    let slots: Vec<Slot> = match via.state.config.http.batch {
+    // Subscribe and unsubscribe calls need rpcgate to see their answers one by one: a
+    // batch holding one is split, whatever `http.batch` says.
+    let pushy = entries
+        .iter()
+        .flatten()
+        .any(|call| via.state.hub.kind_of(&call.method_name()).is_some());
+    let mode = match pushy {
+        true => BatchMode::Split,
+        false => via.state.config.http.batch,
+    };
+    let slots: Vec<Slot> = match mode {
         BatchMode::Split => {
             join_all(entries.iter().map(|entry| element(entry, via, deadline))).await
         }

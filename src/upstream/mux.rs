@@ -48,6 +48,17 @@ impl Reply {
         self.is_error
     }
 
+    /// A result rpcgate answers itself (`text` is valid JSON).
+    pub fn local(text: &'static str) -> Reply {
+        Reply {
+            frame: Bytes::from_static(text.as_bytes()),
+            range: 0..text.len(),
+            is_error: false,
+            upstream: None,
+            conn: None,
+        }
+    }
+
     /// The same reply with `result` replaced by `text` (valid JSON).
     pub fn with_result(&self, text: String) -> Reply {
         let len = text.len();
