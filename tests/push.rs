@@ -1028,9 +1028,9 @@ async fn resumed_after_gap(sse: &mut Sse, sub: &str, counted: u64) -> usize {
             after_gap.push(count);
         }
     }
-    // A new subscription counts from 1; the first tick or two may be lost (see the report
-    // on the race between a subscribe's answer and its first notification).
-    assert!(after_gap[0] < counted, "not counting afresh: {after_gap:?}");
+    // The new upstream subscription counts from 1, and none of its ticks is lost, even
+    // those that came before its subscribe call's answer was read.
+    assert_eq!(after_gap[0], 1, "not counting afresh from 1: {after_gap:?}");
     gaps
 }
 
@@ -1055,8 +1055,7 @@ async fn two_hundred_sessions_each_get_only_their_own_ticks() {
                 let sub = subscribe(addr, &session, 50).await;
                 // Ids are per upstream connection, so two sessions may hold the same one;
                 // a tick of another session's would show as a count out of sequence.
-                // The first count is not checked to be 1: see the report on the race
-                // between a subscribe's answer and its first notification.
+                // The first is 1: a tick that beats the subscribe's answer is kept.
                 let mut last = None;
                 for n in 1..=TICKS {
                     let e = sse.event().await;
@@ -1068,9 +1067,7 @@ async fn two_hundred_sessions_each_get_only_their_own_ticks() {
                         "{session} got a tick of another subscription: {message}"
                     );
                     let count = tick_of(&message, &sub);
-                    if let Some(last) = last {
-                        assert_eq!(count, last + 1, "{session}: {message}");
-                    }
+                    assert_eq!(count, last.map_or(1, |l| l + 1), "{session}: {message}");
                     last = Some(count);
                 }
                 let resp = post_as(
@@ -1518,4 +1515,181 @@ async fn only_the_asked_session_may_answer() {
         result_of(&resp),
         json!({"question": "who?", "answer": "asked"})
     );
+}
+
+#[tokio::test]
+async fn another_session_cannot_unsubscribe_a_subscription_it_does_not_hold() {
+    let echo = Echo::start("a").await;
+    let gw = gateway_with(push_config(std::slice::from_ref(&echo.url), 1), 1).await;
+    let mut a = stream_of(gw.addr, "victim").await;
+    let sub = subscribe(gw.addr, "victim", 20).await;
+    assert_eq!(tick_of(&a.event().await.json(), &sub), 1);
+
+    let resp = post_as(
+        gw.addr,
+        Some("intruder"),
+        call_body(5, "ticks_unsubscribe", json!([sub])),
+    )
+    .await;
+    let v = resp.json();
+    assert_ne!(
+        v["result"],
+        json!(true),
+        "another session unsubscribed {sub}: {v}"
+    );
+    // The victim's ticks go on.
+    let before = tick_of(&a.event().await.json(), &sub);
+    assert_eq!(tick_of(&a.event().await.json(), &sub), before + 1);
+    assert_eq!(tick_of(&a.event().await.json(), &sub), before + 2);
+}
+
+#[tokio::test]
+async fn subscriptions_in_a_forwarded_batch_are_the_sessions() {
+    subscriptions_in_a_batch(rpcgate::config::BatchMode::Forward).await;
+}
+
+#[tokio::test]
+async fn a_websocket_taking_over_from_an_event_stream_does_not_replay_what_it_had() {
+    let echo = Echo::start("a").await;
+    let gw = gateway_with(push_config(std::slice::from_ref(&echo.url), 1), 1).await;
+    let mut sse = stream_of(gw.addr, "mix").await;
+    let sub = subscribe(gw.addr, "mix", 20).await;
+    let mut last = 0;
+    for _ in 0..3 {
+        let e = sse.event().await;
+        last = e.id.unwrap();
+        tick_of(&e.json(), &sub);
+    }
+    let (mut ws, _) = ws_connect(gw.addr, "/?session=mix", &[]).await;
+    let first = tick_of(&ws_next(&mut ws).await, &sub);
+    assert!(
+        first > last,
+        "the socket got tick {first} again after the stream had {last}"
+    );
+}
+
+#[tokio::test]
+async fn the_subscription_limit_holds_for_concurrent_subscribes() {
+    let echo = Echo::start("a").await;
+    let mut config = push_config(std::slice::from_ref(&echo.url), 1);
+    config.push.max_subscriptions = 2;
+    let gw = gateway_with(config, 1).await;
+    let addr = gw.addr;
+    let calls: Vec<_> = (0..10)
+        .map(|i| {
+            tokio::spawn(async move {
+                post_as(
+                    addr,
+                    Some("racy"),
+                    call_body(i, "ticks_subscribe", json!([60000])),
+                )
+                .await
+                .json()
+            })
+        })
+        .collect();
+    let mut granted = 0;
+    for call in calls {
+        let v = with_timeout(call).await.expect("a call");
+        if v["result"].is_string() {
+            granted += 1;
+        } else {
+            assert_eq!(error_code(&v), -32089, "{v}");
+        }
+    }
+    assert_eq!(
+        granted, 2,
+        "subscriptions granted past max_subscriptions = 2"
+    );
+    assert_eq!(metric(gw.admin, "rpcgate_push_subscriptions").await, 2.0);
+}
+
+#[tokio::test]
+async fn a_subscription_whose_client_left_before_the_answer_is_not_orphaned() {
+    use support::FakeUpstream;
+    let up = FakeUpstream::start().await;
+    let gw = gateway_with(push_config(&[up.url()], 1), 1).await;
+    let body = call_body(1, "ticks_subscribe", json!([20]));
+    let mut raw = support::raw_tcp(gw.addr).await;
+    raw.write(format!(
+        "POST / HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n{HEADER}: left\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    ))
+    .await
+    .unwrap();
+    let frame = up.next_frame().await;
+    assert_eq!(frame.method(), Some("ticks_subscribe"));
+    // The client goes (reset) before the upstream answers.
+    let stream = raw.into_inner();
+    stream.set_zero_linger().unwrap();
+    drop(stream);
+    eventually(async || metric(gw.admin, "rpcgate_http_connections_open").await == 0.0).await;
+    assert!(frame.reply_result(json!("0xabc")));
+    // Either rpcgate keeps the subscription for the session, or it closes it upstream;
+    // it must not leave it ticking for nobody.
+    eventually(async || {
+        metric(gw.admin, "rpcgate_push_subscriptions").await == 1.0
+            || up.count_method("ticks_unsubscribe") > 0
+    })
+    .await;
+}
+#[tokio::test]
+async fn a_subscription_answered_after_its_websocket_left_is_not_orphaned() {
+    use support::FakeUpstream;
+    let up = FakeUpstream::start().await;
+    let gw = gateway_with(push_config(&[up.url()], 1), 1).await;
+    let (mut ws, _) = ws_connect(gw.addr, "/", &[]).await;
+    ws_send(&mut ws, call_body(1, "ticks_subscribe", json!([20]))).await;
+    let frame = up.next_frame().await;
+    assert_eq!(frame.method(), Some("ticks_subscribe"));
+    with_timeout(ws.close(None)).await.ok();
+    drop(ws);
+    eventually(async || metric(gw.admin, "rpcgate_push_sessions").await == 0.0).await;
+    assert!(frame.reply_result(json!("0xabc")));
+    // Its session is gone: rpcgate closes what the upstream opened, and keeps nothing.
+    eventually(async || up.count_method("ticks_unsubscribe") == 1).await;
+    let closed = up
+        .received()
+        .into_iter()
+        .find(|r| r.method() == Some("ticks_unsubscribe"))
+        .expect("an unsubscribe");
+    assert_eq!(closed.params(), Some(&json!(["0xabc"])));
+    assert_eq!(metric(gw.admin, "rpcgate_push_subscriptions").await, 0.0);
+}
+
+#[tokio::test]
+async fn unsubscribing_while_a_resubscribe_is_out_closes_what_it_opens() {
+    use support::{Close, FakeUpstream};
+    let up = FakeUpstream::start().await;
+    let gw = gateway_with(push_config(&[up.url()], 1), 1).await;
+    up.auto_reply(|f| {
+        (f.method() == Some("ticks_unsubscribe")).then(|| f.result_text(json!(true)))
+    });
+    let addr = gw.addr;
+    let sub = tokio::spawn(async move { subscribe(addr, "race", 20).await });
+    let frame = up.next_frame().await;
+    assert_eq!(frame.method(), Some("ticks_subscribe"));
+    frame.reply_result(json!("0x1"));
+    assert_eq!(with_timeout(sub).await.unwrap(), "0x1");
+    up.close_all(Close::Abrupt);
+    // The re-subscribe reaches the new socket; it is not answered yet.
+    let again = up.next_frame().await;
+    assert_eq!(again.method(), Some("ticks_subscribe"));
+    let resp = post_as(
+        gw.addr,
+        Some("race"),
+        call_body(2, "ticks_unsubscribe", json!(["0x1"])),
+    )
+    .await;
+    assert_eq!(resp.json()["result"], true, "{}", resp.text());
+    assert_eq!(metric(gw.admin, "rpcgate_push_subscriptions").await, 0.0);
+    again.reply_result(json!("0x2"));
+    // What the re-subscribe opened is closed; the dead socket's id is never sent.
+    eventually(async || up.count_method("ticks_unsubscribe") == 1).await;
+    let closed = up
+        .received()
+        .into_iter()
+        .find(|r| r.method() == Some("ticks_unsubscribe"))
+        .expect("an unsubscribe");
+    assert_eq!(closed.params(), Some(&json!(["0x2"])));
 }
