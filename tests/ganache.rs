@@ -1,6 +1,7 @@
 //! rpcgate in front of an Ethereum node we did not write: ganache's `eth_subscribe`
 //! (`newHeads`, `logs`) through WebSocket clients of rpcgate and through HTTP sessions
-//! reading long-polls, with `--subscription ethereum` over shared upstream connections.
+//! reading event streams and long-polls, with `--subscription ethereum` over shared upstream
+//! connections.
 //!
 //! Needs ganache (`.ci/run` installs it; see `tests/support/ganache.rs`).
 
@@ -187,4 +188,31 @@ async fn a_subscribe_call_with_nowhere_to_deliver_is_refused_not_dropped() {
         v["error"]["message"].as_str().unwrap().contains("/events"),
         "{v}"
     );
+}
+
+#[tokio::test]
+async fn new_heads_reach_an_http_sessions_event_stream() {
+    let ganache = Ganache::start().await;
+    let gw = gateway(&ganache).await;
+    let mut stream = support::sse::stream_of(gw.addr, "heads").await;
+    let v = post_in(
+        &gw,
+        "heads",
+        json!({"jsonrpc":"2.0","id":1,"method":"eth_subscribe","params":["newHeads"]}),
+    )
+    .await;
+    let sub = v["result"].clone();
+    for _ in 0..2 {
+        let block = ganache.mine().await;
+        let event = stream.event().await;
+        let note = event.json();
+        assert_eq!(note["params"]["subscription"], sub, "{note}");
+        let number = note["params"]["result"]["number"]
+            .as_str()
+            .expect("a block number");
+        assert_eq!(
+            u64::from_str_radix(number.trim_start_matches("0x"), 16).unwrap(),
+            block
+        );
+    }
 }

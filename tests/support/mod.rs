@@ -19,6 +19,7 @@ pub mod fake_upstream;
 pub mod ganache;
 pub mod gateway;
 pub mod http;
+pub mod sse;
 
 use std::future::{Future, IntoFuture};
 use std::panic::Location;
