@@ -23,6 +23,12 @@
 //! | failover, retries, call metrics | `dispatch/mod.rs` (`send`) |
 //! | **ids restored**: the client's id bytes around the upstream's payload | `jsonrpc/reply.rs` (`write_reply`), `server/response.rs` |
 //!
+//! And the other way: a notification or request the upstream sends on its own is found
+//! in its frame (`jsonrpc/upstream.rs`, `Message::Pushed`), routed to a push session
+//! (`push/mod.rs`: a session's own socket, or a subscription by its id), kept in the
+//! session's numbered buffer (`push/mailbox.rs`), and read by its event stream,
+//! long-poll (`server/events.rs`) or WebSocket (`server/ws.rs`).
+//!
 //! # Modules
 //!
 //! - [`budget`]: the memory budget: bytes held for clients, refused past the limit.
@@ -38,6 +44,8 @@
 //! - [`logging`]: the tracing subscriber and the access log, both written to stderr
 //!   by threads of their own so that no request waits for a log line.
 //! - [`metrics`]: Prometheus metrics on a registry of our own, always present.
+//! - [`push`]: push sessions, their buffers, subscriptions that survive reconnects, and
+//!   requests from upstreams waiting for their client's answer.
 //!
 //! The demo backend behind `rpcgate demo` and `rpcgate echo-server` is a crate of its
 //! own (`crates/echo`), not part of the gateway.
