@@ -36,6 +36,9 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig
 const MAX_IN_FLIGHT: usize = 256;
 /// Events per socket write at most.
 const READ_MAX: usize = 256;
+/// A client socket's read buffer, and the write buffer it coalesces frames in.
+const CLIENT_READ_BUFFER: usize = 4 * 1024;
+const CLIENT_WRITE_BUFFER: usize = 16 * 1024;
 
 /// Whether `req` asks to become a WebSocket.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
@@ -93,7 +96,11 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> HttpRespons
         match on_upgrade.await {
             Ok(upgraded) => {
                 let limit = socket_state.config.http.max_body_bytes;
+                // Many clients, most of them idle: a small read buffer each (tungstenite's
+                // default is 128 KiB, allocated up front), grown only by large frames.
                 let config = WebSocketConfig::default()
+                    .read_buffer_size(CLIENT_READ_BUFFER)
+                    .write_buffer_size(CLIENT_WRITE_BUFFER)
                     .max_message_size(Some(limit))
                     .max_frame_size(Some(limit));
                 let ws = WebSocketStream::from_raw_socket(
