@@ -660,7 +660,12 @@ impl Bench {
         let sticky_connection = write_config(
             &self.out_dir,
             "gateway-sticky-connection.toml",
-            &format!("[sessions]\naffinity = \"connection\"\n\n{three}"),
+            // Every bench client comes from 127.0.0.1: the per-client session limits
+            // (64 open, 120 new a minute) would refuse all but the first 64. A real
+            // deployment sees many addresses, or sets these for its proxy.
+            &format!(
+                "[sessions]\naffinity = \"connection\"\nmax_per_client = 2000\nnew_per_client_per_minute = 100000\n\n{three}"
+            ),
         )?;
         // (name, clients, workload, gateway config, each client its own session)
         type Scenario<'a> = (&'a str, usize, Arc<Workload>, Option<&'a Path>, bool);
