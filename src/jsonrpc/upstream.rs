@@ -26,6 +26,10 @@ struct WireReply<'a> {
     error: Option<&'a RawValue>,
     #[serde(borrow, default)]
     method: Option<&'a RawValue>,
+    /// rpc-websockets' events (`{"notification": "name", "params": ...}`): not JSON-RPC,
+    /// but a push all the same, not garbage.
+    #[serde(borrow, default)]
+    notification: Option<&'a RawValue>,
 }
 
 /// A reply's payload inside an upstream frame.
@@ -108,7 +112,10 @@ fn read_one<'a>(text: &'a str, on_message: &mut impl FnMut(Message<'a>), seen: &
         seen.garbage += 1;
         return;
     };
-    if let Some(method) = wire.method {
+    if let Some(method) = wire
+        .method
+        .or(wire.notification.filter(|_| wire.id.is_none()))
+    {
         if !method.get().starts_with('"') {
             seen.garbage += 1;
             return;
@@ -236,5 +243,18 @@ mod pushed_tests {
         );
         assert_eq!(got[0].1, None);
         assert_eq!(got[1].1, Some(r#""q1""#));
+    }
+
+    #[test]
+    fn an_rpc_websockets_event_is_a_push_not_garbage() {
+        let frame = r#"{"notification":"feedUpdated","params":[1]}"#;
+        let mut got = Vec::new();
+        let seen = read_upstream(frame, |m| {
+            if let Message::Pushed(p) = m {
+                got.push(p.method.get().to_string())
+            }
+        });
+        assert_eq!((seen.pushed, seen.garbage), (1, 0));
+        assert_eq!(got, [r#""feedUpdated""#]);
     }
 }

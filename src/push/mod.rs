@@ -792,7 +792,7 @@ impl PushSink for Hub {
 /// The members of a pushed message we route by.
 #[derive(serde::Deserialize)]
 struct Head<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, alias = "notification")]
     method: &'a RawValue,
     #[serde(borrow, default, deserialize_with = "crate::jsonrpc::present")]
     id: Option<&'a RawValue>,
