@@ -160,6 +160,10 @@ pub enum Error {
         "WebSocket upgrades are turned off here (http.websocket = false); POST JSON-RPC instead"
     )]
     WebSocketOff,
+    #[error(
+        "WebSocket from this page's origin is not allowed: add it to cors.allowed_origins (or --cors-origin)"
+    )]
+    OriginNotAllowed,
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -185,6 +189,7 @@ impl Error {
             Error::TooManyPushSessions(_) => -32095,
             Error::UnknownServerRequest => -32096,
             Error::WebSocketOff => -32097,
+            Error::OriginNotAllowed => -32099,
             // What was wrong with the HTTP request.
             Error::MethodNotAllowed => -32090,
             Error::UnsupportedMediaType => -32091,
@@ -206,6 +211,7 @@ impl Error {
             Error::TooManySubscriptions(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::TooManyPushSessions(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UnknownServerRequest => StatusCode::NOT_FOUND,
+            Error::OriginNotAllowed => StatusCode::FORBIDDEN,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
@@ -258,6 +264,7 @@ impl Error {
             Error::TooManyPushSessions(_) => "too_many_push_sessions",
             Error::UnknownServerRequest => "unknown_server_request",
             Error::WebSocketOff => "websocket_off",
+            Error::OriginNotAllowed => "origin_not_allowed",
             Error::Internal(_) => "internal",
         }
     }
@@ -317,6 +324,12 @@ mod tests {
             Error::TooManySessions(1),
             Error::TooManyClientSessions(ClientLimit::Open(1)),
             Error::TooManyClientSessions(ClientLimit::Rate(1)),
+            Error::NoPushTarget("eth_subscribe".into(), "/events".into()),
+            Error::TooManySubscriptions(1),
+            Error::TooManyPushSessions(1),
+            Error::UnknownServerRequest,
+            Error::WebSocketOff,
+            Error::OriginNotAllowed,
             Error::Internal("x"),
         ]
     }

@@ -83,6 +83,13 @@ struct RunArgs {
     /// After the listener closes, how long open requests get to finish.
     #[arg(long, env = "RPCGATE_DRAIN_TIMEOUT", value_parser = parse_duration)]
     drain_timeout: Option<Duration>,
+    /// A web origin browsers may call from (`https://app.example.com`, or `*`); repeat.
+    #[arg(
+        long = "cors-origin",
+        env = "RPCGATE_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
     /// WebSocket clients on the JSON-RPC path: on or off.
     #[arg(long, env = "RPCGATE_WEBSOCKET", value_parser = on_off)]
     websocket: Option<bool>,
@@ -266,6 +273,9 @@ fn build_config(args: RunArgs) -> Result<Config> {
     }
     if let Some(d) = args.drain_timeout {
         config.shutdown.drain_timeout = d;
+    }
+    if !args.cors_origins.is_empty() {
+        config.cors.allowed_origins = args.cors_origins;
     }
     if let Some(on) = args.websocket {
         config.http.websocket = on;

@@ -13,6 +13,7 @@
 mod admin_listen;
 mod check;
 mod choices;
+mod cors;
 mod file;
 mod push;
 mod redact;
@@ -22,6 +23,7 @@ mod types;
 pub use admin_listen::{AdminListen, BadAdminListen};
 pub use check::{Problems, check_ws_url};
 pub use choices::{Affinity, BatchMode, DiscoveryMode, LogFormat, UnknownName, WhenFull};
+pub use cors::CorsConfig;
 pub use file::{expand_env, parse_duration, parse_size};
 pub use push::{PushConfig, SubscriptionRule, matches as method_matches};
 pub use redact::{redact_url, userinfo, without_userinfo};

@@ -99,6 +99,9 @@ pub(super) fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
         }
         Some(_) => p.push("on_connect: expected an array of tables ([[on_connect]])".into()),
     }
+    if let Some(t) = root.table("cors", p) {
+        super::cors::read_cors(t, &mut c.cors, p);
+    }
     if let Some(t) = root.table("push", p) {
         super::push::read_push(t, &mut c.push, p);
     }

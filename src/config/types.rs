@@ -2,8 +2,8 @@
 //! TOML reader, the flags and tests all start from the same `Config::default()`.
 
 use super::{
-    AdminListen, Affinity, BatchMode, DiscoveryMode, LogFormat, PushConfig, SubscriptionRule,
-    WhenFull,
+    AdminListen, Affinity, BatchMode, CorsConfig, DiscoveryMode, LogFormat, PushConfig,
+    SubscriptionRule, WhenFull,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +47,8 @@ pub struct Config {
     pub push: PushConfig,
     /// Calls that open and close subscriptions on shared connections.
     pub subscriptions: Vec<SubscriptionRule>,
+    /// Which web origins browsers may call from.
+    pub cors: CorsConfig,
 }
 
 /// The memory budget (see `budget.rs`): bytes of request bodies, answers and queued
@@ -101,6 +103,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             push: PushConfig::default(),
             subscriptions: Vec::new(),
+            cors: CorsConfig::default(),
         }
     }
 }

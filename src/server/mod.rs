@@ -5,6 +5,7 @@
 
 mod accept;
 mod admin;
+mod cors;
 mod events;
 mod fdlimit;
 mod listener;

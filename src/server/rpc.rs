@@ -63,10 +63,20 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
     }) = &session
     {
         let cfg = &state.config.sessions;
-        let mut cookie = format!("{}={key}; Path=/; HttpOnly; SameSite=Lax", cfg.cookie);
-        if *secure {
-            cookie.push_str("; Secure");
-        }
+        // A page on another origin that calls with credentials only gets the cookie back
+        // with `SameSite=None`, which browsers accept only with `Secure` (on
+        // `http://localhost` too).
+        let cookie = match (state.config.cors.allow_credentials, *secure) {
+            (true, _) => format!(
+                "{}={key}; Path=/; HttpOnly; SameSite=None; Secure",
+                cfg.cookie
+            ),
+            (false, true) => format!(
+                "{}={key}; Path=/; HttpOnly; SameSite=Lax; Secure",
+                cfg.cookie
+            ),
+            (false, false) => format!("{}={key}; Path=/; HttpOnly; SameSite=Lax", cfg.cookie),
+        };
         if let Ok(v) = HeaderValue::from_str(&cookie) {
             resp.headers_mut().insert(SET_COOKIE, v);
         }

@@ -9,10 +9,12 @@
 //! 3. `CatchPanic` (tower-http): a bug that panics answers that one request with a
 //!    JSON-RPC internal error instead of dropping the connection and its other
 //!    requests. Below the observers, so such an answer is logged and counted.
-//! 4. [`Checks`]: the cheap request checks (path, method, content type, declared
-//!    length) before a body byte is read; later, CORS, authentication and rate limits
-//!    go here, each as a layer of its own.
-//! 5. `rpc::handle`: body, parsing, dispatch; or `ws::upgrade` for a WebSocket
+//! 4. tower-http's `Cors` (with `[cors]`): preflights answered, and the CORS headers
+//!    on every answer, including the checks' refusals.
+//! 5. [`Checks`]: the cheap request checks (path, method, content type, declared
+//!    length) before a body byte is read; later, authentication and rate limits go
+//!    here, each as a layer of its own.
+//! 6. `rpc::handle`: body, parsing, dispatch; or `ws::upgrade` for a WebSocket
 //!    client on the same path, or `events::handle` on the events path.
 
 use super::AppState;
@@ -59,6 +61,7 @@ pub fn build(
             state: state.clone(),
         }))
         .layer(CatchPanicLayer::custom(panic_response))
+        .option_layer(super::cors::layer(&state))
         .layer(layer_fn(move |inner| Checks {
             inner,
             state: checks.clone(),
@@ -127,10 +130,13 @@ impl<S> Checks<S> {
             return Some(response::error(None, &Error::NotFound(http.path.clone())));
         }
         if super::ws::is_upgrade(req) {
-            return match http.websocket {
-                true => None,
-                false => Some(response::error(None, &Error::WebSocketOff)),
-            };
+            if !http.websocket {
+                return Some(response::error(None, &Error::WebSocketOff));
+            }
+            if !super::cors::origin_allowed(req, &self.state.config.cors) {
+                return Some(response::error(None, &Error::OriginNotAllowed));
+            }
+            return None;
         }
         if req.method() != Method::POST {
             let mut resp = response::error(None, &Error::MethodNotAllowed);
