@@ -61,7 +61,7 @@ async fn check_config_lists_every_problem_and_exits_1() {
     let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
-        "listen = \"nope\"\ntypo = 1\n[calls]\nrequest_timeout = \"later\"\n[[upstreams]]\nurl = \"http://x\"\n",
+        "listen = \"nope\"\ntypo = 1\n[calls]\nrequest_timeout = \"later\"\n[cors]\nallowed_origins = [\"*\"]\nallow_credentials = true\n[[upstreams]]\nurl = \"http://x\"\n",
     )
     .unwrap();
     let out = with_timeout(rpcgate().arg("check-config").arg(&bad).output())
@@ -73,6 +73,7 @@ async fn check_config_lists_every_problem_and_exits_1() {
         "listen",
         "typo: unknown key",
         "calls.request_timeout",
+        "cors.allow_credentials",
         "upstreams[0].url",
     ] {
         assert!(err.contains(needle), "{needle:?} missing from:\n{err}");
