@@ -183,6 +183,7 @@ export class RpcClient {
 
     this._nextId = 1;
     /** @type {Map<number, any>} */ this._pending = new Map();
+    this._expired = new Set();
     this._listeners = new Map();
     this._handlers = new Map();
     this._subs = [];
@@ -336,7 +337,12 @@ export class RpcClient {
     const e = { id, msg, method, params, resolve, reject, promise, retry: !!opts.retry, resub: opts._resub, via: null, tries: 0, timer: null };
     const timeout = opts.timeout ?? this._timeout;
     if (timeout > 0 && Number.isFinite(timeout)) {
-      e.timer = this._setTimeout(() => this._settle(id, new RpcError(ErrorCode.TIMEOUT, `no reply to ${method} within ${timeout} ms`)), timeout);
+      e.timer = this._setTimeout(() => {
+        // a late reply to it is then dropped silently (remember the last 1000 such ids)
+        this._expired.add(id);
+        if (this._expired.size > 1000) this._expired.delete(this._expired.values().next().value);
+        this._settle(id, new RpcError(ErrorCode.TIMEOUT, `no reply to ${method} within ${timeout} ms`));
+      }, timeout);
     }
     this._pending.set(id, e);
     return e;
@@ -645,6 +651,7 @@ export class RpcClient {
   // ---- incoming messages ------------------------------------------------------------
 
   _handle(msg) {
+    if (this._closed) return;
     if (Array.isArray(msg)) { for (const m of msg) this._handle(m); return; }
     if (!msg || typeof msg !== "object") { this._emit("error", new RpcError(ErrorCode.BAD_RESPONSE, "message is not an object", msg)); return; }
     if (typeof msg.method === "string") {
@@ -656,6 +663,7 @@ export class RpcClient {
     if (!("id" in msg)) { this._emit("error", new RpcError(ErrorCode.BAD_RESPONSE, "message is neither reply nor request", msg)); return; }
     const e = this._pending.get(msg.id);
     if (!e) {
+      if (this._expired.delete(msg.id)) return;
       const err = msg.error ? RpcError.from(msg.error) : new RpcError(ErrorCode.BAD_RESPONSE, `reply for unknown id ${JSON.stringify(msg.id)}`, msg);
       this._emit("error", err);
       return;

@@ -240,7 +240,7 @@ test("over HTTP, pushed messages come by EventSource and requests are answered b
 });
 
 test("a call without a reply rejects with code timeout (default and per call)", async () => {
-  const { clock, opts } = wsOptions({ timeout: 1000 });
+  const { clock, WS, opts } = wsOptions({ timeout: 1000 });
   const rpc = await connect("http://gw.test/", opts);
   const slow = rpc.call("slow", [], { timeout: 50 });
   const dflt = rpc.call("slow");
@@ -256,6 +256,10 @@ test("a call without a reply rejects with code timeout (default and per call)", 
   assert.equal(dfltErr, undefined);
   await clock.advance(950);
   assert.equal(dfltErr.code, "timeout");
+  const errors = [];
+  rpc.on("error", (e) => errors.push(e));
+  WS.last.receive({ jsonrpc: "2.0", id: WS.last.sent[0].id, result: "late" });
+  assert.deepEqual(errors, [], "a late reply to a timed-out call is dropped silently");
   rpc.close();
 });
 
