@@ -432,11 +432,18 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
     config.shutdown.delay = std::time::Duration::ZERO;
     // The backend's `ticks_subscribe` follows jsonrpsee's naming.
     config.subscriptions = SubscriptionRule::preset("substrate").into_iter().collect();
+    // A session (the demo page's) gets its own upstream socket, so what the backend
+    // pushes on it (`notify_me`, `ask`) reaches that session; calls without a session
+    // key share the pool as usual.
+    config.sessions.affinity = Affinity::Connection;
     config
         .upstreams
         .push(UpstreamConfig::new(format!("ws://{backend_addr}/")));
-    let gateway = Gateway::from_listener(listener, config)?;
+    let gateway = Gateway::from_listener(listener, config)?.with_demo_page();
     println!("rpcgate demo: http://{addr}/ -> echo backend ws://{backend_addr}/");
+    println!(
+        "In a browser: http://{addr}/demo/ (the JavaScript client, WebSocket first, HTTP fallback)"
+    );
     println!("Try:");
     println!(
         "  curl -s http://{addr}/ -H 'Content-Type: application/json' -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"echo\",\"params\":[\"hello\"]}}'"

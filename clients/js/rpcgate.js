@@ -149,7 +149,10 @@ export class RpcClient {
   constructor(url, options = {}) {
     this.options = options;
     this._WS = pick(options, "WebSocket");
-    this._fetch = pick(options, "fetch");
+    // Browsers refuse `fetch` called on anything but the window ("Illegal invocation"),
+    // so the global one is bound to it; an injected one is used as given.
+    const fetchFn = pick(options, "fetch");
+    this._fetch = fetchFn && !("fetch" in options) ? fetchFn.bind(globalThis) : fetchFn;
     this._ES = pick(options, "EventSource");
     const st = options.setTimeout ?? globalThis.setTimeout;
     const ct = options.clearTimeout ?? globalThis.clearTimeout;

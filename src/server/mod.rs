@@ -6,6 +6,7 @@
 mod accept;
 mod admin;
 mod cors;
+mod demo;
 mod events;
 mod fdlimit;
 mod listener;
@@ -67,6 +68,8 @@ pub struct AppState {
     /// Cancelled when connections are asked to finish: event streams and WebSocket
     /// clients end then, instead of holding the drain open.
     pub closing: CancellationToken,
+    /// `rpcgate demo`: serve the demo page at `/demo/`.
+    pub demo_page: bool,
 }
 
 impl AppState {
@@ -214,9 +217,18 @@ impl Gateway {
                 budget,
                 hub,
                 closing: CancellationToken::new(),
+                demo_page: false,
             }),
             background,
         })
+    }
+
+    /// Serves the demo page at `/demo/` too (`rpcgate demo`).
+    pub fn with_demo_page(mut self) -> Gateway {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.demo_page = true;
+        }
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

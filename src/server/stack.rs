@@ -87,7 +87,9 @@ impl Service<Request<Incoming>> for Rpc {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let state = self.state.clone();
         Box::pin(async move {
-            Ok(if req.uri().path() == state.config.push.events_path {
+            Ok(if state.demo_page && super::demo::owns(req.uri().path()) {
+                super::demo::handle(&req)
+            } else if req.uri().path() == state.config.push.events_path {
                 super::events::handle(req, &state).await
             } else if super::ws::is_upgrade(&req) {
                 super::ws::upgrade(req, &state)
@@ -123,8 +125,10 @@ impl<S> Checks<S> {
     /// The answer to a request that fails a check, cheapest check first.
     fn refuse<B>(&self, req: &Request<B>) -> Option<HttpResponse> {
         let http = &self.state.config.http;
-        if req.uri().path() == self.state.config.push.events_path {
-            return None; // `events.rs` checks its own requests.
+        if req.uri().path() == self.state.config.push.events_path
+            || (self.state.demo_page && super::demo::owns(req.uri().path()))
+        {
+            return None; // `events.rs` and `demo.rs` check their own requests.
         }
         if req.uri().path() != http.path {
             return Some(response::error(None, &Error::NotFound(http.path.clone())));

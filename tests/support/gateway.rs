@@ -45,13 +45,24 @@ pub fn config_for(urls: &[String], connections: usize) -> Config {
 
 /// Starts a gateway with `config` (its `listen` is ignored: port 0 is used).
 pub async fn start_gateway(config: Config) -> TestGateway {
+    start_gateway_with(config, |g| g).await
+}
+
+/// [`start_gateway`], with `adjust` applied to the gateway before it runs (e.g.
+/// `Gateway::with_demo_page`).
+pub async fn start_gateway_with(
+    config: Config,
+    adjust: impl FnOnce(Gateway) -> Gateway,
+) -> TestGateway {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let addr = listener.local_addr().expect("local addr");
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let admin = admin_listener.local_addr().expect("local addr");
-    let gateway = Gateway::from_listener(listener, config)
-        .expect("gateway starts")
-        .with_admin(Some(admin_listener));
+    let gateway = adjust(
+        Gateway::from_listener(listener, config)
+            .expect("gateway starts")
+            .with_admin(Some(admin_listener)),
+    );
     let upstreams = gateway.upstreams();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(gateway.run(shutdown.clone()));

@@ -15,6 +15,7 @@
 //! Not every test uses every item, hence the `dead_code` allowance above.
 
 pub mod admin;
+pub mod browser;
 pub mod fake_upstream;
 pub mod ganache;
 pub mod gateway;
