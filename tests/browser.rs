@@ -151,14 +151,20 @@ async fn demo_backend() -> (String, tokio_util::sync::CancellationToken) {
     (url, stop)
 }
 
+/// What `rpcgate demo` runs with: sessions with their own upstream socket, ticks tracked.
+fn demo_config(backend: &str) -> Config {
+    let mut c = config_for(&[backend.to_string()], 1);
+    c.sessions.affinity = rpcgate::config::Affinity::Connection;
+    c.subscriptions = vec![rpcgate::config::SubscriptionRule::preset("substrate").unwrap()];
+    c
+}
+
 /// A gateway in front of the demo backend for a page on `origin`: sessions with their
 /// own upstream socket (so the backend's pushes and questions reach the page), and the
 /// ticks subscriptions tracked.
 async fn client_gateway(backend: &str, origin: &str, websocket: bool) -> TestGateway {
-    let mut c = config_for(&[backend.to_string()], 1);
+    let mut c = demo_config(backend);
     c.cors.allowed_origins = vec![origin.to_string()];
-    c.sessions.affinity = rpcgate::config::Affinity::Connection;
-    c.subscriptions = vec![rpcgate::config::SubscriptionRule::preset("substrate").unwrap()];
     c.http.websocket = websocket;
     let gw = start_gateway(c).await;
     gw.wait_open(1).await;
@@ -234,10 +240,8 @@ fn wait_js(condition: &str) -> String {
 #[tokio::test]
 async fn the_demo_page_calls_and_falls_back_in_a_browser() {
     let (backend, _stop) = demo_backend().await;
-    let mut c = config_for(&[backend], 1);
-    c.sessions.affinity = rpcgate::config::Affinity::Connection;
-    c.subscriptions = vec![rpcgate::config::SubscriptionRule::preset("substrate").unwrap()];
-    let gw = support::gateway::start_gateway_with(c, |g| g.with_demo_page()).await;
+    let gw =
+        support::gateway::start_gateway_with(demo_config(&backend), |g| g.with_demo_page()).await;
     gw.wait_open(1).await;
     let mut browser = Browser::start().await;
     let tab = browser.open(&format!("http://{}/demo/", gw.addr)).await;
