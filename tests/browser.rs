@@ -304,3 +304,84 @@ async fn the_demo_page_calls_and_falls_back_in_a_browser() {
         true
     );
 }
+
+#[tokio::test]
+async fn a_pages_subscription_survives_an_upstream_restart() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let first = tokio::spawn(rpcgate_echo::serve(
+        listener,
+        std::sync::Arc::from("one"),
+        stop.clone(),
+    ));
+    let page = page_server().await;
+    let origin = format!("http://{page}");
+    let mut c = config_for(&[format!("ws://{addr}/")], 1);
+    c.cors.allowed_origins = vec![origin.clone()];
+    c.subscriptions = vec![rpcgate::config::SubscriptionRule::preset("substrate").unwrap()];
+    let gw = start_gateway(c).await;
+    gw.wait_open(1).await;
+    let mut browser = Browser::start().await;
+    let tab = browser.open(&format!("{origin}/")).await;
+    let sub = browser
+        .eval(
+            &tab,
+            &format!(
+                r#"(async () => {{
+                    const {{ connect }} = await import("/rpcgate.js");
+                    window.rpc = await connect("http://{}/");
+                    window.notes = []; window.gaps = [];
+                    rpc.on("notification", (m) => notes.push(m));
+                    rpc.on("gap", (g) => gaps.push(g));
+                    return await rpc.call("ticks_subscribe", [50]);
+                }})()"#,
+                gw.addr
+            ),
+        )
+        .await;
+    assert!(sub.is_string(), "{sub}");
+    let ticks_of_sub = format!(r#"notes.filter(m => m.params.subscription === {sub})"#);
+    assert_eq!(
+        browser
+            .eval(&tab, &wait_js(&format!("{ticks_of_sub}.length >= 2")))
+            .await,
+        true
+    );
+
+    // The upstream restarts on the same address; rpcgate subscribes again.
+    stop.cancel();
+    let _ = support::with_timeout(first).await;
+    let listener = TcpListener::bind(addr).await.expect("rebind the same port");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(rpcgate_echo::serve(
+        listener,
+        std::sync::Arc::from("two"),
+        stop.clone(),
+    ));
+
+    // The page hears of the gap, then ticks again under the id it holds, counting afresh.
+    assert_eq!(
+        browser
+            .eval(
+                &tab,
+                &wait_js(r#"gaps.some(g => g.reason === "upstream_reconnected")"#)
+            )
+            .await,
+        true
+    );
+    assert_eq!(
+        browser
+            .eval(
+                &tab,
+                &wait_js(&format!(
+                    "{ticks_of_sub}.some((m, i) => i > 0 && m.params.result === 1)"
+                ))
+            )
+            .await,
+        true,
+        "ticks of the re-made subscription reach the page under its id"
+    );
+    browser.eval(&tab, "rpc.close()").await;
+    stop.cancel();
+}
