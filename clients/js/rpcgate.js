@@ -98,6 +98,7 @@ export function randomSessionKey(cryptoImpl = globalThis.crypto) {
  * @property {number} [upgradeInterval] after a fallback, try the WebSocket again every so many ms; 0 (default) = never
  * @property {string} [eventsPath] path of the events endpoint on the gateway's origin; "/events"
  * @property {number} [pollWait] long-poll `wait` in seconds (25)
+ * @property {number} [streamOpenTimeout] ms to wait for an event stream's `rpcgate.open` event before long-polling instead (5000; 0: never)
  * @property {string} [sessionHeader] "rpcgate-session"
  * @property {Record<string,string>} [headers] extra headers for HTTP POSTs
  * @property {RequestCredentials} [credentials] fetch credentials; "include" also sets EventSource withCredentials
@@ -597,7 +598,24 @@ export class RpcClient {
     this._stopPush();
     if (this._ES) {
       const es = new this._ES(this.eventsUrl, { withCredentials: this.options.credentials === "include" });
+      // rpcgate starts every stream with an `rpcgate.open` event. A proxy that buffers
+      // the stream holds that back too: without it in time, long-poll instead.
+      let delivered = false;
+      es.addEventListener("rpcgate.open", () => { delivered = true; });
+      const waitOpen = this.options.streamOpenTimeout ?? 5000;
+      if (waitOpen > 0) {
+        this._setTimeout(() => {
+          if (delivered || this._es !== es || this._closed) return;
+          try { es.close(); } catch { /* ignore */ }
+          this._es = null;
+          this._ES = null; // this stream never delivered; later ones would not either
+          this._emit("error", new RpcError(ErrorCode.UNAVAILABLE, "the event stream delivered nothing: long-polling instead"));
+          this._poll(++this._pollGen);
+        }, waitOpen);
+      }
       es.onmessage = (ev) => {
+        delivered = true;
+        if (ev.lastEventId) this._lastEventId = Number(ev.lastEventId);
         let msg;
         try { msg = JSON.parse(ev.data); } catch { this._emit("error", new RpcError(ErrorCode.BAD_RESPONSE, "event is not JSON", ev.data)); return; }
         this._handle(msg);

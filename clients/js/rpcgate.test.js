@@ -84,10 +84,14 @@ const echoHttp = (req) => {
   return { status: 200, body: answer(req.body) };
 };
 
-function fakeEventSource() {
+function fakeEventSource({ silent = false } = {}) {
   class FakeES {
     static instances = [];
-    constructor(url, opts) { this.url = url; this.opts = opts; this.listeners = {}; this.closed = false; FakeES.instances.push(this); }
+    constructor(url, opts) {
+      this.url = url; this.opts = opts; this.listeners = {}; this.closed = false; FakeES.instances.push(this);
+      // Like rpcgate, which opens every stream with this event; a buffering proxy is silent.
+      if (!silent) queueMicrotask(() => this.emitEvent("rpcgate.open", { session: "s" }));
+    }
     addEventListener(type, fn) { (this.listeners[type] ??= []).push(fn); }
     close() { this.closed = true; }
     emit(obj) { this.onmessage?.({ data: JSON.stringify(obj) }); }
@@ -579,5 +583,46 @@ test("unmatched replies and bad frames are reported as error events", async () =
   WS.last.receive({ jsonrpc: "2.0", id: null, error: { code: -32700, message: "Parse error" } });
   assert.equal(errors.length, 3);
   assert.equal(errors[2].code, -32700);
+  rpc.close();
+});
+
+test("an event stream that never delivers (a buffering proxy) is replaced by long-poll", async () => {
+  const clock = fakeClock();
+  const polls = [];
+  const fetch = fakeFetch((req) => {
+    if (req.method === "POST") return echoHttp(req);
+    return new Promise((resolve) => polls.push({ req, resolve }));
+  });
+  const ES = fakeEventSource({ silent: true });
+  const errors = [];
+  const rpc = await connect("http://gw.test/", {
+    transports: ["http"], fetch, EventSource: ES, session: "b",
+    now: clock.now, setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout,
+  });
+  rpc.on("error", (e) => errors.push(e.code));
+  await settle();
+  assert.equal(ES.instances.length, 1);
+  assert.equal(polls.length, 0, "no long-poll while the stream may still deliver");
+  await clock.advance(5000);
+  await settle();
+  assert.equal(ES.instances[0].closed, true, "the silent stream is closed");
+  assert.equal(polls.length, 1, "and long-poll takes over");
+  assert.deepEqual(errors, ["unavailable"]);
+  rpc.close();
+});
+
+test("a stream that opens normally is kept", async () => {
+  const clock = fakeClock();
+  const fetch = fakeFetch(echoHttp);
+  const ES = fakeEventSource();
+  const rpc = await connect("http://gw.test/", {
+    transports: ["http"], fetch, EventSource: ES, session: "ok",
+    now: clock.now, setTimeout: clock.setTimeout, clearTimeout: clock.clearTimeout,
+  });
+  await settle();
+  await clock.advance(60000);
+  await settle();
+  assert.equal(ES.instances[0].closed, false);
+  assert.equal(fetch.requests.filter((r) => r.method === "GET").length, 0);
   rpc.close();
 });

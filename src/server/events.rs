@@ -101,12 +101,15 @@ fn stream(
     let heartbeat = state.hub.config().heartbeat;
     let client = key;
     tokio::spawn(async move {
-        // A first line at once: the headers go out, and proxies see a live stream.
-        if tx
-            .send(Bytes::from_static(b": rpcgate events\n\n"))
-            .await
-            .is_err()
-        {
+        // At once: the headers go out, proxies see a live stream, and a client can tell
+        // a stream that works from one a buffering proxy holds back (EventSource does
+        // not show comments, so this is an event; it has no id, so it moves no
+        // client's Last-Event-ID).
+        let open = format!(
+            ": rpcgate events\nevent: rpcgate.open\ndata: {{\"session\":{}}}\n\n",
+            serde_json::to_string(&client).unwrap_or_else(|_| "null".into())
+        );
+        if tx.send(Bytes::from(open)).await.is_err() {
             return;
         }
         let mut cursor = after;
