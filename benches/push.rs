@@ -562,7 +562,10 @@ async fn sse_client(
             Ok(n) => n,
         };
         stream.feed(&buf[..n], |line| {
-            if let Some(data) = line.strip_prefix(b"data: ") {
+            // The stream's `rpcgate.open` event names the session; it is no message.
+            if let Some(data) = line.strip_prefix(b"data: ")
+                && !data.starts_with(br#"{"session":"#)
+            {
                 counts.message(data, &own);
             }
         })?;
