@@ -1545,3 +1545,25 @@ async fn unsubscribing_while_a_resubscribe_is_out_closes_what_it_opens() {
         .expect("an unsubscribe");
     assert_eq!(closed.params(), Some(&json!(["0x2"])));
 }
+
+#[tokio::test]
+async fn a_stream_after_delivered_starts_where_the_websocket_left_off() {
+    let echo = Echo::start("a").await;
+    let gw = gateway_with(push_config(std::slice::from_ref(&echo.url), 1), 1).await;
+    let (mut ws, _) = ws_connect(gw.addr, "/?session=fall", &[]).await;
+    let sub = subscribe(gw.addr, "fall", 20).await;
+    let mut last = 0;
+    for n in 1..=3 {
+        last = tick_of(&ws_next(&mut ws).await, &sub);
+        assert_eq!(last, n);
+    }
+    // The page falls back: its event stream starts after what the socket delivered.
+    drop(ws);
+    let mut sse = open_sse(gw.addr, "/events?session=fall&after=delivered", &[]).await;
+    // (A tick written to the socket just before it closed may be past `last`.)
+    let first = tick_of(&sse.event().await.json(), &sub);
+    assert!(
+        first > last,
+        "tick {first} came again after the socket had {last}"
+    );
+}

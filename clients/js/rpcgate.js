@@ -597,7 +597,7 @@ export class RpcClient {
   _startPush() {
     this._stopPush();
     if (this._ES) {
-      const es = new this._ES(this.eventsUrl, { withCredentials: this.options.credentials === "include" });
+      const es = new this._ES(this._resumeUrl(), { withCredentials: this.options.credentials === "include" });
       // rpcgate starts every stream with an `rpcgate.open` event. A proxy that buffers
       // the stream holds that back too: without it in time, long-poll instead.
       let delivered = false;
@@ -632,6 +632,17 @@ export class RpcClient {
     }
   }
 
+  /** The events URL from where this client got to: the last event id it saw, or, before
+   * any (a fresh start, or a fallback from the WebSocket, whose frames carry no ids),
+   * `after=delivered`: what no reader of the session has been given yet, so nothing the
+   * socket already delivered comes twice. EventSource's own reconnects send
+   * Last-Event-ID, which the gateway prefers. */
+  _resumeUrl() {
+    const u = new URL(this.eventsUrl);
+    u.searchParams.set("after", this._lastEventId != null ? String(this._lastEventId) : "delivered");
+    return u.href;
+  }
+
   _stopPush() {
     if (this._es) { try { this._es.close(); } catch { /* ignore */ } this._es = null; }
     this._pollGen++;
@@ -642,8 +653,7 @@ export class RpcClient {
     let attempt = 0;
     const live = () => !this._closed && this._pollGen === gen;
     while (live()) {
-      const u = new URL(this.eventsUrl);
-      if (this._lastEventId != null) u.searchParams.set("after", String(this._lastEventId));
+      const u = new URL(this._resumeUrl());
       u.searchParams.set("wait", String(this.options.pollWait ?? 25));
       const init = { headers: { Accept: "application/json" } };
       if (this.options.credentials) init.credentials = this.options.credentials;

@@ -223,7 +223,7 @@ test("over HTTP, pushed messages come by EventSource and requests are answered b
   const ES = fakeEventSource();
   const rpc = await connect("http://gw.test:9/", { transports: ["http"], fetch, EventSource: ES, session: "sess" });
   const es = ES.instances[0];
-  assert.equal(es.url, "http://gw.test:9/events?session=sess");
+  assert.equal(es.url, "http://gw.test:9/events?session=sess&after=delivered");
   const notes = [], gaps = [];
   rpc.on("notification", (m) => notes.push(m));
   rpc.on("gap", (g) => gaps.push(g));
@@ -283,7 +283,8 @@ test("WebSocket refused → falls back to HTTP, emits transport, same session ke
   assert.equal(WS.instances[0].url, `ws://gw.test/?session=${key}`);
   assert.equal(rpc.transport, "http");
   assert.deepEqual(events, [["http", "websocket_failed"]]);
-  assert.equal(ES.instances[0].url, `http://gw.test/events?session=${key}`);
+  // From what the socket had not delivered: nothing comes twice after a fallback.
+  assert.equal(ES.instances[0].url, `http://gw.test/events?session=${key}&after=delivered`);
   await rpc.call("echo", [1]);
   assert.equal(fetch.requests[0].headers["rpcgate-session"], key);
   rpc.close();
@@ -456,7 +457,7 @@ test("long-poll when EventSource is unavailable: after= the last id, messages an
   const u1 = new URL(polls[0].req.url);
   assert.equal(u1.pathname, "/events");
   assert.equal(u1.searchParams.get("session"), "lp");
-  assert.equal(u1.searchParams.get("after"), null);
+  assert.equal(u1.searchParams.get("after"), "delivered", "nothing a socket already delivered");
   assert.equal(u1.searchParams.get("wait"), "20");
   assert.equal(polls[0].req.headers.Accept, "application/json");
   polls[0].resolve({ status: 200, body: [{ id: 4, message: { jsonrpc: "2.0", method: "n", params: [4] } }, { id: 5, gap: { reason: "memory", missed: 1 } }, { id: 6, message: { jsonrpc: "2.0", method: "n", params: [6] } }] });

@@ -53,7 +53,7 @@ pub async fn handle<B>(req: Request<B>, state: &Arc<AppState>) -> HttpResponse {
     {
         return response::error(None, &e);
     }
-    let after = last_event_id(&req);
+    let after = last_event_id(&req, push.delivered());
     let consumer = state.hub.attach(&push);
     if wants_stream(&req) {
         stream(state.clone(), consumer, after, session.key)
@@ -68,18 +68,23 @@ pub async fn handle<B>(req: Request<B>, state: &Arc<AppState>) -> HttpResponse {
 }
 
 /// `Last-Event-ID` (what EventSource sends when it reconnects), or `?after=` /
-/// `?last_event_id=` for clients that cannot set headers.
-fn last_event_id<B>(req: &Request<B>) -> Option<u64> {
+/// `?last_event_id=` for clients that cannot set headers. `?after=delivered` starts
+/// after the last message any reader of the session was given (`delivered`): a client
+/// falling back from its WebSocket gets what the socket did not, not all again.
+fn last_event_id<B>(req: &Request<B>, delivered: u64) -> Option<u64> {
     let header = req
         .headers()
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let query = req.uri().query();
-    header
+    let value = header
         .or_else(|| query_param(query, "after"))
-        .or_else(|| query_param(query, "last_event_id"))
-        .and_then(|v| v.trim().parse().ok())
+        .or_else(|| query_param(query, "last_event_id"))?;
+    match value.trim() {
+        "delivered" => Some(delivered),
+        n => n.parse().ok(),
+    }
 }
 
 fn wants_stream<B>(req: &Request<B>) -> bool {
