@@ -9,16 +9,12 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use support::ganache::{Ganache, ganache_package, hex, parse_quantity};
+use support::python::PyUpstream;
 use support::with_timeout;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -215,100 +211,11 @@ fn without_rpcgate_ganache_the_harness_says_to_run_ci_run() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The Python upstream (tests/interop/upstream.py); launched as tests/interop.rs does.
-
-const WEBSOCKETS: &str = "websockets==17.4";
-
-fn python() -> PathBuf {
-    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    PYTHON.get_or_init(find_or_make_python).clone()
-}
-
-fn find_or_make_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("RPCGATE_INTEROP_PYTHON") {
-        let p = PathBuf::from(p);
-        assert!(
-            has_websockets(&p),
-            "RPCGATE_INTEROP_PYTHON={} cannot import websockets",
-            p.display()
-        );
-        return p;
-    }
-    // The same virtualenv, under the same lock, as tests/interop.rs.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = root.join("target").join("interop-venv");
-    let python = venv.join("bin").join("python");
-    std::fs::create_dir_all(root.join("target")).expect("create target/");
-    let lock =
-        std::fs::File::create(root.join("target").join("interop-venv.lock")).expect("lock file");
-    lock.lock().expect("lock the venv");
-    if !has_websockets(&python) {
-        let made = std::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("python3 is needed for the interop suite");
-        assert!(made.success(), "python3 -m venv failed");
-        let installed = std::process::Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .arg(WEBSOCKETS)
-            .status()
-            .expect("run pip");
-        assert!(installed.success(), "pip install {WEBSOCKETS} failed");
-    }
-    python
-}
-
-fn has_websockets(python: &Path) -> bool {
-    std::process::Command::new(python)
-        .args(["-c", "import websockets.asyncio.server"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// The Python upstream, killed when dropped (its stdin closing also stops it).
-struct PyUpstream {
-    _child: Child,
-    url: String,
-}
-
-impl PyUpstream {
-    async fn start() -> PyUpstream {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/upstream.py");
-        let mut child = Command::new(python())
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn the python upstream");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        with_timeout(BufReader::new(stdout).read_line(&mut line))
-            .await
-            .expect("read LISTENING line");
-        let port = line
-            .trim()
-            .strip_prefix("LISTENING ")
-            .unwrap_or_else(|| panic!("unexpected first line from upstream.py: {line:?}"));
-        PyUpstream {
-            _child: child,
-            url: format!("ws://127.0.0.1:{port}/"),
-        }
-    }
-}
+// The Python upstream (tests/interop/upstream.py), launched by tests/support/python.rs.
 
 #[tokio::test]
 async fn python_notify_me_replies_then_notifies() {
-    let py = PyUpstream::start().await;
+    let py = PyUpstream::start("py-selftest").await;
     let mut peer = Peer::connect(&py.url).await;
     let value = json!({"k": [1, "é"]});
     assert_eq!(
@@ -331,7 +238,7 @@ async fn python_notify_me_replies_then_notifies() {
 
 #[tokio::test]
 async fn python_ticks_count_until_unsubscribed() {
-    let py = PyUpstream::start().await;
+    let py = PyUpstream::start("py-selftest").await;
     let mut peer = Peer::connect(&py.url).await;
     let sub = peer.call(1, "ticks_subscribe", json!([10])).await["result"].clone();
     assert!(sub.is_string(), "{sub}");
@@ -382,7 +289,7 @@ async fn python_ticks_count_until_unsubscribed() {
 
 #[tokio::test]
 async fn python_ask_round_trip() {
-    let py = PyUpstream::start().await;
+    let py = PyUpstream::start("py-selftest").await;
     let mut peer = Peer::connect(&py.url).await;
 
     peer.send(json!({"jsonrpc": "2.0", "id": 1, "method": "ask", "params": ["deploy?"]}))

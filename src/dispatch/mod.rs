@@ -22,7 +22,7 @@ mod route;
 mod select;
 
 pub use outbound::{Outbound, Prelude};
-pub use route::Route;
+pub use route::{OwnedRoute, Route};
 
 use crate::budget::Budgets;
 use crate::error::{Busy, Error, rounded};

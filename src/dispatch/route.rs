@@ -19,3 +19,31 @@ pub enum Route<'a> {
     /// into rotation), and no failover.
     Upstream(&'a Arc<Upstream>),
 }
+
+/// A [`Route`] that owns what it names.
+pub enum OwnedRoute {
+    Any,
+    Sticky(Vec<u8>),
+    Own(Arc<Conn>),
+    Upstream(Arc<Upstream>),
+}
+
+impl OwnedRoute {
+    pub fn of(route: Route<'_>) -> OwnedRoute {
+        match route {
+            Route::Any => OwnedRoute::Any,
+            Route::Sticky(key) => OwnedRoute::Sticky(key.to_vec()),
+            Route::Own(conn) => OwnedRoute::Own(conn.clone()),
+            Route::Upstream(up) => OwnedRoute::Upstream(up.clone()),
+        }
+    }
+
+    pub fn route(&self) -> Route<'_> {
+        match self {
+            OwnedRoute::Any => Route::Any,
+            OwnedRoute::Sticky(key) => Route::Sticky(key),
+            OwnedRoute::Own(conn) => Route::Own(conn),
+            OwnedRoute::Upstream(up) => Route::Upstream(up),
+        }
+    }
+}

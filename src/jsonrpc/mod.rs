@@ -18,7 +18,7 @@ mod request;
 mod upstream;
 
 pub use reply::{write_error, write_reply};
-pub use request::{Body, Call, Entry, Invalid, parse_answer, parse_body};
+pub use request::{Body, Call, Entry, Invalid, OwnedCall, parse_answer, parse_body};
 pub use upstream::{Inbound, Message, Outcome, Pushed, finish_frame, read_upstream};
 
 use serde::{Deserialize, Deserializer};

@@ -216,6 +216,31 @@ impl<'a> Call<'a> {
     }
 }
 
+/// A call with its parts owned, to outlive the request body.
+pub struct OwnedCall {
+    id: Option<Box<RawValue>>,
+    method: Box<RawValue>,
+    params: Option<Box<RawValue>>,
+}
+
+impl OwnedCall {
+    pub fn of(call: &Call<'_>) -> OwnedCall {
+        OwnedCall {
+            id: call.id.map(ToOwned::to_owned),
+            method: call.method.to_owned(),
+            params: call.params.map(ToOwned::to_owned),
+        }
+    }
+
+    pub fn call(&self) -> Call<'_> {
+        Call {
+            id: self.id.as_deref(),
+            method: &self.method,
+            params: self.params.as_deref(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{finish_frame, read_upstream, write_reply};

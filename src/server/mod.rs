@@ -5,6 +5,8 @@
 
 mod accept;
 mod admin;
+mod answer;
+mod body;
 mod cors;
 mod demo;
 mod events;

@@ -6,20 +6,20 @@
 //! an [`Error`] becomes HTTP.
 
 use super::AppState;
+pub(super) use super::answer::Answer;
+use super::body::read_body;
 use super::response::{self, HttpResponse};
 use super::session_key::{SessionKey, session_of};
-use crate::budget::{Budgets, Charge};
+use crate::budget::Budgets;
 use crate::config::{Affinity, BatchMode};
-use crate::dispatch::{self, Outbound, Route, Sent};
-use crate::error::{Busy, Error};
-use crate::jsonrpc::{self, Body, Call, Entry, Invalid};
+use crate::dispatch::{self, Outbound, OwnedRoute, Route, Sent};
+use crate::error::Error;
+use crate::jsonrpc::{self, Body, Call, Entry, Invalid, OwnedCall};
 use crate::push::{Kind, Reservation, Unsubscribe};
 use crate::upstream::{Conn, Reply};
-use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
-use http::header::{CONTENT_LENGTH, SET_COOKIE};
-use http::{HeaderValue, Request, StatusCode};
-use http_body_util::BodyExt;
+use http::header::SET_COOKIE;
+use http::{HeaderValue, Request};
 use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use std::sync::Arc;
@@ -88,69 +88,6 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
     resp
 }
 
-/// Reads the whole body within `limit` bytes and `timeout`, charging it to `budgets`
-/// as it arrives: a body that does not fit is refused before the rest is read.
-async fn read_body(
-    req: Request<Incoming>,
-    budgets: &Budgets,
-    limit: usize,
-    timeout: std::time::Duration,
-) -> Result<(Bytes, Charge), Error> {
-    let over_budget = Error::Overloaded(Busy::Memory);
-    if !budgets.has_room() {
-        return Err(over_budget);
-    }
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    // A declared length is charged whole, up front: refused before a byte is read.
-    let mut charge = match declared {
-        Some(len) => budgets.charge(len).ok_or(over_budget.clone())?,
-        None => budgets.empty(),
-    };
-    let mut body = req.into_body();
-    // Most bodies arrive in one chunk: that one is kept as it came, without a copy.
-    let mut first: Option<Bytes> = None;
-    let mut buf = BytesMut::new();
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                // The client broke off mid-body; whatever we answer will likely not arrive.
-                tracing::debug!(error = %e, "reading request body failed");
-                Error::InvalidRequest("request body could not be read")
-            })?;
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
-            let len = buf.len() + first.as_ref().map_or(0, Bytes::len) + data.len();
-            if len > limit {
-                return Err(Error::PayloadTooLarge { limit });
-            }
-            if len > charge.bytes() && !charge.grow(len - charge.bytes()) {
-                return Err(over_budget.clone());
-            }
-            match first.take() {
-                None if buf.is_empty() => first = Some(data),
-                earlier => {
-                    if let Some(earlier) = earlier {
-                        buf.reserve(declared.unwrap_or(len).min(limit));
-                        buf.extend_from_slice(&earlier);
-                    }
-                    buf.extend_from_slice(&data);
-                }
-            }
-        }
-        Ok(())
-    };
-    match tokio::time::timeout(timeout, read).await {
-        Ok(Ok(())) => Ok((first.unwrap_or_else(|| buf.freeze()), charge)),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(Error::BodyTimeout(timeout)),
-    }
-}
-
 /// The session's own connection, opening it if needed (`affinity = "connection"`).
 fn own_connection(
     state: &AppState,
@@ -188,62 +125,6 @@ pub(super) struct Caller<'a> {
     pub own: Option<&'a Arc<Conn>>,
     /// The client connection's budgets, which each call's frame is charged to.
     pub budgets: &'a Budgets,
-}
-
-/// What a body of calls got, before it is put in an HTTP answer or a WebSocket frame.
-pub(super) enum Answer {
-    /// Only notifications: nothing to say (HTTP 204).
-    Nothing,
-    /// A client's answer to a request from the upstream, passed on (HTTP 202).
-    Accepted,
-    /// One call's reply with the client's id.
-    Reply {
-        bytes: Vec<u8>,
-        upstream: Option<Arc<str>>,
-    },
-    /// A whole request failed: the error object, and the error for the HTTP status.
-    Failed(Vec<u8>, Error),
-    /// A batch's answers, in order.
-    Batch { bytes: Vec<u8>, len: usize },
-}
-
-impl Answer {
-    fn failed(id: Option<&RawValue>, e: Error) -> Answer {
-        Answer::Failed(response::error_bytes(id, &e), e)
-    }
-
-    /// The JSON text to send back, if any (a WebSocket client's frame).
-    pub fn into_text(self) -> Option<Vec<u8>> {
-        match self {
-            Answer::Nothing | Answer::Accepted => None,
-            Answer::Reply { bytes, .. }
-            | Answer::Failed(bytes, _)
-            | Answer::Batch { bytes, .. } => Some(bytes),
-        }
-    }
-
-    fn into_http(self) -> HttpResponse {
-        match self {
-            Answer::Nothing => response::no_content(),
-            Answer::Accepted => response::accepted(),
-            Answer::Reply { bytes, upstream } => {
-                let mut resp = response::json(StatusCode::OK, bytes);
-                if let Some(upstream) = upstream {
-                    resp.extensions_mut().insert(response::AnsweredBy(upstream));
-                }
-                resp
-            }
-            Answer::Failed(bytes, e) => response::error_with(bytes, &e),
-            Answer::Batch { bytes, len } => {
-                let mut resp = match bytes.is_empty() {
-                    true => response::no_content(),
-                    false => response::json(StatusCode::OK, bytes),
-                };
-                resp.extensions_mut().insert(response::BatchLen(len));
-                resp
-            }
-        }
-    }
 }
 
 /// Answers one body of JSON-RPC (a call, a notification, a batch, or a client's
@@ -445,59 +326,6 @@ async fn single(call: Call<'_>, via: &Via<'_>, deadline: Instant) -> Answer {
             },
             Err(e) => Answer::failed(Some(id), e),
         },
-    }
-}
-
-/// A call with its parts owned, to outlive the request body.
-struct OwnedCall {
-    id: Option<Box<RawValue>>,
-    method: Box<RawValue>,
-    params: Option<Box<RawValue>>,
-}
-
-impl OwnedCall {
-    fn of(call: &Call<'_>) -> OwnedCall {
-        OwnedCall {
-            id: call.id.map(ToOwned::to_owned),
-            method: call.method.to_owned(),
-            params: call.params.map(ToOwned::to_owned),
-        }
-    }
-
-    fn call(&self) -> Call<'_> {
-        Call {
-            id: self.id.as_deref(),
-            method: &self.method,
-            params: self.params.as_deref(),
-        }
-    }
-}
-
-/// A [`Route`] that owns what it names.
-enum OwnedRoute {
-    Any,
-    Sticky(Vec<u8>),
-    Own(Arc<Conn>),
-    Upstream(Arc<crate::upstream::Upstream>),
-}
-
-impl OwnedRoute {
-    fn of(route: Route<'_>) -> OwnedRoute {
-        match route {
-            Route::Any => OwnedRoute::Any,
-            Route::Sticky(key) => OwnedRoute::Sticky(key.to_vec()),
-            Route::Own(conn) => OwnedRoute::Own(conn.clone()),
-            Route::Upstream(up) => OwnedRoute::Upstream(up.clone()),
-        }
-    }
-
-    fn route(&self) -> Route<'_> {
-        match self {
-            OwnedRoute::Any => Route::Any,
-            OwnedRoute::Sticky(key) => Route::Sticky(key),
-            OwnedRoute::Own(conn) => Route::Own(conn),
-            OwnedRoute::Upstream(up) => Route::Upstream(up),
-        }
     }
 }
 

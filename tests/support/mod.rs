@@ -20,6 +20,7 @@ pub mod fake_upstream;
 pub mod ganache;
 pub mod gateway;
 pub mod http;
+pub mod python;
 pub mod sse;
 
 use std::future::{Future, IntoFuture};

@@ -1,0 +1,64 @@
+//! What a body of calls got, whichever way it came: turned into an HTTP answer
+//! (`rpc::handle`) or a WebSocket frame (`ws.rs`).
+
+use super::response::{self, HttpResponse};
+use crate::error::Error;
+use http::StatusCode;
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+/// What a body of calls got, before it is put in an HTTP answer or a WebSocket frame.
+pub(super) enum Answer {
+    /// Only notifications: nothing to say (HTTP 204).
+    Nothing,
+    /// A client's answer to a request from the upstream, passed on (HTTP 202).
+    Accepted,
+    /// One call's reply with the client's id.
+    Reply {
+        bytes: Vec<u8>,
+        upstream: Option<Arc<str>>,
+    },
+    /// A whole request failed: the error object, and the error for the HTTP status.
+    Failed(Vec<u8>, Error),
+    /// A batch's answers, in order.
+    Batch { bytes: Vec<u8>, len: usize },
+}
+
+impl Answer {
+    pub(super) fn failed(id: Option<&RawValue>, e: Error) -> Answer {
+        Answer::Failed(response::error_bytes(id, &e), e)
+    }
+
+    /// The JSON text to send back, if any (a WebSocket client's frame).
+    pub fn into_text(self) -> Option<Vec<u8>> {
+        match self {
+            Answer::Nothing | Answer::Accepted => None,
+            Answer::Reply { bytes, .. }
+            | Answer::Failed(bytes, _)
+            | Answer::Batch { bytes, .. } => Some(bytes),
+        }
+    }
+
+    pub(super) fn into_http(self) -> HttpResponse {
+        match self {
+            Answer::Nothing => response::no_content(),
+            Answer::Accepted => response::accepted(),
+            Answer::Reply { bytes, upstream } => {
+                let mut resp = response::json(StatusCode::OK, bytes);
+                if let Some(upstream) = upstream {
+                    resp.extensions_mut().insert(response::AnsweredBy(upstream));
+                }
+                resp
+            }
+            Answer::Failed(bytes, e) => response::error_with(bytes, &e),
+            Answer::Batch { bytes, len } => {
+                let mut resp = match bytes.is_empty() {
+                    true => response::no_content(),
+                    false => response::json(StatusCode::OK, bytes),
+                };
+                resp.extensions_mut().insert(response::BatchLen(len));
+                resp
+            }
+        }
+    }
+}
