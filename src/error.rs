@@ -3,7 +3,7 @@
 //! This is the one place that maps failures to answers; the error table in
 //! `docs/errors.md` is written from it, and `tests/answers.rs` checks each row end to end.
 //!
-//! The gateway's own codes sit in -32080..=-32099, inside JSON-RPC's range for server
+//! The gateway's own codes sit in -32070..=-32099, inside JSON-RPC's range for server
 //! errors but away from the codes clients already give a meaning to: EIP-1474
 //! (Ethereum: -32000..=-32006, which ethers and viem turn into typed errors such as
 //! "resource not found" or "transaction rejected"), Solana's -32001..=-32016 and the
@@ -96,6 +96,51 @@ impl std::fmt::Display for ClientLimit {
     }
 }
 
+/// Why a request's credential was not accepted (401).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// None was sent.
+    Missing,
+    /// A key or token that matches no configured key.
+    UnknownKey,
+    /// A JWT that does not verify, with the reason.
+    BadToken(&'static str),
+    /// A JWT past its `exp`.
+    Expired,
+    /// A TLS client certificate whose subject no `[[auth.certificates]]` entry names.
+    UnknownCertificate,
+}
+
+impl AuthFailure {
+    /// The `reason` label of `rpcgate_auth_failures_total`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing",
+            AuthFailure::UnknownKey => "unknown_key",
+            AuthFailure::BadToken(_) => "bad_token",
+            AuthFailure::Expired => "expired",
+            AuthFailure::UnknownCertificate => "unknown_certificate",
+        }
+    }
+}
+
+impl std::fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthFailure::Missing => f.write_str(
+                "no credential was sent: send an API key or token as `Authorization: Bearer <key>` \
+                 (or in the header or query parameter this gateway is configured with)",
+            ),
+            AuthFailure::UnknownKey => f.write_str("the key is not one this gateway knows"),
+            AuthFailure::BadToken(why) => write!(f, "the token is not accepted: {why}"),
+            AuthFailure::Expired => f.write_str("the token has expired; get a new one"),
+            AuthFailure::UnknownCertificate => {
+                f.write_str("the TLS client certificate names no caller this gateway knows")
+            }
+        }
+    }
+}
+
 /// A failure answered to the client as a JSON-RPC error object.
 ///
 /// Codes are part of the public contract and never change meaning.
@@ -164,6 +209,17 @@ pub enum Error {
         "WebSocket from this page's origin is not allowed: add it to cors.allowed_origins (or --cors-origin)"
     )]
     OriginNotAllowed,
+    #[error("unauthorized: {0}")]
+    Unauthorized(AuthFailure),
+    #[error("forbidden: {caller} may not call {method}")]
+    Forbidden { caller: String, method: String },
+    #[error(
+        "rate limited by {limit}: retry after {}s", retry_after.as_secs_f64().ceil()
+    )]
+    RateLimited {
+        limit: String,
+        retry_after: Duration,
+    },
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -190,6 +246,9 @@ impl Error {
             Error::UnknownServerRequest => -32096,
             Error::WebSocketOff => -32097,
             Error::OriginNotAllowed => -32099,
+            Error::Unauthorized(_) => -32070,
+            Error::Forbidden { .. } => -32071,
+            Error::RateLimited { .. } => -32072,
             // What was wrong with the HTTP request.
             Error::MethodNotAllowed => -32090,
             Error::UnsupportedMediaType => -32091,
@@ -211,7 +270,9 @@ impl Error {
             Error::TooManySubscriptions(_) => StatusCode::TOO_MANY_REQUESTS,
             Error::TooManyPushSessions(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UnknownServerRequest => StatusCode::NOT_FOUND,
-            Error::OriginNotAllowed => StatusCode::FORBIDDEN,
+            Error::OriginNotAllowed | Error::Forbidden { .. } => StatusCode::FORBIDDEN,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
@@ -235,6 +296,10 @@ impl Error {
         match self {
             Error::TooManyClientSessions(ClientLimit::Rate(n)) => {
                 60u64.div_ceil((*n).max(1) as u64).clamp(1, 60)
+            }
+            // Whole seconds, rounded up: a client that waits this long finds a token.
+            Error::RateLimited { retry_after, .. } => {
+                (retry_after.as_secs_f64().ceil() as u64).max(1)
             }
             _ => 1,
         }
@@ -265,6 +330,9 @@ impl Error {
             Error::UnknownServerRequest => "unknown_server_request",
             Error::WebSocketOff => "websocket_off",
             Error::OriginNotAllowed => "origin_not_allowed",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::Forbidden { .. } => "forbidden",
+            Error::RateLimited { .. } => "rate_limited",
             Error::Internal(_) => "internal",
         }
     }
@@ -328,6 +396,15 @@ mod tests {
             Error::TooManySubscriptions(1),
             Error::TooManyPushSessions(1),
             Error::UnknownServerRequest,
+            Error::Unauthorized(AuthFailure::Missing),
+            Error::Forbidden {
+                caller: "alice".into(),
+                method: "admin_peers".into(),
+            },
+            Error::RateLimited {
+                limit: "rate_limits[0]".into(),
+                retry_after: Duration::from_millis(1500),
+            },
             Error::WebSocketOff,
             Error::OriginNotAllowed,
             Error::Internal("x"),
@@ -340,7 +417,7 @@ mod tests {
             let code = e.code();
             let standard = matches!(code, -32700 | -32600 | -32603);
             assert!(
-                standard || (-32099..=-32080).contains(&code),
+                standard || (-32099..=-32070).contains(&code),
                 "{e:?} has {code}"
             );
             // EIP-1474 and Solana's server errors, and the -32000 services use.

@@ -50,6 +50,7 @@
 //! The demo backend behind `rpcgate demo` and `rpcgate echo-server` is a crate of its
 //! own (`crates/echo`), not part of the gateway.
 
+pub mod access;
 pub mod budget;
 pub mod config;
 pub mod dispatch;

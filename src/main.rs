@@ -125,6 +125,13 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         workers: usize,
     },
+    /// Print the hash of an API key for `[[auth.keys]] hash`: the key is read from
+    /// stdin (never an argument, which shell history and `ps` would keep).
+    HashKey {
+        /// Make up a new key instead (256 random bits), and print it, then its hash.
+        #[arg(long)]
+        generate: bool,
+    },
     /// Run an echo backend and the gateway in front of it, and print a curl line to try.
     Demo {
         /// Gateway address; port 8080 if free, else any free port.
@@ -166,6 +173,7 @@ fn start() -> Result<()> {
             let _logs = logging::init(LogFormat::Text, "info");
             runtime(workers)?.block_on(echo_server(listen, name))
         }
+        Some(Command::HashKey { generate }) => hash_key(generate),
         Some(Command::Demo {
             listen,
             upstream_listen,
@@ -180,6 +188,33 @@ fn start() -> Result<()> {
             runtime(config.runtime.workers)?.block_on(run(config))
         }
     }
+}
+
+/// `rpcgate hash-key`: what an operator puts in `[[auth.keys]] hash`.
+fn hash_key(generate: bool) -> Result<()> {
+    let key = if generate {
+        let mut bytes = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+            .map_err(|_| anyhow::anyhow!("the system's random number generator failed"))?;
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        println!("{key}");
+        key
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("reading the key from stdin")?;
+        // Only the line break: a key's other characters are all part of it.
+        let key = line.strip_suffix('\n').unwrap_or(&line);
+        let key = key.strip_suffix('\r').unwrap_or(key).to_string();
+        if key.is_empty() {
+            bail!("no key on stdin: `echo -n KEY | rpcgate hash-key`, or --generate for a new one");
+        }
+        key
+    };
+    println!("{}", rpcgate::config::key_hash(&key));
+    Ok(())
 }
 
 /// One worker runs tokio's current-thread scheduler: every wakeup between an HTTP

@@ -6,7 +6,7 @@
 //! configured or discovered upstreams, the rest fixed sets.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::HashSet;
@@ -44,6 +44,13 @@ pub struct Metrics {
     pub pushed: IntCounterVec,
     pub resubscribed: IntCounterVec,
     pub server_requests: IntCounterVec,
+    pub auth_failures: IntCounterVec,
+    pub key_reloads: IntCounterVec,
+    pub caller_calls: IntCounterVec,
+    pub calls_forbidden: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub rate_limit_rate: GaugeVec,
+    pub rate_limit_burst: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -208,6 +215,53 @@ impl Metrics {
                 "rpcgate_server_requests_total",
                 "Requests upstreams sent to clients, by outcome (answered by the client, timed_out: rpcgate answered with an error).",
                 &["outcome"],
+            ),
+            auth_failures: counter_vec(
+                &r,
+                "rpcgate_auth_failures_total",
+                "Requests refused with 401, by reason (missing, unknown_key, bad_token, expired, unknown_certificate).",
+                &["reason"],
+            ),
+            key_reloads: counter_vec(
+                &r,
+                "rpcgate_auth_key_reloads_total",
+                "JWT key files (auth.jwt.public_key, jwks) re-read after a change, by result (ok; error: the keys in use were kept).",
+                &["result"],
+            ),
+            caller_calls: counter_vec(
+                &r,
+                "rpcgate_caller_calls_total",
+                "Calls admitted by the access rules, by caller (a configured key or certificate name, jwt, anonymous).",
+                &["caller"],
+            ),
+            calls_forbidden: counter_vec(
+                &r,
+                "rpcgate_calls_forbidden_total",
+                "Calls refused with 403 by the method allow and deny lists, by caller.",
+                &["caller"],
+            ),
+            rate_limited: counter_vec(
+                &r,
+                "rpcgate_rate_limited_total",
+                "Calls refused with 429 by a rate limit, by caller and limit.",
+                &["caller", "limit"],
+            ),
+            rate_limit_rate: reg(
+                &r,
+                GaugeVec::new(
+                    Opts::new(
+                        "rpcgate_rate_limit_tokens_per_second",
+                        "Each configured rate limit's refill rate.",
+                    ),
+                    &["limit"],
+                )
+                .expect("valid metric definition"),
+            ),
+            rate_limit_burst: gauge_vec(
+                &r,
+                "rpcgate_rate_limit_burst",
+                "Each configured rate limit's bucket size.",
+                &["limit"],
             ),
             sessions_active: reg(
                 &r,

@@ -12,59 +12,23 @@ use rpcgate::config::{Affinity, Config, SubscriptionRule};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use support::admin::{eventually, metric};
+use support::echo::Echo;
 use support::gateway::{TestGateway, config_for, start_gateway};
 use support::http::JSON;
 use support::sse::{Sse, open_sse, stream_of};
 use support::{Response, request, with_timeout, with_timeout_of};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tokio_util::sync::CancellationToken;
 
 const HEADER: &str = "rpcgate-session";
 
 // ---------------------------------------------------------------------------------------
 // The echo backend
 // ---------------------------------------------------------------------------------------
-
-/// A real `rpcgate-echo` backend on a loopback port.
-struct Echo {
-    url: String,
-    stop: CancellationToken,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl Echo {
-    async fn start(name: &str) -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
-        Echo::serve(listener, name)
-    }
-
-    /// Serves on `listener`, bound earlier: until now connections waited in its backlog.
-    fn serve(listener: TcpListener, name: &str) -> Echo {
-        let url = format!("ws://{}", listener.local_addr().expect("local addr"));
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(rpcgate_echo::serve(listener, Arc::from(name), stop.clone()));
-        Echo { url, stop, task }
-    }
-
-    /// Stops it: every connection gets a Close, and it is gone once this returns.
-    async fn kill(mut self) {
-        self.stop.cancel();
-        let _ = with_timeout(&mut self.task).await;
-    }
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
 
 /// A config for `urls` with `connections` sockets each and the substrate subscription rule.
 fn push_config(urls: &[String], connections: usize) -> Config {

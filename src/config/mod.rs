@@ -10,6 +10,7 @@
 //! - `check.rs`: [`Config::check`], the relations between settings.
 //! - `redact.rs`: upstream URLs without their credentials, for everything shown.
 
+mod access;
 mod admin_listen;
 mod check;
 mod choices;
@@ -20,6 +21,10 @@ mod redact;
 mod sections;
 mod types;
 
+pub use access::{
+    AuthConfig, CertificateConfig, JwtConfig, KeyConfig, MethodRules, RateLimitConfig, RateScope,
+    key_hash, parse_key_hash, parse_rate,
+};
 pub use admin_listen::{AdminListen, BadAdminListen};
 pub use check::{Problems, check_ws_url};
 pub use choices::{Affinity, BatchMode, DiscoveryMode, LogFormat, UnknownName, WhenFull};

@@ -116,24 +116,27 @@ fn rule(subscribe: &str, unsubscribe: &str, notification: Option<&str>) -> Subsc
     }
 }
 
-/// Whether `name` matches `pattern`, where `*` is any run of characters.
+/// Whether `name` matches `pattern`, where `*` is any run of characters. Checked on
+/// every call by the access rules, so it allocates nothing.
 pub fn matches(pattern: &str, name: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let first = parts.next().unwrap_or("");
-    let Some(mut rest) = name.strip_prefix(first) else {
+    let Some((first, tail)) = pattern.split_once('*') else {
+        return pattern == name; // no `*`: exact
+    };
+    let (middle, last) = tail.rsplit_once('*').unwrap_or(("", tail));
+    let Some(rest) = name.strip_prefix(first) else {
         return false;
     };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
-        return rest.is_empty(); // no `*`: exact
+    let Some(mut rest) = rest.strip_suffix(last) else {
+        return false;
     };
-    for part in middle {
+    // Each middle part at its leftmost place leaves the most room for the next.
+    for part in middle.split('*').filter(|part| !part.is_empty()) {
         match rest.find(part) {
             Some(at) => rest = &rest[at + part.len()..],
             None => return false,
         }
     }
-    rest.ends_with(last)
+    true
 }
 
 pub(super) fn read_push(t: &Table, c: &mut PushConfig, p: &mut Vec<String>) {
@@ -226,6 +229,10 @@ mod tests {
         assert!(matches("a*b*c", "a-b-c"));
         assert!(!matches("a*b*c", "a-c-b"));
         assert!(matches("*", "anything"));
+        assert!(!matches("a*a", "a"), "prefix and suffix may not overlap");
+        assert!(matches("a*a", "aa"));
+        assert!(matches("admin_*", "admin_"));
+        assert!(!matches("admin_*", "admin"));
     }
 
     #[test]

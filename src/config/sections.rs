@@ -102,6 +102,12 @@ pub(super) fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
     if let Some(t) = root.table("cors", p) {
         super::cors::read_cors(t, &mut c.cors, p);
     }
+    if let Some(t) = root.table("auth", p) {
+        super::access::read_auth(t, &mut c.auth, p);
+    }
+    if let Some(v) = root.get("rate_limits") {
+        c.rate_limits = super::access::read_rate_limits(v, p);
+    }
     if let Some(t) = root.table("push", p) {
         super::push::read_push(t, &mut c.push, p);
     }

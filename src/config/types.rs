@@ -2,8 +2,8 @@
 //! TOML reader, the flags and tests all start from the same `Config::default()`.
 
 use super::{
-    AdminListen, Affinity, BatchMode, CorsConfig, DiscoveryMode, LogFormat, PushConfig,
-    SubscriptionRule, WhenFull,
+    AdminListen, Affinity, AuthConfig, BatchMode, CorsConfig, DiscoveryMode, LogFormat, PushConfig,
+    RateLimitConfig, SubscriptionRule, WhenFull,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +49,10 @@ pub struct Config {
     pub subscriptions: Vec<SubscriptionRule>,
     /// Which web origins browsers may call from.
     pub cors: CorsConfig,
+    /// Who may call, and which methods.
+    pub auth: AuthConfig,
+    /// How often callers may call.
+    pub rate_limits: Vec<RateLimitConfig>,
 }
 
 /// The memory budget (see `budget.rs`): bytes of request bodies, answers and queued
@@ -104,6 +108,8 @@ impl Default for Config {
             push: PushConfig::default(),
             subscriptions: Vec::new(),
             cors: CorsConfig::default(),
+            auth: AuthConfig::default(),
+            rate_limits: Vec::new(),
         }
     }
 }

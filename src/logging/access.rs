@@ -43,6 +43,9 @@ pub struct AccessRecord {
     pub batch: Option<usize>,
     /// The upstream that answered, when one did.
     pub upstream: Option<Arc<str>>,
+    /// Who called, when `[auth]` named them: a key's or certificate's name, a
+    /// token's subject; never a secret.
+    pub caller: Option<Arc<str>>,
 }
 
 /// A gateway's access log: a bounded queue and the thread that writes it. Clones share
@@ -321,6 +324,7 @@ pub(super) fn emit(record: AccessRecord) {
         bytes,
         batch,
         upstream,
+        caller,
     } = record;
     tracing::info!(
         target: "rpcgate::access",
@@ -331,6 +335,7 @@ pub(super) fn emit(record: AccessRecord) {
         bytes,
         batch,
         upstream = upstream.as_deref(),
+        caller = caller.as_deref(),
     );
 }
 

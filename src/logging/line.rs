@@ -51,16 +51,8 @@ impl Lines {
                     out.extend_from_slice(b" batch=");
                     out.extend_from_slice(n.format(batch).as_bytes());
                 }
-                if let Some(upstream) = &record.upstream {
-                    // tracing-subscriber writes `&str` fields with `Debug`: quoted
-                    // and escaped.
-                    out.extend_from_slice(b" upstream=");
-                    if plain(upstream) {
-                        quoted(out, upstream);
-                    } else {
-                        let _ = write!(out, "{:?}", &**upstream);
-                    }
-                }
+                text_field(out, b" upstream=", record.upstream.as_deref());
+                text_field(out, b" caller=", record.caller.as_deref());
                 out.push(b'\n');
             }
             LogFormat::Json => {
@@ -81,14 +73,8 @@ impl Lines {
                     out.extend_from_slice(b",\"batch\":");
                     out.extend_from_slice(n.format(batch).as_bytes());
                 }
-                if let Some(upstream) = &record.upstream {
-                    out.extend_from_slice(b",\"upstream\":");
-                    if plain(upstream) {
-                        quoted(out, upstream);
-                    } else {
-                        let _ = serde_json::to_writer(&mut *out, &**upstream);
-                    }
-                }
+                json_field(out, b",\"upstream\":", record.upstream.as_deref());
+                json_field(out, b",\"caller\":", record.caller.as_deref());
                 out.extend_from_slice(b",\"target\":\"rpcgate::access\"}\n");
             }
         }
@@ -114,6 +100,29 @@ impl Lines {
         }
         out.extend_from_slice(&digits);
         out.push(b'Z');
+    }
+}
+
+/// A `&str` field as tracing-subscriber's text format writes it: with `Debug`, quoted
+/// and escaped.
+fn text_field(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
+    let Some(value) = value else { return };
+    out.extend_from_slice(name);
+    if plain(value) {
+        quoted(out, value);
+    } else {
+        let _ = write!(out, "{value:?}");
+    }
+}
+
+/// A `&str` field as its JSON format writes it.
+fn json_field(out: &mut Vec<u8>, name: &[u8], value: Option<&str>) {
+    let Some(value) = value else { return };
+    out.extend_from_slice(name);
+    if plain(value) {
+        quoted(out, value);
+    } else {
+        let _ = serde_json::to_writer(&mut *out, value);
     }
 }
 
@@ -203,6 +212,7 @@ mod tests {
                 bytes: 0,
                 batch: Some(0),
                 upstream: Some(Arc::from("wss://h/\"q\"\\é\u{1}\u{7f}\u{200b}")),
+                caller: Some(Arc::from("caller \"q\" é")),
             },
             AccessRecord {
                 peer: "255.0.10.1:0".parse().expect("an address"),
@@ -211,6 +221,7 @@ mod tests {
             },
             AccessRecord {
                 upstream: Some(Arc::from("ws://tab\t/\"q\"")),
+                caller: Some(Arc::from("alice")),
                 ..base
             },
         ]

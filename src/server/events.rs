@@ -56,7 +56,7 @@ pub async fn handle<B>(req: Request<B>, state: &Arc<AppState>) -> HttpResponse {
     let after = last_event_id(&req, push.delivered());
     let consumer = state.hub.attach(&push);
     if wants_stream(&req) {
-        stream(state.clone(), consumer, after, session.key)
+        stream(state.clone(), consumer, after, session.key, session.shown)
     } else {
         let wait = query_param(req.uri().query(), "wait")
             .and_then(|w| w.parse::<f64>().ok())
@@ -101,6 +101,7 @@ fn stream(
     mut consumer: Consumer,
     after: Option<u64>,
     key: String,
+    shown: String,
 ) -> HttpResponse {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let heartbeat = state.hub.config().heartbeat;
@@ -112,7 +113,7 @@ fn stream(
         // client's Last-Event-ID).
         let open = format!(
             ": rpcgate events\nevent: rpcgate.open\ndata: {{\"session\":{}}}\n\n",
-            serde_json::to_string(&client).unwrap_or_else(|_| "null".into())
+            serde_json::to_string(&shown).unwrap_or_else(|_| "null".into())
         );
         if tx.send(Bytes::from(open)).await.is_err() {
             return;

@@ -6,6 +6,7 @@
 mod accept;
 mod admin;
 mod answer;
+mod auth;
 mod body;
 mod cors;
 mod demo;
@@ -20,6 +21,9 @@ mod trim;
 mod watch;
 mod ws;
 
+pub use auth::ClientIdentity;
+
+use crate::access::Access;
 use crate::budget::{Budget, Budgets};
 use crate::config::{AdminListen, Affinity, Config, DiscoveryMode};
 use crate::logging::AccessLog;
@@ -50,6 +54,8 @@ pub enum StartError {
     },
     #[error("upstream: {0}")]
     Upstream(#[from] TargetError),
+    #[error("{0}")]
+    Access(String),
 }
 
 /// State every request handler reads.
@@ -72,6 +78,8 @@ pub struct AppState {
     pub closing: CancellationToken,
     /// `rpcgate demo`: serve the demo page at `/demo/`.
     pub demo_page: bool,
+    /// Who may call what, and how often.
+    pub access: Arc<Access>,
 }
 
 impl AppState {
@@ -201,6 +209,13 @@ impl Gateway {
             budget.clone(),
             metrics.clone(),
         );
+        let access = Arc::new(
+            Access::new(&config.auth, &config.rate_limits, metrics.clone())
+                .map_err(StartError::Access)?,
+        );
+        if access.is_active() {
+            tokio::spawn(access.clone().maintain(background.clone()));
+        }
         let access_log = if config.log.access_log {
             AccessLog::start(config.log.access_log_sample)
         } else {
@@ -220,6 +235,7 @@ impl Gateway {
                 hub,
                 closing: CancellationToken::new(),
                 demo_page: false,
+                access,
             }),
             background,
         })

@@ -139,7 +139,9 @@ pub fn error_with(bytes: Vec<u8>, error: &Error) -> HttpResponse {
         tracing::debug!(kind = error.kind(), "call failed: {error}");
     }
     let mut resp = json(error.status(), bytes);
-    if error.status() == StatusCode::SERVICE_UNAVAILABLE {
+    if error.status() == StatusCode::SERVICE_UNAVAILABLE
+        || matches!(error, Error::RateLimited { .. })
+    {
         // Unavailable for now, not for good: tell well-behaved clients when to retry.
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from(error.retry_after_secs()));

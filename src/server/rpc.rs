@@ -7,6 +7,7 @@
 
 use super::AppState;
 pub(super) use super::answer::Answer;
+use super::auth::Admitted;
 use super::body::read_body;
 use super::response::{self, HttpResponse};
 use super::session_key::{SessionKey, session_of};
@@ -37,6 +38,7 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
         Some(budgets) => budgets.clone(),
         None => state.connection_budgets(),
     };
+    let admitted = Admitted::of(&req, state);
     // Held for the whole request: the calls borrow from the body.
     let (body, _body_charge) = match read_body(req, &budgets, limit, http.body_read_timeout).await {
         Ok(read) => read,
@@ -54,10 +56,11 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
         session: session.as_ref().map(|s| s.key.as_str()),
         own: own.as_ref(),
         budgets: &budgets,
+        admitted: &admitted,
     };
     let mut resp = answer(state, &body, &caller, deadline).await.into_http();
     if let Some(SessionKey {
-        key,
+        shown: key,
         issued: Some(secure),
         ..
     }) = &session
@@ -125,6 +128,8 @@ pub(super) struct Caller<'a> {
     pub own: Option<&'a Arc<Conn>>,
     /// The client connection's budgets, which each call's frame is charged to.
     pub budgets: &'a Budgets,
+    /// Who calls, from where: what each call is admitted as.
+    pub admitted: &'a Admitted,
 }
 
 /// Answers one body of JSON-RPC (a call, a notification, a batch, or a client's
@@ -140,13 +145,18 @@ pub(super) async fn answer(
         route: route_of(state, caller.session, caller.own),
         payer: caller.budgets,
         session: caller.session,
+        admitted: caller.admitted,
     };
     match jsonrpc::parse_body(body, state.config.http.max_batch_size) {
         Err(e) => Answer::failed(None, e),
         Ok(Body::Single(Err(invalid))) => match jsonrpc::parse_answer(body) {
-            Some(id) => match state.hub.answer(caller.session, id, as_text(body)).await {
-                Ok(()) => Answer::Accepted,
+            // An answer calls no method, so only limits that count every call apply.
+            Some(id) => match via.admit("") {
                 Err(e) => Answer::failed(Some(id), e),
+                Ok(()) => match state.hub.answer(caller.session, id, as_text(body)).await {
+                    Ok(()) => Answer::Accepted,
+                    Err(e) => Answer::failed(Some(id), e),
+                },
             },
             None => {
                 via.count_invalid();
@@ -186,10 +196,19 @@ struct Via<'a> {
     payer: &'a Budgets,
     /// Whose subscriptions these calls open or close.
     session: Option<&'a str>,
+    /// Who calls: each call is admitted by the access rules first.
+    admitted: &'a Admitted,
 }
 
 impl Via<'_> {
+    /// The access rules' verdict on a call to `method` (`[auth]`, `[[rate_limits]]`).
+    fn admit(&self, method: &str) -> Result<(), Error> {
+        let who = self.admitted;
+        self.state.access.admit(&who.principal, who.address, method)
+    }
+
     async fn call(&self, call: &Call<'_>, deadline: Instant) -> Result<Reply, Error> {
+        self.admit(&call.method_name())?;
         let hub = &self.state.hub;
         match hub.kind_of(&call.method_name()) {
             None => self.plain_call(call, self.route, deadline).await,
@@ -272,6 +291,7 @@ impl Via<'_> {
     }
 
     async fn notify(&self, call: &Call<'_>, deadline: Instant) -> Result<(), Error> {
+        self.admit(&call.method_name())?;
         self.send(Outbound::Notification(call), deadline)
             .await
             .map(|_| ())
@@ -392,11 +412,21 @@ async fn element(entry: &Entry<'_>, via: &Via<'_>, deadline: Instant) -> Slot {
     }
 }
 
-/// The valid elements go upstream as one frame; invalid ones are answered here.
+/// The valid, admitted elements go upstream as one frame; invalid and refused ones
+/// are answered here.
 async fn forward(entries: &[Entry<'_>], via: &Via<'_>, deadline: Instant) -> Vec<Slot> {
+    let refused: Vec<Option<Error>> = entries
+        .iter()
+        .map(|e| match e {
+            Ok(call) => via.admit(&call.method_name()).err(),
+            Err(_) => None,
+        })
+        .collect();
     let calls: Vec<Call<'_>> = entries
         .iter()
-        .filter_map(|e| e.as_ref().ok().copied())
+        .zip(&refused)
+        .filter(|(_, refused)| refused.is_none())
+        .filter_map(|(e, _)| e.as_ref().ok().copied())
         .collect();
     let expecting = calls.iter().filter(|c| !c.is_notification()).count();
     let answers: Vec<Result<Reply, Error>> = if calls.is_empty() {
@@ -414,11 +444,14 @@ async fn forward(entries: &[Entry<'_>], via: &Via<'_>, deadline: Instant) -> Vec
     let mut answers = answers.into_iter();
     entries
         .iter()
-        .map(|entry| match entry {
-            Err(Invalid { id, reason }) => {
+        .zip(refused)
+        .map(|(entry, refused)| match (entry, refused) {
+            (Err(Invalid { id, reason }), _) => {
                 Some(response::error_bytes(*id, &Error::InvalidRequest(reason)))
             }
-            Ok(call) => {
+            // A refused notification, like any notification, gets no answer.
+            (Ok(call), Some(e)) => Some(response::error_bytes(Some(call.id?), &e)),
+            (Ok(call), None) => {
                 let id = call.id?;
                 Some(match answers.next() {
                     Some(Ok(reply)) => response::reply_bytes(id, &reply),

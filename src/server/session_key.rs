@@ -3,6 +3,7 @@
 //! trusted proxy's header.
 
 use super::AppState;
+use super::auth::Admitted;
 use super::listener::ClientAddr;
 use crate::config::{Affinity, SessionConfig};
 use crate::error::Error;
@@ -13,7 +14,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// A request's session key.
 pub(super) struct SessionKey {
+    /// The key sessions are found by: the client's own, tied to its caller when
+    /// `[auth]` named one, so that no caller reads or answers for another's session
+    /// by guessing or stealing its key.
     pub key: String,
+    /// The key as the client knows it (for the cookie and the session header).
+    pub shown: String,
     /// Set when rpcgate made the key up for this request: then it answers with a
     /// cookie, marked `Secure` when the client reached us over TLS (per the proxy).
     pub issued: Option<bool>,
@@ -55,27 +61,41 @@ pub(super) fn session_of<B>(
         Some(key) if key.len() > MAX_KEY_LEN => {
             Err(Error::InvalidRequest("session key longer than 256 bytes"))
         }
-        Some(key) => Ok(Some(SessionKey {
-            key,
-            issued: None,
+        Some(key) => Ok(Some(SessionKey::new(req, key, None, client))),
+        None if cfg.issue_cookie && cfg.affinity != Affinity::None => Ok(Some(SessionKey::new(
+            req,
+            sessions::new_key()?,
+            Some(behind_tls(headers)),
             client,
-        })),
-        None if cfg.issue_cookie && cfg.affinity != Affinity::None => Ok(Some(SessionKey {
-            key: sessions::new_key()?,
-            issued: Some(behind_tls(headers)),
-            client,
-        })),
+        ))),
         None => Ok(None),
+    }
+}
+
+impl SessionKey {
+    fn new<B>(req: &Request<B>, shown: String, issued: Option<bool>, client: IpAddr) -> Self {
+        let key = match req.extensions().get::<Admitted>() {
+            // A separator no header, cookie or query value can hold.
+            Some(a) if a.principal.authenticated => format!("{shown}\n{}", a.principal.name),
+            _ => shown.clone(),
+        };
+        SessionKey {
+            key,
+            shown,
+            issued,
+            client,
+        }
     }
 }
 
 /// A key made up for a client that brought none (a WebSocket client's own session).
 pub(super) fn new_session<B>(req: &Request<B>, state: &AppState) -> Result<SessionKey, Error> {
-    Ok(SessionKey {
-        key: sessions::new_key()?,
-        issued: None,
-        client: client_of(req, &state.config.sessions),
-    })
+    Ok(SessionKey::new(
+        req,
+        sessions::new_key()?,
+        None,
+        client_of(req, &state.config.sessions),
+    ))
 }
 
 /// The percent-decoded value of `name` in a query string.
@@ -99,7 +119,7 @@ pub(super) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 /// one the proxy in front of us appended; those left of it are the client's own
 /// claims); else, or when that header is missing or garbled, the TCP peer, so a
 /// request without it counts against the proxy rather than against nobody.
-fn client_of<B>(req: &Request<B>, cfg: &SessionConfig) -> IpAddr {
+pub(super) fn client_of<B>(req: &Request<B>, cfg: &SessionConfig) -> IpAddr {
     let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
     let forwarded = cfg.client_ip_header.as_deref().and_then(|name| {
         let last = req.headers().get_all(name).iter().next_back()?;

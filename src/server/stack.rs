@@ -12,9 +12,11 @@
 //! 4. tower-http's `Cors` (with `[cors]`): preflights answered, and the CORS headers
 //!    on every answer, including the checks' refusals.
 //! 5. [`Checks`]: the cheap request checks (path, method, content type, declared
-//!    length) before a body byte is read; later, authentication and rate limits go
-//!    here, each as a layer of its own.
-//! 6. `rpc::handle`: body, parsing, dispatch; or `ws::upgrade` for a WebSocket
+//!    length) before a body byte is read.
+//! 6. `auth::Authenticate` (with `[auth]`): the credential named, or 401; the caller
+//!    travels with the request to where each call is admitted (`rpc.rs`), and its
+//!    name to the access log.
+//! 7. `rpc::handle`: body, parsing, dispatch; or `ws::upgrade` for a WebSocket
 //!    client on the same path, or `events::handle` on the events path.
 
 use super::AppState;
@@ -52,6 +54,7 @@ pub fn build(
 + Send
 + 'static {
     let checks = state.clone();
+    let authenticate = state.clone();
     ServiceBuilder::new()
         .layer(observe(AccessLog {
             state: state.clone(),
@@ -65,6 +68,10 @@ pub fn build(
         .layer(layer_fn(move |inner| Checks {
             inner,
             state: checks.clone(),
+        }))
+        .layer(layer_fn(move |inner| super::auth::Authenticate {
+            inner,
+            state: authenticate.clone(),
         }))
         .service(Rpc { state })
 }
@@ -300,6 +307,10 @@ impl Observer for AccessLog {
                 .extensions()
                 .get::<response::AnsweredBy>()
                 .map(|u| u.0.clone()),
+            caller: resp
+                .extensions()
+                .get::<super::auth::CallerName>()
+                .map(|c| c.0.clone()),
         });
     }
 }

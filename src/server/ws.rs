@@ -8,6 +8,7 @@
 //! restarts; otherwise its calls share the pool's connections like HTTP calls do.
 
 use super::AppState;
+use super::auth::Admitted;
 use super::response::{self, HttpResponse};
 use super::rpc::{self, Caller};
 use super::session_key::{SessionKey, new_session, query_param, session_of};
@@ -80,11 +81,12 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> HttpRespons
         Err(e) => return response::error(None, &e),
     };
     let after = query_param(req.uri().query(), "after").and_then(|a| a.parse().ok());
+    let admitted = Admitted::of(&req, state);
     let budgets = match req.extensions().get::<Budgets>() {
         Some(b) => b.clone(),
         None => state.connection_budgets(),
     };
-    let session_header = HeaderValue::from_str(&session.key).ok();
+    let session_header = HeaderValue::from_str(&session.shown).ok();
     // The socket keeps its connection's place among `http.max_connections`.
     let place = req
         .extensions()
@@ -117,6 +119,7 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> HttpRespons
                         named,
                         after,
                         budgets,
+                        admitted,
                     },
                 )
                 .await;
@@ -148,6 +151,7 @@ struct Client {
     named: bool,
     after: Option<u64>,
     budgets: Budgets,
+    admitted: Admitted,
 }
 
 type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -195,6 +199,7 @@ async fn serve(ws: Socket, state: Arc<AppState>, client: Client) {
             let budgets = client.budgets.clone();
             let charge = budgets.charge(data.len());
             let (state, tx, key, own) = (state.clone(), tx.clone(), key.clone(), own.clone());
+            let admitted = client.admitted.clone();
             tokio::spawn(async move {
                 let text = match charge {
                     None => Some(response::error_bytes(
@@ -206,6 +211,7 @@ async fn serve(ws: Socket, state: Arc<AppState>, client: Client) {
                             session: Some(&key),
                             own: own.as_ref(),
                             budgets: &budgets,
+                            admitted: &admitted,
                         };
                         let deadline = Instant::now() + state.config.calls.request_timeout;
                         rpc::answer(&state, &data, &caller, deadline)

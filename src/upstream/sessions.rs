@@ -13,6 +13,7 @@
 
 use super::conn::Conn;
 use super::set::Upstreams;
+use crate::access::rate::TokioClock;
 use crate::config::{SessionConfig, WhenFull};
 use crate::error::{ClientLimit, Error};
 use governor::middleware::NoOpMiddleware;
@@ -267,19 +268,6 @@ impl PerClient {
 
     fn clear(&mut self) {
         self.open.clear();
-    }
-}
-
-/// tokio's clock for the rate limiter, so that it follows `tokio::time::pause()` like
-/// every other timer in the gateway.
-#[derive(Debug, Clone)]
-struct TokioClock(Instant);
-
-impl governor::clock::Clock for TokioClock {
-    type Instant = Duration;
-
-    fn now(&self) -> Duration {
-        self.0.elapsed()
     }
 }
 

@@ -8,6 +8,7 @@
 //!   test, so the test decides when and how the upstream answers.
 //! - `ganache`: [`ganache::Ganache`], a real Ethereum node (npm `ganache`) for `eth_subscribe`
 //!   pushes; `.ci/run` installs it.
+//! - `echo`: [`echo::Echo`], the real demo backend in-process on a loopback port.
 //! - `gateway`: `start_gateway()`, the real gateway in-process on port 0.
 //! - `http`: clients that reach the gateway over real TCP: one-shot [`post`]/[`request`], keep-alive
 //!   [`Client`] and [`H2Client`], and [`RawTcp`] for byte-level (slow or malformed) clients.
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod browser;
+pub mod echo;
 pub mod fake_upstream;
 pub mod ganache;
 pub mod gateway;

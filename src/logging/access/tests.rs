@@ -13,6 +13,7 @@ pub(in crate::logging) fn record(status: u16) -> AccessRecord {
         bytes: 34,
         batch: Some(3),
         upstream: Some(Arc::from("ws://a/")),
+        caller: None,
     }
 }
 
@@ -31,6 +32,7 @@ fn a_record_becomes_an_access_event_with_every_field() {
     log.record(AccessRecord {
         batch: None,
         upstream: None,
+        caller: None,
         ..record(503)
     });
     assert!(log.flush());
