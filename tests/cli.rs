@@ -492,3 +492,71 @@ async fn sighup_is_logged_and_ignored_while_calls_go_on() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("SIGHUP"), "{stderr}");
 }
+
+/// `rpcgate hash-key`: the hash an operator puts in `[[auth.keys]]`, and a key that
+/// then really opens the gateway.
+#[tokio::test]
+async fn hash_key_prints_the_hash_the_gateway_accepts() {
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = rpcgate()
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    with_timeout(stdin.write_all(b"secret\n")).await.unwrap();
+    drop(stdin);
+    let out = with_timeout(child.wait_with_output()).await.unwrap();
+    assert!(out.status.success());
+    // SHA-256 of "secret": the line break is not part of the key.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+    );
+
+    let out = with_timeout(rpcgate().args(["hash-key", "--generate"]).output())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (key, hash) = stdout
+        .trim()
+        .split_once('\n')
+        .expect("a key, then its hash");
+    assert!(
+        key.len() >= 43 && !key.contains(char::is_whitespace),
+        "{key:?}"
+    );
+    assert_eq!(hash, rpcgate::config::key_hash(key));
+
+    // The pair works: the gateway takes the key, and nothing else.
+    let up = FakeUpstream::start().await;
+    up.auto_reply(|f| Some(f.result_text(json!("in"))));
+    let dir = std::env::temp_dir().join(format!("rpcgate-cli-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"off\"\n[[auth.keys]]\nname = \"ops\"\nhash = \"{hash}\"\n[[upstreams]]\nurl = \"{}\"\n",
+            up.url()
+        ),
+    )
+    .unwrap();
+    let mut child = rpcgate().arg("--config").arg(&file).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = addr_of(&line_after(&mut lines, "rpcgate listening on").await);
+    let call = r#"{"jsonrpc":"2.0","id":1,"method":"m"}"#;
+    let bearer = format!("Bearer {key}");
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", bearer.as_str()),
+    ];
+    let resp = request(addr, Method::POST, "/", &headers, call).await;
+    assert_eq!(resp.json()["result"], "in");
+    let resp = post(addr, "/", call).await;
+    assert_eq!(resp.status, StatusCode::UNAUTHORIZED);
+    sigterm(&child);
+    let _ = with_timeout(child.wait()).await;
+    std::fs::remove_dir_all(&dir).ok();
+}

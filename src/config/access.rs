@@ -1,7 +1,7 @@
 //! Who may call, what, and how often: `[auth]` (API keys, JWT, client certificates,
 //! method allow and deny lists) and `[[rate_limits]]`.
 
-use super::file::{Section, expand_env, parse_duration};
+use super::file::{Section, parse_duration};
 use std::path::PathBuf;
 use std::time::Duration;
 use toml::{Table, Value};
@@ -510,12 +510,10 @@ impl AuthConfig {
             if jwt.secret_env.is_some() && jwt.secret_file.is_some() {
                 p.push("auth.jwt: secret_env and secret_file exclude each other".into());
             }
-            if let Some(var) = &jwt.secret_env
-                && expand_env(&format!("${{{var}}}")).is_err()
-            {
-                p.push(format!(
-                    "auth.jwt.secret_env: the environment variable {var} is not set"
-                ));
+            // The keys read as they will at startup: the files exist and parse, the
+            // secret is set.
+            if let Err(e) = crate::access::jwt::Jwt::new(jwt) {
+                p.push(e);
             }
         }
         for limit in rate_limits {
