@@ -752,6 +752,22 @@ async fn every_batch_element_counts_and_the_ones_past_the_limit_get_their_own_er
         .filter(|a| a["error"]["code"] == -32072)
         .count();
     assert_eq!((passed, limited), (3, 2), "{answers:?}");
+    // Nothing left: every element is refused, and the batch as a whole is a 429.
+    let batch: Vec<Value> = (0..2)
+        .map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "echo", "params": [i]}))
+        .collect();
+    let resp = post_with(&s.gw, "/", &[], Value::from(batch).to_string()).await;
+    assert_eq!(resp.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.header("retry-after").is_some());
+    let answers = resp.json();
+    assert_eq!(answers.as_array().map(Vec::len), Some(2), "{answers}");
+    assert!(
+        answers
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["error"]["code"] == -32072)
+    );
 }
 
 #[tokio::test]

@@ -20,8 +20,13 @@ pub(super) enum Answer {
     },
     /// A whole request failed: the error object, and the error for the HTTP status.
     Failed(Vec<u8>, Error),
-    /// A batch's answers, in order.
-    Batch { bytes: Vec<u8>, len: usize },
+    /// A batch's answers, in order; `limited` when every one of them is a rate
+    /// limit's refusal (the answer is then 429, with `Retry-After`).
+    Batch {
+        bytes: Vec<u8>,
+        len: usize,
+        limited: Option<Error>,
+    },
 }
 
 impl Answer {
@@ -51,10 +56,15 @@ impl Answer {
                 resp
             }
             Answer::Failed(bytes, e) => response::error_with(bytes, &e),
-            Answer::Batch { bytes, len } => {
-                let mut resp = match bytes.is_empty() {
-                    true => response::no_content(),
-                    false => response::json(StatusCode::OK, bytes),
+            Answer::Batch {
+                bytes,
+                len,
+                limited,
+            } => {
+                let mut resp = match (bytes.is_empty(), limited) {
+                    (true, _) => response::no_content(),
+                    (false, Some(e)) => response::error_with(bytes, &e),
+                    (false, None) => response::json(StatusCode::OK, bytes),
                 };
                 resp.extensions_mut().insert(response::BatchLen(len));
                 resp

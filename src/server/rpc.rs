@@ -146,6 +146,7 @@ pub(super) async fn answer(
         payer: caller.budgets,
         session: caller.session,
         admitted: caller.admitted,
+        limited: Default::default(),
     };
     match jsonrpc::parse_body(body, state.config.http.max_batch_size) {
         Err(e) => Answer::failed(None, e),
@@ -198,6 +199,9 @@ struct Via<'a> {
     session: Option<&'a str>,
     /// Who calls: each call is admitted by the access rules first.
     admitted: &'a Admitted,
+    /// Calls (with an id) a rate limit refused, and the refusal that asks the longest
+    /// wait: a batch whose every answer is one gets 429 as a whole.
+    limited: parking_lot::Mutex<(usize, Option<Error>)>,
 }
 
 impl Via<'_> {
@@ -207,8 +211,22 @@ impl Via<'_> {
         self.state.access.admit(&who.principal, who.address, method)
     }
 
+    /// Notes a call with an id that `error` refused (see `limited`).
+    fn note_refused(&self, error: &Error) {
+        let Error::RateLimited { retry_after, .. } = error else {
+            return;
+        };
+        let mut limited = self.limited.lock();
+        limited.0 += 1;
+        if !matches!(&limited.1, Some(Error::RateLimited { retry_after: worst, .. }) if worst >= retry_after)
+        {
+            limited.1 = Some(error.clone());
+        }
+    }
+
     async fn call(&self, call: &Call<'_>, deadline: Instant) -> Result<Reply, Error> {
-        self.admit(&call.method_name())?;
+        self.admit(&call.method_name())
+            .inspect_err(|e| self.note_refused(e))?;
         let hub = &self.state.hub;
         match hub.kind_of(&call.method_name()) {
             None => self.plain_call(call, self.route, deadline).await,
@@ -376,8 +394,15 @@ async fn batch(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> Ans
         return Answer::Batch {
             bytes: Vec::new(),
             len: n,
+            limited: None,
         };
     }
+    // Every answer a rate limit's refusal: the batch as a whole was limited, and says
+    // so in its status and `Retry-After`, as a single call would.
+    let limited = match std::mem::take(&mut *via.limited.lock()) {
+        (count, Some(e)) if count == answered.len() => Some(e),
+        _ => None,
+    };
     let len = answered.iter().map(|a| a.len() + 1).sum::<usize>() + 1;
     let mut out = Vec::with_capacity(len);
     out.push(b'[');
@@ -388,7 +413,11 @@ async fn batch(entries: Vec<Entry<'_>>, via: &Via<'_>, deadline: Instant) -> Ans
         out.extend_from_slice(item);
     }
     out.push(b']');
-    Answer::Batch { bytes: out, len: n }
+    Answer::Batch {
+        bytes: out,
+        len: n,
+        limited,
+    }
 }
 
 /// One batch element sent as its own upstream call.
@@ -450,7 +479,11 @@ async fn forward(entries: &[Entry<'_>], via: &Via<'_>, deadline: Instant) -> Vec
                 Some(response::error_bytes(*id, &Error::InvalidRequest(reason)))
             }
             // A refused notification, like any notification, gets no answer.
-            (Ok(call), Some(e)) => Some(response::error_bytes(Some(call.id?), &e)),
+            (Ok(call), Some(e)) => {
+                let id = call.id?;
+                via.note_refused(&e);
+                Some(response::error_bytes(Some(id), &e))
+            }
             (Ok(call), None) => {
                 let id = call.id?;
                 Some(match answers.next() {
