@@ -557,6 +557,25 @@ async fn hash_key_prints_the_hash_the_gateway_accepts() {
     let resp = post(addr, "/", call).await;
     assert_eq!(resp.status, StatusCode::UNAUTHORIZED);
     sigterm(&child);
-    let _ = with_timeout(child.wait()).await;
+    let out = with_timeout(child.wait_with_output()).await.unwrap();
     std::fs::remove_dir_all(&dir).ok();
+    // The access log names the caller by the key's name, and never shows the key.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let access: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("rpcgate::access"))
+        .collect();
+    assert_eq!(access.len(), 2, "{stderr}");
+    assert!(
+        access[0].contains("status=200") && access[0].contains("caller=\"ops\""),
+        "{stderr}"
+    );
+    assert!(
+        access[1].contains("status=401") && !access[1].contains("caller="),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(key),
+        "the key itself must never be logged: {stderr}"
+    );
 }
