@@ -101,6 +101,11 @@ export function randomSessionKey(cryptoImpl = globalThis.crypto) {
  * @property {number} [streamOpenTimeout] ms to wait for an event stream's `rpcgate.open` event before long-polling instead (5000; 0: never)
  * @property {string} [sessionHeader] "rpcgate-session"
  * @property {Record<string,string>} [headers] extra headers for HTTP POSTs
+ * @property {string | (() => string)} [token] an API key or JWT for `[auth]`: sent as
+ *   `Authorization: Bearer` on POSTs and long-polls, and as the `tokenParam` query parameter on
+ *   the WebSocket and the EventSource, which cannot set headers. A function is asked again for
+ *   every request and connection, so a refreshed JWT is picked up.
+ * @property {string} [tokenParam] "access_token" (the gateway's `auth.query_param`)
  * @property {RequestCredentials} [credentials] fetch credentials; "include" also sets EventSource withCredentials
  * @property {Record<string, Function>} [on] listeners registered before connecting (e.g. `{transport: fn}`)
  * @property {any} [WebSocket] injectable globals; default the global ones (`null` = unavailable)
@@ -431,7 +436,7 @@ export class RpcClient {
   _openSocket() {
     return new Promise((resolve, reject) => {
       let sock;
-      try { sock = new this._WS(this.wsUrl); } catch (e) { reject(new RpcError(ErrorCode.UNAVAILABLE, String(e?.message ?? e))); return; }
+      try { sock = new this._WS(this._authUrl(this.wsUrl)); } catch (e) { reject(new RpcError(ErrorCode.UNAVAILABLE, String(e?.message ?? e))); return; }
       let done = false;
       const fail = (why) => {
         if (done) return;
@@ -548,8 +553,28 @@ export class RpcClient {
     }, every);
   }
 
+  /** The credential, if any: the `token` option, or what its function gives now. */
+  _token() {
+    const t = this.options.token;
+    return (typeof t === "function" ? t() : t) || null;
+  }
+
+  _auth(headers) {
+    const token = this._token();
+    return token ? { ...headers, Authorization: `Bearer ${token}` } : headers;
+  }
+
+  /** `href` with the credential as a query parameter, for the WebSocket and EventSource. */
+  _authUrl(href) {
+    const token = this._token();
+    if (!token) return href;
+    const u = new URL(href);
+    u.searchParams.set(this.options.tokenParam ?? "access_token", token);
+    return u.href;
+  }
+
   _headers(extra) {
-    return { "Content-Type": "application/json", [this.options.sessionHeader ?? "rpcgate-session"]: this.session, ...(this.options.headers ?? {}), ...extra };
+    return this._auth({ "Content-Type": "application/json", [this.options.sessionHeader ?? "rpcgate-session"]: this.session, ...(this.options.headers ?? {}), ...extra });
   }
 
   _post(payload, ids) {
@@ -597,7 +622,7 @@ export class RpcClient {
   _startPush() {
     this._stopPush();
     if (this._ES) {
-      const es = new this._ES(this._resumeUrl(), { withCredentials: this.options.credentials === "include" });
+      const es = new this._ES(this._authUrl(this._resumeUrl()), { withCredentials: this.options.credentials === "include" });
       // rpcgate starts every stream with an `rpcgate.open` event. A proxy that buffers
       // the stream holds that back too: without it in time, long-poll instead.
       let delivered = false;
@@ -655,7 +680,7 @@ export class RpcClient {
     while (live()) {
       const u = new URL(this._resumeUrl());
       u.searchParams.set("wait", String(this.options.pollWait ?? 25));
-      const init = { headers: { Accept: "application/json" } };
+      const init = { headers: this._auth({ Accept: "application/json" }) };
       if (this.options.credentials) init.credentials = this.options.credentials;
       if (typeof AbortController !== "undefined") { this._pollAbort = new AbortController(); init.signal = this._pollAbort.signal; }
       try {

@@ -627,3 +627,39 @@ test("a stream that opens normally is kept", async () => {
   assert.equal(fetch.requests.filter((r) => r.method === "GET").length, 0);
   rpc.close();
 });
+
+test("token: a Bearer header on POSTs and long-polls, the query parameter on sockets and streams, asked again each time", async () => {
+  let current = "t1";
+  const { WS, opts } = wsOptions({ session: "s", token: () => current });
+  const rpc = await connect("https://gw.test/", opts);
+  assert.equal(new URL(WS.last.url).searchParams.get("access_token"), "t1");
+  rpc.close();
+
+  const polls = [];
+  const fetch = fakeFetch((req) => {
+    if (req.method === "POST") return echoHttp(req);
+    return new Promise((resolve) => polls.push({ req, resolve }));
+  });
+  const lp = await connect("http://gw.test/", { transports: ["http"], fetch, EventSource: null, session: "lp", token: () => current, tokenParam: "key" });
+  await settle();
+  assert.equal(polls[0].req.headers.Authorization, "Bearer t1");
+  assert.equal(new URL(polls[0].req.url).searchParams.get("key"), null, "a fetch carries the header, not the query");
+  current = "t2";
+  await lp.call("echo", [1]);
+  const post = fetch.requests.find((r) => r.method === "POST");
+  assert.equal(post.headers.Authorization, "Bearer t2", "a refreshed token is used at once");
+  lp.close();
+  polls[0].resolve({ status: 200, body: [] });
+
+  const ES = fakeEventSource();
+  const es = await connect("http://gw.test/", { transports: ["http"], fetch: fakeFetch(echoHttp), EventSource: ES, session: "e", token: "fixed" });
+  assert.equal(new URL(ES.instances[0].url).searchParams.get("access_token"), "fixed");
+  es.close();
+
+  // No token: no header and no parameter.
+  const plain = fakeFetch(echoHttp);
+  const none = await connect("http://gw.test/", { transports: ["http"], fetch: plain, EventSource: null, session: "n" });
+  await none.call("echo", [1]);
+  assert.equal(plain.requests.find((r) => r.method === "POST").headers.Authorization, undefined);
+  none.close();
+});

@@ -31,6 +31,9 @@ pub fn layer(state: &AppState) -> Option<CorsLayer> {
         AUTHORIZATION,
         HeaderName::from_static("last-event-id"),
     ]);
+    // A page sends its key in `auth.header` when that is not `authorization`.
+    allowed.extend(HeaderName::from_bytes(state.config.auth.header.as_bytes()).ok());
+    allowed.dedup();
     let mut exposed = names(&cors.exposed_headers);
     exposed.push(RETRY_AFTER);
     let origins = match cors.any_origin() {
