@@ -678,6 +678,15 @@ fn limit(name: &str, scope: RateScope, rate: u32, per: Duration, burst: u32) -> 
 }
 
 #[tokio::test]
+async fn without_credentials_configured_an_authorization_header_is_nobody_s_business() {
+    let s = gateway(|c| c.auth.methods = rules(&[], &["admin_*"])).await;
+    let resp = call_as(&s.gw, "a token meant for someone else", "echo", json!([1])).await;
+    assert_eq!(resp.json()["result"], json!([1]), "{}", resp.text());
+    let resp = call_as(&s.gw, "whatever", "admin_peers", json!([])).await;
+    assert_eq!(resp.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
 async fn past_its_burst_an_address_gets_429_with_retry_after() {
     let s = gateway(|c| {
         c.rate_limits = vec![limit(

@@ -25,6 +25,8 @@ pub struct Claims {
     /// The `methods_claim`'s patterns, when the token carries one: then only these
     /// may be called (none, if it lists none).
     pub methods: Option<Vec<String>>,
+    /// Until when (Unix seconds) the token stays good: its `exp` plus the leeway.
+    pub good_until: u64,
 }
 
 /// A verifying key and the algorithms it may verify.
@@ -58,6 +60,9 @@ pub struct Jwt {
     allowed: Vec<Algorithm>,
     secret: Option<Key>,
     files: RwLock<Arc<Loaded>>,
+    /// Bumped whenever the keys change: what was verified with the old ones is not
+    /// taken on trust any more.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Jwt {
@@ -99,6 +104,7 @@ impl Jwt {
                 keys: Vec::new(),
                 stamps: Vec::new(),
             })),
+            generation: std::sync::atomic::AtomicU64::new(0),
         };
         let loaded = jwt.load()?;
         *jwt.files.write() = Arc::new(loaded);
@@ -168,6 +174,8 @@ impl Jwt {
             Ok(loaded) => {
                 tracing::info!(keys = loaded.keys.len(), "auth.jwt: key files re-read");
                 *self.files.write() = Arc::new(loaded);
+                self.generation
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 Some(true)
             }
             Err(error) => {
@@ -180,6 +188,11 @@ impl Jwt {
                 Some(false)
             }
         }
+    }
+
+    /// Which set of keys is in use; changes with every successful reload.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn reload_interval(&self) -> std::time::Duration {
@@ -244,6 +257,8 @@ impl Jwt {
     }
 
     fn claims(&self, mut claims: Map<String, Value>) -> Claims {
+        // Validation required it; a non-integer `exp` never gets this far.
+        let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
         let name = match claims.remove(&self.config.name_claim) {
             Some(Value::String(s)) => Some(s),
             Some(Value::Number(n)) => Some(n.to_string()),
@@ -262,7 +277,11 @@ impl Jwt {
             Some(Value::String(s)) => Some(s.split_whitespace().map(str::to_string).collect()),
             _ => None,
         };
-        Claims { name, methods }
+        Claims {
+            name,
+            methods,
+            good_until: exp.saturating_add(self.config.leeway.as_secs()),
+        }
     }
 }
 

@@ -71,6 +71,57 @@ impl Principal {
     }
 }
 
+/// Tokens verified lately, by their SHA-256, until they expire or the keys change.
+#[derive(Default)]
+struct Verified {
+    entries: parking_lot::Mutex<HashMap<[u8; 32], Good>>,
+}
+
+struct Good {
+    principal: Arc<Principal>,
+    /// Unix seconds: `exp` plus the leeway.
+    until: u64,
+    /// The key files' generation it was verified with.
+    generation: u64,
+}
+
+/// Tokens remembered at most; past it the table starts over, which costs each
+/// caller one verification.
+const MAX_VERIFIED: usize = 10_000;
+
+impl Verified {
+    fn get(&self, hash: &[u8; 32], generation: u64) -> Option<Arc<Principal>> {
+        let entries = self.entries.lock();
+        let good = entries.get(hash)?;
+        (good.generation == generation && unix_now() <= good.until).then(|| good.principal.clone())
+    }
+
+    fn put(&self, hash: [u8; 32], principal: Arc<Principal>, until: u64, generation: u64) {
+        let mut entries = self.entries.lock();
+        if entries.len() >= MAX_VERIFIED {
+            let now = unix_now();
+            entries.retain(|_, g| g.generation == generation && now <= g.until);
+            if entries.len() >= MAX_VERIFIED {
+                entries.clear();
+            }
+        }
+        entries.insert(
+            hash,
+            Good {
+                principal,
+                until,
+                generation,
+            },
+        );
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// A request's credential, as it arrived.
 pub enum Credential<'a> {
     None,
@@ -88,6 +139,9 @@ pub struct Access {
     jwt: Option<Arc<Jwt>>,
     anonymous: Arc<Principal>,
     rates: RateLimits,
+    /// Tokens verified lately: a client sends the same one on every request, and an
+    /// ES256 or EdDSA signature costs tens of microseconds to check.
+    verified: Verified,
     metrics: Arc<Metrics>,
     /// Whether any call can be refused at all: with nothing configured, `admit` is a
     /// single branch.
@@ -137,6 +191,7 @@ impl Access {
             jwt,
             anonymous: Arc::new(Principal::anonymous()),
             rates,
+            verified: Verified::default(),
             metrics,
         })
     }
@@ -152,6 +207,11 @@ impl Access {
 
     /// Names the caller behind `credential`, or says why not (401).
     pub fn authenticate(&self, credential: Credential<'_>) -> Result<Arc<Principal>, AuthFailure> {
+        // With no kind of credential configured there is nothing to check one against:
+        // an `Authorization` header meant for someone else is not a bad key.
+        if !self.config.has_credentials() && !self.config.is_required() {
+            return Ok(self.anonymous.clone());
+        }
         let found = match credential {
             Credential::None if self.config.is_required() => Err(AuthFailure::Missing),
             Credential::None => Ok(self.anonymous.clone()),
@@ -183,15 +243,21 @@ impl Access {
         let Some(jwt) = self.jwt.as_ref().filter(|_| token.split('.').count() == 3) else {
             return Err(AuthFailure::UnknownKey);
         };
+        if let Some(p) = self.verified.get(&hash, jwt.generation()) {
+            return Ok(p);
+        }
         let claims = jwt.verify(token)?;
         let settings = self.config.jwt.as_ref();
-        Ok(Arc::new(Principal {
+        let principal = Arc::new(Principal {
             name: claims.name.as_deref().unwrap_or("jwt").into(),
             label: "jwt".into(),
             methods: settings.map(|j| j.methods.clone()).unwrap_or_default(),
             claimed: claims.methods,
             authenticated: true,
-        }))
+        });
+        self.verified
+            .put(hash, principal.clone(), claims.good_until, jwt.generation());
+        Ok(principal)
     }
 
     /// Whether `principal` may call `method` now: the method rules, then the rate
@@ -256,5 +322,36 @@ impl Access {
             }
             self.rates.forget_idle();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verified_token_is_remembered_until_it_expires_or_the_keys_change() {
+        let cache = Verified::default();
+        let p = Arc::new(Principal::anonymous());
+        let now = unix_now();
+        cache.put([1; 32], p.clone(), now + 60, 0);
+        cache.put([2; 32], p.clone(), now - 1, 0);
+        assert!(cache.get(&[1; 32], 0).is_some());
+        assert!(cache.get(&[1; 32], 1).is_none(), "verified with keys since replaced");
+        assert!(cache.get(&[2; 32], 0).is_none(), "expired");
+        assert!(cache.get(&[3; 32], 0).is_none());
+    }
+
+    #[test]
+    fn the_cache_stays_bounded() {
+        let cache = Verified::default();
+        let p = Arc::new(Principal::anonymous());
+        let until = unix_now() + 60;
+        for i in 0..(MAX_VERIFIED as u32 + 10) {
+            let mut hash = [0u8; 32];
+            hash[..4].copy_from_slice(&i.to_le_bytes());
+            cache.put(hash, p.clone(), until, 0);
+        }
+        assert!(cache.entries.lock().len() <= MAX_VERIFIED);
     }
 }
