@@ -3,7 +3,7 @@
 //! This is the one place that maps failures to answers; the error table in
 //! `docs/errors.md` is written from it, and `tests/answers.rs` checks each row end to end.
 //!
-//! The gateway's own codes sit in -32080..=-32099, inside JSON-RPC's range for server
+//! The gateway's own codes sit in -32070..=-32099, inside JSON-RPC's range for server
 //! errors but away from the codes clients already give a meaning to: EIP-1474
 //! (Ethereum: -32000..=-32006, which ethers and viem turn into typed errors such as
 //! "resource not found" or "transaction rejected"), Solana's -32001..=-32016 and the
@@ -164,6 +164,11 @@ pub enum Error {
         "WebSocket from this page's origin is not allowed: add it to cors.allowed_origins (or --cors-origin)"
     )]
     OriginNotAllowed,
+    #[error(
+        "this client address already has {limit} connections open (http.max_connections_per_address); \
+         reuse an open connection, or retry once one has closed; this connection is closed"
+    )]
+    TooManyConnectionsFromAddress { limit: usize },
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -190,6 +195,8 @@ impl Error {
             Error::UnknownServerRequest => -32096,
             Error::WebSocketOff => -32097,
             Error::OriginNotAllowed => -32099,
+            // Below the -32080 block, which is full.
+            Error::TooManyConnectionsFromAddress { .. } => -32073,
             // What was wrong with the HTTP request.
             Error::MethodNotAllowed => -32090,
             Error::UnsupportedMediaType => -32091,
@@ -208,7 +215,9 @@ impl Error {
             }
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::NoPushTarget(..) | Error::WebSocketOff => StatusCode::BAD_REQUEST,
-            Error::TooManySubscriptions(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::TooManySubscriptions(_) | Error::TooManyConnectionsFromAddress { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Error::TooManyPushSessions(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UnknownServerRequest => StatusCode::NOT_FOUND,
             Error::OriginNotAllowed => StatusCode::FORBIDDEN,
@@ -265,6 +274,7 @@ impl Error {
             Error::UnknownServerRequest => "unknown_server_request",
             Error::WebSocketOff => "websocket_off",
             Error::OriginNotAllowed => "origin_not_allowed",
+            Error::TooManyConnectionsFromAddress { .. } => "too_many_connections_from_address",
             Error::Internal(_) => "internal",
         }
     }
@@ -330,6 +340,7 @@ mod tests {
             Error::UnknownServerRequest,
             Error::WebSocketOff,
             Error::OriginNotAllowed,
+            Error::TooManyConnectionsFromAddress { limit: 1 },
             Error::Internal("x"),
         ]
     }
@@ -340,7 +351,7 @@ mod tests {
             let code = e.code();
             let standard = matches!(code, -32700 | -32600 | -32603);
             assert!(
-                standard || (-32099..=-32080).contains(&code),
+                standard || (-32099..=-32070).contains(&code),
                 "{e:?} has {code}"
             );
             // EIP-1474 and Solana's server errors, and the -32000 services use.

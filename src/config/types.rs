@@ -3,7 +3,7 @@
 
 use super::{
     AdminListen, Affinity, BatchMode, CorsConfig, DiscoveryMode, LogFormat, PushConfig,
-    SubscriptionRule, WhenFull,
+    SubscriptionRule, TlsConfig, WhenFull,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +49,8 @@ pub struct Config {
     pub subscriptions: Vec<SubscriptionRule>,
     /// Which web origins browsers may call from.
     pub cors: CorsConfig,
+    /// TLS on the listener; `None`: plain HTTP (and h2c).
+    pub tls: Option<TlsConfig>,
 }
 
 /// The memory budget (see `budget.rs`): bytes of request bodies, answers and queued
@@ -104,6 +106,7 @@ impl Default for Config {
             push: PushConfig::default(),
             subscriptions: Vec::new(),
             cors: CorsConfig::default(),
+            tls: None,
         }
     }
 }
@@ -127,6 +130,10 @@ pub struct HttpConfig {
     pub keep_alive_timeout: Duration,
     /// Open client connections at most; past it a connection is answered 503 and closed.
     pub max_connections: usize,
+    /// Open client connections from one address (IPv4) or /64 (IPv6) at most; past
+    /// it a connection is answered 429 and closed. 0: no limit, because behind a load
+    /// balancer or a NAT every connection comes from one address.
+    pub max_connections_per_address: usize,
     /// Concurrent streams per HTTP/2 connection.
     pub http2_max_streams: u32,
     /// A connection whose socket writes make no progress this long (a client that
@@ -156,6 +163,7 @@ impl Default for HttpConfig {
             body_read_timeout: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(60),
             max_connections: 20_000,
+            max_connections_per_address: 0,
             http2_max_streams: 256,
             write_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
@@ -237,6 +245,10 @@ pub struct UpstreamConfig {
     pub subprotocol: Option<String>,
     /// PEM file with extra CA certificates trusted for this upstream, besides webpki roots.
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to a `wss://` upstream that asks for one (mTLS).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
     /// Share of plain calls and of sessions relative to the other upstreams.
     pub weight: u32,
 }
@@ -260,6 +272,8 @@ impl UpstreamConfig {
             headers: Vec::new(),
             subprotocol: None,
             ca_file: None,
+            client_cert: None,
+            client_key: None,
             weight: 1,
         }
     }
