@@ -45,11 +45,14 @@ pub struct Tls {
 }
 
 /// What is compared to notice a new file: cheap (one `stat`), and a renewal changes
-/// at least one of them.
+/// at least one of them. The inode catches a file renamed over the old one (how
+/// certificate tools and Kubernetes secrets replace files) even when it has the same
+/// length and a modification time within the same coarse clock tick.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
     modified: Option<SystemTime>,
     len: Option<u64>,
+    inode: Option<u64>,
 }
 
 impl Tls {
@@ -173,9 +176,14 @@ fn stamps(files: &TlsConfig) -> Vec<Stamp> {
         .flatten()
         .map(|path| {
             let meta = std::fs::metadata(path).ok();
+            #[cfg(unix)]
+            let inode = meta.as_ref().map(std::os::unix::fs::MetadataExt::ino);
+            #[cfg(not(unix))]
+            let inode = None;
             Stamp {
                 modified: meta.as_ref().and_then(|m| m.modified().ok()),
-                len: meta.map(|m| m.len()),
+                len: meta.as_ref().map(|m| m.len()),
+                inode,
             }
         })
         .collect()
