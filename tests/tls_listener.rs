@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -18,6 +19,7 @@ use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message;
 
 use support::admin::{eventually, metric};
+use support::binary::{listening_on, rpcgate};
 use support::gateway::{TestGateway, config_for, start_gateway};
 use support::tls::{
     Ca, Https, Leaf, TempFile, client_config, connect, h2_post, https_post, served_certificate,
@@ -324,22 +326,27 @@ async fn optional_client_certificates_let_clients_without_one_in() {
     );
 }
 
-#[tokio::test]
-async fn sighup_reloads_the_certificate_of_the_real_binary() {
-    use std::process::Stdio;
-    use support::binary::{listening_on, rpcgate, signal};
-
-    let ca = Ca::new("test CA");
-    let first = ca.server("first");
-    let files = Files::new(&first);
-    let up = echo_upstream().await;
-    // Checked rarely: only the signal can explain a reload within the test.
-    let toml = format!(
-        "[tls]\ncert = {:?}\nkey = {:?}\nreload_interval = \"1h\"\n[[upstreams]]\nurl = {:?}\nconnections = 1\n",
-        files.cert.path().display().to_string(),
-        files.key.path().display().to_string(),
-        up.url(),
+/// The real binary serving `files` (plus `tls_extra` in its `[tls]`) in front of `up`;
+/// its address, and the config file, which must outlive it.
+async fn run_binary(
+    files: &Files,
+    up: &FakeUpstream,
+    tls_extra: &str,
+    stderr: Stdio,
+) -> (tokio::process::Child, std::net::SocketAddr, TempFile) {
+    let path = |f: &TempFile| format!("{:?}", f.path().display().to_string());
+    let mut toml = format!(
+        "[tls]\ncert = {}\nkey = {}\n{tls_extra}",
+        path(&files.cert),
+        path(&files.key)
     );
+    if let Some(ca) = &files.client_ca {
+        toml.push_str(&format!("client_ca = {}\n", path(ca)));
+    }
+    toml.push_str(&format!(
+        "[[upstreams]]\nurl = {:?}\nconnections = 1\n",
+        up.url()
+    ));
     let toml = TempFile::with_contents("config", &toml);
     let config = toml.path().display().to_string();
     let args = [
@@ -350,8 +357,51 @@ async fn sighup_reloads_the_certificate_of_the_real_binary() {
         "--admin-listen",
         "off",
     ];
-    let mut child = rpcgate(&args, Stdio::null()).spawn().expect("run rpcgate");
+    let args = [&args[..], &["--log-format", "json"]].concat();
+    let mut child = rpcgate(&args, stderr).spawn().expect("run rpcgate");
     let (addr, _stdout) = listening_on(&mut child).await;
+    with_timeout(up.wait_for_open_connections(1)).await;
+    (child, addr, toml)
+}
+
+#[tokio::test]
+async fn the_client_certificate_subject_is_in_the_access_log() {
+    use tokio::io::AsyncBufReadExt;
+
+    let ca = Ca::new("server CA");
+    let clients = Ca::new("client CA");
+    let files = Files::new(&ca.server("gw")).with_client_ca(&clients);
+    let up = echo_upstream().await;
+    let (mut child, addr, _config) = run_binary(&files, &up, "", Stdio::piped()).await;
+    let alice = clients.client("alice", "Example");
+    let config = client_config(&ca, Some(&alice), &["http/1.1"]);
+    assert_echoed(&https_post(addr, config, CALL).await.expect("answered"));
+
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let access = loop {
+        let line = with_timeout(stderr.next_line()).await.unwrap();
+        let line = line.expect("an access-log line before stderr ends");
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["target"] == "rpcgate::access" {
+            break v;
+        }
+    };
+    assert_eq!(access["client_cert"], "CN=alice,O=Example", "{access}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_certificate_of_the_real_binary() {
+    use support::binary::signal;
+
+    let ca = Ca::new("test CA");
+    let first = ca.server("first");
+    let files = Files::new(&first);
+    let up = echo_upstream().await;
+    // Checked rarely: only the signal can explain a reload within the test.
+    let (mut child, addr, _config) =
+        run_binary(&files, &up, "reload_interval = \"1h\"\n", Stdio::null()).await;
     with_timeout(up.wait_for_open_connections(1)).await;
     let h1 = client_config(&ca, None, &["http/1.1"]);
     let stream = connect(addr, h1.clone()).await.unwrap();

@@ -43,6 +43,8 @@ pub struct AccessRecord {
     pub batch: Option<usize>,
     /// The upstream that answered, when one did.
     pub upstream: Option<Arc<str>>,
+    /// The subject of the client's verified certificate (mTLS), when it sent one.
+    pub client_cert: Option<Arc<str>>,
 }
 
 /// A gateway's access log: a bounded queue and the thread that writes it. Clones share
@@ -321,6 +323,7 @@ pub(super) fn emit(record: AccessRecord) {
         bytes,
         batch,
         upstream,
+        client_cert,
     } = record;
     tracing::info!(
         target: "rpcgate::access",
@@ -331,6 +334,7 @@ pub(super) fn emit(record: AccessRecord) {
         bytes,
         batch,
         upstream = upstream.as_deref(),
+        client_cert = client_cert.as_deref(),
     );
 }
 

@@ -51,14 +51,19 @@ impl Lines {
                     out.extend_from_slice(b" batch=");
                     out.extend_from_slice(n.format(batch).as_bytes());
                 }
-                if let Some(upstream) = &record.upstream {
-                    // tracing-subscriber writes `&str` fields with `Debug`: quoted
-                    // and escaped.
-                    out.extend_from_slice(b" upstream=");
-                    if plain(upstream) {
-                        quoted(out, upstream);
-                    } else {
-                        let _ = write!(out, "{:?}", &**upstream);
+                // tracing-subscriber writes `&str` fields with `Debug`: quoted and
+                // escaped.
+                for (name, value) in [
+                    (&b" upstream="[..], &record.upstream),
+                    (b" client_cert=", &record.client_cert),
+                ] {
+                    if let Some(value) = value {
+                        out.extend_from_slice(name);
+                        if plain(value) {
+                            quoted(out, value);
+                        } else {
+                            let _ = write!(out, "{:?}", &**value);
+                        }
                     }
                 }
                 out.push(b'\n');
@@ -81,12 +86,17 @@ impl Lines {
                     out.extend_from_slice(b",\"batch\":");
                     out.extend_from_slice(n.format(batch).as_bytes());
                 }
-                if let Some(upstream) = &record.upstream {
-                    out.extend_from_slice(b",\"upstream\":");
-                    if plain(upstream) {
-                        quoted(out, upstream);
-                    } else {
-                        let _ = serde_json::to_writer(&mut *out, &**upstream);
+                for (name, value) in [
+                    (&b",\"upstream\":"[..], &record.upstream),
+                    (b",\"client_cert\":", &record.client_cert),
+                ] {
+                    if let Some(value) = value {
+                        out.extend_from_slice(name);
+                        if plain(value) {
+                            quoted(out, value);
+                        } else {
+                            let _ = serde_json::to_writer(&mut *out, &**value);
+                        }
                     }
                 }
                 out.extend_from_slice(b",\"target\":\"rpcgate::access\"}\n");
@@ -203,6 +213,7 @@ mod tests {
                 bytes: 0,
                 batch: Some(0),
                 upstream: Some(Arc::from("wss://h/\"q\"\\é\u{1}\u{7f}\u{200b}")),
+                client_cert: Some(Arc::from(r"CN=alice,O=Example\, Inc.")),
             },
             AccessRecord {
                 peer: "255.0.10.1:0".parse().expect("an address"),

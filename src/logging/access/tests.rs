@@ -13,6 +13,7 @@ pub(in crate::logging) fn record(status: u16) -> AccessRecord {
         bytes: 34,
         batch: Some(3),
         upstream: Some(Arc::from("ws://a/")),
+        client_cert: None,
     }
 }
 
