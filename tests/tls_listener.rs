@@ -9,7 +9,6 @@
 mod support;
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
@@ -22,51 +21,12 @@ use support::admin::{eventually, metric};
 use support::binary::{listening_on, rpcgate};
 use support::gateway::{TestGateway, config_for, start_gateway};
 use support::tls::{
-    Ca, Https, Leaf, TempFile, client_config, connect, h2_post, https_post, served_certificate,
+    Ca, Files, Https, Leaf, TempFile, client_config, connect, h2_post, https_post,
+    served_certificate,
 };
 use support::{FakeUpstream, raw_tcp, with_timeout};
 
 const CALL: &str = r#"{"jsonrpc":"2.0","id":7,"method":"probe","params":["x"]}"#;
-
-/// The gateway's certificate files, rewritable by the test.
-struct Files {
-    cert: TempFile,
-    key: TempFile,
-    client_ca: Option<TempFile>,
-}
-
-impl Files {
-    fn new(leaf: &Leaf) -> Files {
-        Files {
-            cert: TempFile::with_contents("chain", &leaf.chain_pem),
-            key: TempFile::with_contents("key", &leaf.key_pem),
-            client_ca: None,
-        }
-    }
-
-    fn with_client_ca(mut self, ca: &Ca) -> Files {
-        self.client_ca = Some(TempFile::with_contents("client-ca", &ca.pem));
-        self
-    }
-
-    fn config(&self, client_auth: Option<ClientAuth>) -> TlsConfig {
-        TlsConfig {
-            cert: self.cert.path().to_owned(),
-            key: self.key.path().to_owned(),
-            client_ca: self.client_ca.as_ref().map(|f| f.path().to_owned()),
-            client_auth,
-            // Small, so a test waiting for a reload waits little.
-            reload_interval: Duration::from_millis(20),
-            ..TlsConfig::default()
-        }
-    }
-
-    /// Renews the way certificate tools do: the key first, then the chain.
-    fn renew(&self, leaf: &Leaf) {
-        self.key.replace(&leaf.key_pem);
-        self.cert.replace(&leaf.chain_pem);
-    }
-}
 
 async fn echo_upstream() -> FakeUpstream {
     let up = FakeUpstream::start().await;

@@ -116,3 +116,74 @@ pub(super) fn check_tls(c: &Config, p: &mut Vec<String>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UPSTREAM: &str = "[[upstreams]]\nurl = \"ws://127.0.0.1:9/\"\n";
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(&format!("{text}\n{UPSTREAM}")) {
+            Ok(_) => Vec::new(),
+            Err(p) => p.0,
+        }
+    }
+
+    #[test]
+    fn every_key_of_tls_is_read() {
+        let table: Table = r#"
+            cert = "/etc/c.pem"
+            key = "/etc/k.pem"
+            client_ca = "/etc/ca.pem"
+            client_auth = "optional"
+            admin = true
+            reload_interval = "1m"
+        "#
+        .parse()
+        .unwrap();
+        let mut p = Vec::new();
+        let tls = read_tls(&table, &mut p);
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(tls.cert, PathBuf::from("/etc/c.pem"));
+        assert_eq!(tls.key, PathBuf::from("/etc/k.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(tls.client_auth(), ClientAuth::Optional);
+        assert!(tls.admin);
+        assert_eq!(tls.reload_interval, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn problems_name_the_key_and_the_file() {
+        let p =
+            problems("[tls]\ncert = \"/surely/missing/chain.pem\"\nclient_auth = \"sometimes\"");
+        let all = p.join("\n");
+        assert!(all.contains("tls.key: missing"), "{all}");
+        assert!(
+            all.contains("tls.client_auth: \"sometimes\" must be"),
+            "{all}"
+        );
+        let p = problems(
+            "[tls]\ncert = \"/surely/missing/chain.pem\"\nkey = \"/k.pem\"\nclient_auth = \"optional\"",
+        );
+        let all = p.join("\n");
+        assert!(
+            all.contains("tls.cert: /surely/missing/chain.pem: cannot read it"),
+            "{all}"
+        );
+        assert!(
+            all.contains("tls.client_auth: set without tls.client_ca"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        let p = problems("[[upstreams]]\nurl = \"wss://h/\"\nclient_cert = \"/c.pem\"");
+        assert!(
+            p.iter()
+                .any(|p| p.contains("upstreams[0]: client_cert and client_key go together")),
+            "{p:?}"
+        );
+    }
+}

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
@@ -18,6 +19,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
+use rpcgate::config::{ClientAuth, TlsConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -137,6 +139,46 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A gateway's certificate files, rewritable by the test.
+pub struct Files {
+    pub cert: TempFile,
+    pub key: TempFile,
+    pub client_ca: Option<TempFile>,
+}
+
+impl Files {
+    pub fn new(leaf: &Leaf) -> Files {
+        Files {
+            cert: TempFile::with_contents("chain", &leaf.chain_pem),
+            key: TempFile::with_contents("key", &leaf.key_pem),
+            client_ca: None,
+        }
+    }
+
+    pub fn with_client_ca(mut self, ca: &Ca) -> Files {
+        self.client_ca = Some(TempFile::with_contents("client-ca", &ca.pem));
+        self
+    }
+
+    pub fn config(&self, client_auth: Option<ClientAuth>) -> TlsConfig {
+        TlsConfig {
+            cert: self.cert.path().to_owned(),
+            key: self.key.path().to_owned(),
+            client_ca: self.client_ca.as_ref().map(|f| f.path().to_owned()),
+            client_auth,
+            // Small, so a test waiting for a reload waits little.
+            reload_interval: Duration::from_millis(20),
+            ..TlsConfig::default()
+        }
+    }
+
+    /// Renews the way certificate tools do: the key first, then the chain.
+    pub fn renew(&self, leaf: &Leaf) {
+        self.key.replace(&leaf.key_pem);
+        self.cert.replace(&leaf.chain_pem);
     }
 }
 
