@@ -129,9 +129,11 @@ async fn plain_http_and_tls_1_1_are_refused_cleanly() {
     );
     plain.write(request).await.unwrap();
     let got = plain.read_until_closed().await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.0 400"), "plain HTTP got {text:?}");
     assert!(
-        !String::from_utf8_lossy(&got).contains("HTTP/1.1 200"),
-        "plain HTTP was served: {got:?}"
+        text.contains("https://"),
+        "the answer says what to do: {text:?}"
     );
 
     let mut old = raw_tcp(gw.addr).await;

@@ -134,7 +134,7 @@ impl Tls {
             self.metrics.tls_handshake_failures.inc();
             tracing::debug!(%peer, error = %reason, "TLS handshake failed");
         };
-        match tokio::time::timeout(within, TlsAcceptor::from(config).accept(tcp)).await {
+        match tokio::time::timeout(within, handshake(config, tcp)).await {
             Ok(Ok(stream)) => {
                 let identity = stream
                     .get_ref()
@@ -157,6 +157,36 @@ impl Tls {
             }
         }
     }
+}
+
+/// What a plain-HTTP request on a TLS port is answered, as Go's net/http does: the
+/// client (often an operator with curl) reads what is wrong instead of a reset.
+const PLAIN_HTTP: &[u8] =
+    b"HTTP/1.0 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n\
+connection: close\r\n\r\nThis port speaks TLS: use https:// (or wss://).\n";
+
+async fn handshake(
+    config: Arc<rustls::ServerConfig>,
+    tcp: TcpStream,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let mut first = [0u8; 1];
+    // A TLS connection opens with a handshake record (content type 22); an HTTP
+    // request with the letters of its method.
+    if tcp.peek(&mut first).await? == 1 && first[0].is_ascii_uppercase() {
+        // What has arrived is read first: closing a socket with unread data resets
+        // it, and the reset can overtake the answer.
+        let mut request = [0u8; 4096];
+        let _ = tcp.try_read(&mut request);
+        let mut tcp = tcp;
+        let _ = tcp.write_all(PLAIN_HTTP).await;
+        let _ = tcp.shutdown().await;
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "plain HTTP on the TLS port; answered 400",
+        ));
+    }
+    TlsAcceptor::from(config).accept(tcp).await
 }
 
 fn set_expiry(metrics: &Metrics, configs: &ServerConfigs) {
