@@ -220,6 +220,11 @@ pub enum Error {
         limit: String,
         retry_after: Duration,
     },
+    #[error(
+        "this client address already has {limit} connections open (http.max_connections_per_address); \
+         reuse an open connection, or retry once one has closed; this connection is closed"
+    )]
+    TooManyConnectionsFromAddress { limit: usize },
     #[error("internal error: {0}")]
     Internal(&'static str),
 }
@@ -249,6 +254,8 @@ impl Error {
             Error::Unauthorized(_) => -32070,
             Error::Forbidden { .. } => -32071,
             Error::RateLimited { .. } => -32072,
+            // Below the -32080 block, which is full.
+            Error::TooManyConnectionsFromAddress { .. } => -32073,
             // What was wrong with the HTTP request.
             Error::MethodNotAllowed => -32090,
             Error::UnsupportedMediaType => -32091,
@@ -267,7 +274,9 @@ impl Error {
             }
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::NoPushTarget(..) | Error::WebSocketOff => StatusCode::BAD_REQUEST,
-            Error::TooManySubscriptions(_) => StatusCode::TOO_MANY_REQUESTS,
+            Error::TooManySubscriptions(_) | Error::TooManyConnectionsFromAddress { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Error::TooManyPushSessions(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::UnknownServerRequest => StatusCode::NOT_FOUND,
             Error::OriginNotAllowed | Error::Forbidden { .. } => StatusCode::FORBIDDEN,
@@ -333,6 +342,7 @@ impl Error {
             Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden { .. } => "forbidden",
             Error::RateLimited { .. } => "rate_limited",
+            Error::TooManyConnectionsFromAddress { .. } => "too_many_connections_from_address",
             Error::Internal(_) => "internal",
         }
     }
@@ -407,6 +417,7 @@ mod tests {
             },
             Error::WebSocketOff,
             Error::OriginNotAllowed,
+            Error::TooManyConnectionsFromAddress { limit: 1 },
             Error::Internal("x"),
         ]
     }

@@ -9,7 +9,7 @@
 //!
 //! | step | file |
 //! |---|---|
-//! | accepted, connection limits and timeouts | `server/listener.rs`, `server/watch.rs` |
+//! | accepted, TLS handshake, connection limits and timeouts | `server/listener.rs`, `server/tls.rs`, `server/per_address.rs`, `server/watch.rs` |
 //! | access log, HTTP metrics, panics, path/method/type/length checks | `server/stack.rs` (tower layers) |
 //! | body read, parsed into borrowed calls | `server/rpc.rs`, `jsonrpc/request.rs` |
 //! | route decided once (any / sticky / the session's own socket) | `server/rpc.rs`, `dispatch/route.rs` |
@@ -36,8 +36,10 @@
 //! - [`dispatch`]: the one way into an upstream socket, for every kind of message.
 //! - [`error`]: every failure a client can see, with its HTTP status and JSON-RPC code.
 //! - [`jsonrpc`]: wire parsing and writing; params, results and ids stay raw bytes.
-//! - [`server`]: the HTTP listener (HTTP/1.1 + h2c), its tower stack, and the admin
+//! - [`server`]: the HTTP listener (HTTP/1.1 + HTTP/2, over TLS or h2c), its tower stack, and the admin
 //!   listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`tls`]: rustls configurations from PEM files, for the listener (and its client
+//!   certificates) and for upstreams that ask for a client certificate.
 //! - [`upstream`]: persistent WebSocket connections: the multiplexer state, the socket
 //!   task and its reconnect state machine, TLS, the upstream set, health checks,
 //!   sessions with their own socket, DNS discovery.
@@ -60,6 +62,7 @@ pub mod logging;
 pub mod metrics;
 pub mod push;
 pub mod server;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

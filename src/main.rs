@@ -3,8 +3,8 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use rpcgate::config::{
-    AdminListen, Affinity, Config, DiscoveryMode, LogFormat, SubscriptionRule, UpstreamConfig,
-    parse_duration,
+    AdminListen, Affinity, Config, DiscoveryMode, LogFormat, SubscriptionRule, TlsConfig,
+    UpstreamConfig, parse_duration,
 };
 use rpcgate::{Gateway, logging};
 use std::net::SocketAddr;
@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// HTTP JSON-RPC 2.0 gateway to WebSocket-only JSON-RPC services.
@@ -101,6 +102,19 @@ struct RunArgs {
         value_delimiter = ';'
     )]
     subscriptions: Vec<SubscriptionRule>,
+    /// Open connections one client address (an IPv6 /64) may have; past it, 429.
+    /// 0: no limit.
+    #[arg(long, env = "RPCGATE_MAX_CONNECTIONS_PER_ADDRESS")]
+    max_connections_per_address: Option<usize>,
+    /// Serve TLS with this PEM certificate chain (with --tls-key); replaces tls.cert.
+    #[arg(long, env = "RPCGATE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert; replaces tls.key.
+    #[arg(long, env = "RPCGATE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Ask clients for certificates signed by these PEM CAs (mTLS); replaces tls.client_ca.
+    #[arg(long, env = "RPCGATE_TLS_CLIENT_CA")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 fn on_off(value: &str) -> Result<bool, String> {
@@ -318,6 +332,23 @@ fn build_config(args: RunArgs) -> Result<Config> {
     if !args.subscriptions.is_empty() {
         config.subscriptions = args.subscriptions;
     }
+    if let Some(n) = args.max_connections_per_address {
+        config.http.max_connections_per_address = n;
+    }
+    if args.tls_cert.is_some() || args.tls_key.is_some() || args.tls_client_ca.is_some() {
+        // Flags fill in or replace what the file's [tls] says; the check below
+        // reports a certificate without its key.
+        let tls = config.tls.get_or_insert_with(TlsConfig::default);
+        if let Some(cert) = args.tls_cert {
+            tls.cert = cert;
+        }
+        if let Some(key) = args.tls_key {
+            tls.key = key;
+        }
+        if let Some(ca) = args.tls_client_ca {
+            tls.client_ca = Some(ca);
+        }
+    }
     let problems = config.check();
     if !problems.is_empty() {
         bail!("{}", rpcgate::config::Problems(problems));
@@ -328,8 +359,24 @@ fn build_config(args: RunArgs) -> Result<Config> {
 async fn run(config: Config) -> Result<()> {
     // Before anything is served, so a signal never meets its default action.
     let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone())?;
+    let hangup = Arc::new(Notify::new());
+    watch_signals(shutdown.clone(), Some(hangup.clone()))?;
     let gateway = Gateway::bind(config.clone()).await?;
+    let reloader = gateway.tls_reloader();
+    tokio::spawn(async move {
+        loop {
+            hangup.notified().await;
+            match &reloader {
+                Some(tls) => {
+                    tracing::info!("SIGHUP: reloading the TLS certificate files");
+                    tls.reload().await;
+                }
+                None => tracing::info!(
+                    "SIGHUP: nothing to reload without [tls]; ignored (restart to apply a new config)"
+                ),
+            }
+        }
+    });
     let addr = gateway.local_addr()?;
     if let Some(admin) = gateway.admin_addr() {
         tracing::info!(%admin, "admin listener: /metrics /healthz /readyz");
@@ -344,12 +391,12 @@ async fn run(config: Config) -> Result<()> {
 }
 
 /// First SIGTERM/SIGINT: graceful stop. Second: exit at once. SIGHUP never stops the
-/// process (its default action would kill it mid-call): there is nothing to reload
-/// yet, so it is logged and ignored.
+/// process (its default action would kill it mid-call): it wakes `hangup`, which
+/// reloads the TLS certificate; without one (`None`) it is logged and ignored.
 ///
 /// Called before serving: the handlers are installed by the time it returns, so no
 /// signal can meet its default action once rpcgate is up.
-fn watch_signals(shutdown: CancellationToken) -> Result<()> {
+fn watch_signals(shutdown: CancellationToken, hangup: Option<Arc<Notify>>) -> Result<()> {
     let mut signals = Signals::install().context("installing signal handlers")?;
     tokio::spawn(async move {
         loop {
@@ -362,11 +409,12 @@ fn watch_signals(shutdown: CancellationToken) -> Result<()> {
                     tracing::info!("shutdown requested; draining (signal again to exit at once)");
                     shutdown.cancel();
                 }
-                Some(Received::Hangup) => {
-                    tracing::info!(
-                        "SIGHUP: rpcgate has no reloadable settings yet; ignored (restart to apply a new config)"
-                    );
-                }
+                // A permit is stored if the reloader is busy: a SIGHUP during a
+                // reload still gets one more.
+                Some(Received::Hangup) => match &hangup {
+                    Some(hangup) => hangup.notify_one(),
+                    None => tracing::info!("SIGHUP: nothing to reload; ignored"),
+                },
                 None => return,
             }
         }
@@ -429,7 +477,7 @@ async fn echo_server(listen: SocketAddr, name: String) -> Result<()> {
     tracing::info!(listen = %addr, %name, "echo server ready");
     println!("echo-server listening on ws://{addr}/");
     let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone())?;
+    watch_signals(shutdown.clone(), None)?;
     rpcgate_echo::serve(listener, Arc::from(name), shutdown).await?;
     Ok(())
 }
@@ -450,7 +498,7 @@ async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result
     };
     let addr = listener.local_addr()?;
     let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone())?;
+    watch_signals(shutdown.clone(), None)?;
     // The backend outlives the gateway's drain, so calls still open at Ctrl-C finish.
     let backend_shutdown = CancellationToken::new();
     let echo_task = tokio::spawn(rpcgate_echo::serve(

@@ -37,7 +37,10 @@ pub struct Metrics {
     pub memory_budget_used: IntGauge,
     pub memory_budget_limit: IntGauge,
     pub http_connections_open: IntGauge,
-    pub http_connections_refused: IntCounter,
+    pub http_connections_refused: IntCounterVec,
+    pub tls_handshake_failures: IntCounter,
+    pub tls_reloads: IntCounterVec,
+    pub tls_certificate_expiry: IntGauge,
     pub push_sessions: IntGauge,
     pub push_streams: IntGauge,
     pub push_subscriptions: IntGauge,
@@ -104,7 +107,7 @@ impl Metrics {
                 tracing::warn!(error = %e, "process metrics unavailable");
             }
         }
-        Metrics {
+        let metrics = Metrics {
             methods: methods.into_iter().collect(),
             http_requests: counter_vec(
                 &r,
@@ -337,16 +340,46 @@ impl Metrics {
                 )
                 .expect("valid metric definition"),
             ),
-            http_connections_refused: reg(
+            http_connections_refused: counter_vec(
+                &r,
+                "rpcgate_http_connections_refused_total",
+                "Client connections accepted and refused at once, by the limit that refused them: \
+                 max_connections (answered 503) or max_connections_per_address (answered 429).",
+                &["reason"],
+            ),
+            tls_handshake_failures: reg(
                 &r,
                 IntCounter::new(
-                    "rpcgate_http_connections_refused_total",
-                    "Client connections accepted over http.max_connections and answered 503.",
+                    "rpcgate_tls_handshake_failures_total",
+                    "TLS handshakes on the listeners that failed or did not finish within \
+                     http.header_read_timeout (plain HTTP on a TLS port, a refused client certificate).",
                 )
                 .expect("valid metric definition"),
             ),
+            tls_reloads: counter_vec(
+                &r,
+                "rpcgate_tls_reloads_total",
+                "Reloads of the listener's certificate files (a file changed, or SIGHUP), by result \
+                 (ok; error: the old certificate is kept).",
+                &["result"],
+            ),
+            tls_certificate_expiry: gauge(
+                &r,
+                "rpcgate_tls_certificate_expiry_timestamp_seconds",
+                "When the listener's certificate in use expires (its not-after), in Unix seconds; 0 without TLS.",
+            ),
             registry: r,
+        };
+        // Every label value from the start, so a rate over them never starts missing.
+        for reason in ["max_connections", "max_connections_per_address"] {
+            metrics
+                .http_connections_refused
+                .with_label_values(&[reason]);
         }
+        for result in ["ok", "error"] {
+            metrics.tls_reloads.with_label_values(&[result]);
+        }
+        metrics
     }
 
     /// The label value for `method`: itself if configured, else `other`.

@@ -83,7 +83,14 @@ async fn a_client_over_max_connections_gets_a_fast_503_and_readyz_says_not_ready
     assert_eq!(answer.json()["error"]["data"]["reason"], "max_connections");
     assert_eq!(answer.header("retry-after"), Some("1"));
 
-    assert!(metric(gw.admin, "rpcgate_http_connections_refused_total").await >= 2.0);
+    assert!(
+        metric(
+            gw.admin,
+            r#"rpcgate_http_connections_refused_total{reason="max_connections"}"#
+        )
+        .await
+            >= 2.0
+    );
     assert_eq!(metric(gw.admin, "rpcgate_http_connections_open").await, 2.0);
     assert_eq!(metric(gw.admin, "rpcgate_ready").await, 0.0);
 

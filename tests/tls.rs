@@ -1,24 +1,19 @@
 //! `wss://` upstreams: a per-upstream `ca_file` extends trust beyond webpki roots, a certificate
-//! from an unknown CA is never accepted, and an unusable `ca_file` stops startup.
+//! from an unknown CA is never accepted, an unusable `ca_file` stops startup, and an upstream
+//! that requires a client certificate gets the configured one (mTLS).
 //!
 //! Certificates are generated per test run (nothing secret is committed); the upstream is a tiny
 //! TLS WebSocket JSON-RPC server on 127.0.0.1 port 0.
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use http::StatusCode;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
 use rustls::AlertDescription;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -28,70 +23,10 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::task::AbortOnDropHandle;
 
 use support::gateway::{config_for, start_gateway};
+use support::tls::{Ca, Leaf, TempFile};
 use support::{post, with_timeout};
 
 const CALL: &str = r#"{"jsonrpc":"2.0","id":"tls-1","method":"probe","params":[1,"two"]}"#;
-
-/// A throwaway CA and a `localhost` / 127.0.0.1 server certificate it signed.
-struct Pki {
-    ca_pem: String,
-    server_chain: Vec<CertificateDer<'static>>,
-    server_key: PrivatePkcs8KeyDer<'static>,
-    /// PEM of the server's private key: a PEM file that holds no certificate.
-    server_key_pem: String,
-}
-
-fn pki() -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "rpcgate test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
-        .expect("CA certificate");
-
-    let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-        .expect("server params");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    let key = KeyPair::generate().expect("server key");
-    let cert = params.signed_by(&key, &ca).expect("server certificate");
-
-    Pki {
-        ca_pem: ca.pem(),
-        server_chain: vec![cert.der().clone(), ca.der().clone()],
-        server_key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-        server_key_pem: key.serialize_pem(),
-    }
-}
-
-/// A file under the temp dir, unique per process and per call, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn with_contents(tag: &str, contents: &str) -> TempFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("rpcgate-tls-{}-{n}-{tag}.pem", std::process::id()));
-        std::fs::write(&path, contents).expect("write temp file");
-        TempFile(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// What the TLS upstream has seen so far.
 #[derive(Debug, Default)]
@@ -113,16 +48,25 @@ struct TlsUpstream {
 }
 
 impl TlsUpstream {
-    async fn start(pki: &Pki) -> TlsUpstream {
+    /// Serving `leaf`; with `clients`, only to clients with a certificate it issued.
+    async fn start(leaf: &Leaf, clients: Option<&Ca>) -> TlsUpstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                pki.server_chain.clone(),
-                PrivateKeyDer::Pkcs8(pki.server_key.clone_key()),
-            )
+            .expect("protocol versions");
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.der()).expect("client CA");
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .expect("client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder
+            .with_single_cert(leaf.chain(), leaf.key())
             .expect("server certificate");
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
@@ -190,9 +134,9 @@ async fn serve(tcp: TcpStream, acceptor: TlsAcceptor, seen: watch::Sender<Seen>)
 
 #[tokio::test]
 async fn wss_upstream_with_extra_ca_file_is_trusted() {
-    let pki = pki();
-    let ca = TempFile::with_contents("ca", &pki.ca_pem);
-    let mut upstream = TlsUpstream::start(&pki).await;
+    let pki = Ca::new("rpcgate test CA");
+    let ca = TempFile::with_contents("ca", &pki.pem);
+    let mut upstream = TlsUpstream::start(&pki.server("localhost"), None).await;
     let mut config = config_for(&[format!("wss://localhost:{}/", upstream.port)], 1);
     config.upstreams[0].ca_file = Some(ca.path().to_owned());
     let gw = start_gateway(config).await;
@@ -210,8 +154,8 @@ async fn wss_upstream_with_extra_ca_file_is_trusted() {
 
 #[tokio::test]
 async fn wss_upstream_with_unknown_ca_is_never_trusted() {
-    let pki = pki();
-    let mut upstream = TlsUpstream::start(&pki).await;
+    let pki = Ca::new("rpcgate test CA");
+    let mut upstream = TlsUpstream::start(&pki.server("localhost"), None).await;
     let mut config = config_for(&[format!("wss://localhost:{}/", upstream.port)], 1);
     config.calls.connect_wait = Duration::from_millis(300);
     let gw = start_gateway(config).await;
@@ -243,9 +187,9 @@ async fn wss_upstream_with_unknown_ca_is_never_trusted() {
 
 #[tokio::test]
 async fn missing_or_empty_ca_file_is_a_startup_error() {
-    let pki = pki();
+    let pki = Ca::new("rpcgate test CA");
     let empty = TempFile::with_contents("empty", "");
-    let key_only = TempFile::with_contents("key-only", &pki.server_key_pem);
+    let key_only = TempFile::with_contents("key-only", &pki.server("localhost").key_pem);
     let missing = std::env::temp_dir().join(format!(
         "rpcgate-tls-{}-surely-missing.pem",
         std::process::id()
@@ -266,4 +210,72 @@ async fn missing_or_empty_ca_file_is_a_startup_error() {
             "the error names the file: {err}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_upstream_requiring_client_certificates_accepts_the_configured_one_only() {
+    let pki = Ca::new("rpcgate test CA");
+    let clients = Ca::new("upstream client CA");
+    let ca = TempFile::with_contents("ca", &pki.pem);
+    let gateway_cert = clients.client("rpcgate", "Example");
+    let cert = TempFile::with_contents("client-chain", &gateway_cert.chain_pem);
+    let key = TempFile::with_contents("client-key", &gateway_cert.key_pem);
+    let mut upstream = TlsUpstream::start(&pki.server("localhost"), Some(&clients)).await;
+    let url = format!("wss://localhost:{}/", upstream.port);
+
+    let mut config = config_for(std::slice::from_ref(&url), 1);
+    config.upstreams[0].ca_file = Some(ca.path().to_owned());
+    config.upstreams[0].client_cert = Some(cert.path().to_owned());
+    config.upstreams[0].client_key = Some(key.path().to_owned());
+    let gw = start_gateway(config).await;
+    gw.wait_open(1).await;
+    upstream.wait_for(|s| s.websockets == 1).await;
+    let resp = post(gw.addr, "/", CALL).await;
+    assert_eq!(resp.status, StatusCode::OK, "body: {}", resp.text());
+    assert_eq!(resp.json()["result"]["tls"], true);
+    drop(gw);
+
+    // Without one, the upstream refuses every handshake and nothing opens.
+    let mut config = config_for(&[url], 1);
+    config.upstreams[0].ca_file = Some(ca.path().to_owned());
+    config.calls.connect_wait = Duration::from_millis(300);
+    let gw = start_gateway(config).await;
+    upstream.wait_for(|s| s.tls_failures >= 2).await;
+    assert_eq!(
+        upstream.seen.borrow().websockets,
+        1,
+        "only the first gateway's"
+    );
+    let resp = post(gw.addr, "/", CALL).await;
+    assert_eq!(
+        resp.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        resp.text()
+    );
+    assert_eq!(gw.upstreams.open_connections(), 0);
+}
+
+#[test]
+fn client_cert_and_client_key_go_together_and_must_match() {
+    let pki = Ca::new("rpcgate test CA");
+    let one = pki.client("a", "Example");
+    let other = pki.client("b", "Example");
+    let cert = TempFile::with_contents("chain", &one.chain_pem);
+    let key = TempFile::with_contents("key", &one.key_pem);
+    let wrong = TempFile::with_contents("wrong-key", &other.key_pem);
+    let problems = |cert: Option<&TempFile>, key: Option<&TempFile>| {
+        let mut config = config_for(&["wss://localhost:1/".to_string()], 1);
+        config.upstreams[0].client_cert = cert.map(|f| f.path().to_owned());
+        config.upstreams[0].client_key = key.map(|f| f.path().to_owned());
+        config.check().join("\n")
+    };
+    assert_eq!(problems(Some(&cert), Some(&key)), "");
+    assert!(problems(Some(&cert), None).contains("set both or neither"));
+    assert!(problems(None, Some(&key)).contains("set both or neither"));
+    let mismatch = problems(Some(&cert), Some(&wrong));
+    assert!(
+        mismatch.contains("upstreams[0].client_key") && mismatch.contains("does not match"),
+        "{mismatch}"
+    );
 }

@@ -337,7 +337,10 @@ mod tests {
         cache.put([1; 32], p.clone(), now + 60, 0);
         cache.put([2; 32], p.clone(), now - 1, 0);
         assert!(cache.get(&[1; 32], 0).is_some());
-        assert!(cache.get(&[1; 32], 1).is_none(), "verified with keys since replaced");
+        assert!(
+            cache.get(&[1; 32], 1).is_none(),
+            "verified with keys since replaced"
+        );
         assert!(cache.get(&[2; 32], 0).is_none(), "expired");
         assert!(cache.get(&[3; 32], 0).is_none());
     }

@@ -90,6 +90,7 @@ impl Config {
         }
         self.cors.check(&mut p);
         self.auth.check(&self.rate_limits, &mut p);
+        super::tls::check_tls(self, &mut p);
         let events = &self.push.events_path;
         if !events.starts_with('/') {
             p.push("push.events_path: must start with '/'".into());

@@ -80,6 +80,20 @@ spelled!(Affinity {
     Connection = "connection",
 });
 
+/// Whether the listener insists on a client certificate (`tls.client_auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// A client without a verified certificate fails the handshake.
+    Required,
+    /// A client may connect without one; a certificate it sends must still verify.
+    Optional,
+}
+
+spelled!(ClientAuth {
+    Required = "required",
+    Optional = "optional",
+});
+
 /// Where upstream addresses come from (`discovery.mode`, `--discovery`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiscoveryMode {

@@ -9,6 +9,7 @@
 //!   that reports unknown keys; `sections.rs`: what each table holds.
 //! - `check.rs`: [`Config::check`], the relations between settings.
 //! - `redact.rs`: upstream URLs without their credentials, for everything shown.
+//! - `tls.rs`: `[tls]`, and the check that every certificate file named loads.
 
 mod access;
 mod admin_listen;
@@ -19,6 +20,7 @@ mod file;
 mod push;
 mod redact;
 mod sections;
+mod tls;
 mod types;
 
 pub use access::{
@@ -27,11 +29,14 @@ pub use access::{
 };
 pub use admin_listen::{AdminListen, BadAdminListen};
 pub use check::{Problems, check_ws_url};
-pub use choices::{Affinity, BatchMode, DiscoveryMode, LogFormat, UnknownName, WhenFull};
+pub use choices::{
+    Affinity, BatchMode, ClientAuth, DiscoveryMode, LogFormat, UnknownName, WhenFull,
+};
 pub use cors::CorsConfig;
 pub use file::{expand_env, parse_duration, parse_size};
 pub use push::{PushConfig, SubscriptionRule, matches as method_matches};
 pub use redact::{redact_url, userinfo, without_userinfo};
+pub use tls::TlsConfig;
 pub use types::{
     BalanceConfig, CallConfig, Config, DiscoveryConfig, HttpConfig, LimitsConfig, LogConfig,
     PreludeCall, RuntimeConfig, SessionConfig, ShutdownConfig, UpstreamConfig, WebSocketConfig,

@@ -108,6 +108,9 @@ pub(super) fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
     if let Some(v) = root.get("rate_limits") {
         c.rate_limits = super::access::read_rate_limits(v, p);
     }
+    if let Some(t) = root.table("tls", p) {
+        c.tls = Some(super::tls::read_tls(t, p));
+    }
     if let Some(t) = root.table("push", p) {
         super::push::read_push(t, &mut c.push, p);
     }
@@ -142,6 +145,11 @@ fn read_http(t: &Table, h: &mut HttpConfig, p: &mut Vec<String>) {
     s.duration("body_read_timeout", &mut h.body_read_timeout, p);
     s.duration("keep_alive_timeout", &mut h.keep_alive_timeout, p);
     s.number("max_connections", &mut h.max_connections, p);
+    s.number(
+        "max_connections_per_address",
+        &mut h.max_connections_per_address,
+        p,
+    );
     s.boolean("websocket", &mut h.websocket, p);
     let mut streams = h.http2_max_streams as usize;
     s.number("http2_max_streams", &mut streams, p);
@@ -262,6 +270,8 @@ fn read_upstream(t: &Table, i: usize, p: &mut Vec<String>) -> UpstreamConfig {
     up.weight = u32::try_from(weight).unwrap_or(u32::MAX);
     up.subprotocol = s.string("subprotocol", p);
     up.ca_file = s.string("ca_file", p).map(PathBuf::from);
+    up.client_cert = s.string("client_cert", p).map(PathBuf::from);
+    up.client_key = s.string("client_key", p).map(PathBuf::from);
     if let Some(headers) = s.table("headers", p) {
         for (name, value) in headers {
             match value {

@@ -3,7 +3,7 @@
 
 use super::{
     AdminListen, Affinity, AuthConfig, BatchMode, CorsConfig, DiscoveryMode, LogFormat, PushConfig,
-    RateLimitConfig, SubscriptionRule, WhenFull,
+    RateLimitConfig, SubscriptionRule, TlsConfig, WhenFull,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +53,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// How often callers may call.
     pub rate_limits: Vec<RateLimitConfig>,
+    /// TLS on the listener; `None`: plain HTTP (and h2c).
+    pub tls: Option<TlsConfig>,
 }
 
 /// The memory budget (see `budget.rs`): bytes of request bodies, answers and queued
@@ -110,6 +112,7 @@ impl Default for Config {
             cors: CorsConfig::default(),
             auth: AuthConfig::default(),
             rate_limits: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -133,6 +136,10 @@ pub struct HttpConfig {
     pub keep_alive_timeout: Duration,
     /// Open client connections at most; past it a connection is answered 503 and closed.
     pub max_connections: usize,
+    /// Open client connections from one address (IPv4) or /64 (IPv6) at most; past
+    /// it a connection is answered 429 and closed. 0: no limit, because behind a load
+    /// balancer or a NAT every connection comes from one address.
+    pub max_connections_per_address: usize,
     /// Concurrent streams per HTTP/2 connection.
     pub http2_max_streams: u32,
     /// A connection whose socket writes make no progress this long (a client that
@@ -162,6 +169,7 @@ impl Default for HttpConfig {
             body_read_timeout: Duration::from_secs(30),
             keep_alive_timeout: Duration::from_secs(60),
             max_connections: 20_000,
+            max_connections_per_address: 0,
             http2_max_streams: 256,
             write_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
@@ -243,6 +251,10 @@ pub struct UpstreamConfig {
     pub subprotocol: Option<String>,
     /// PEM file with extra CA certificates trusted for this upstream, besides webpki roots.
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to a `wss://` upstream that asks for one (mTLS).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
     /// Share of plain calls and of sessions relative to the other upstreams.
     pub weight: u32,
 }
@@ -266,6 +278,8 @@ impl UpstreamConfig {
             headers: Vec::new(),
             subprotocol: None,
             ca_file: None,
+            client_cert: None,
+            client_key: None,
             weight: 1,
         }
     }

@@ -46,6 +46,8 @@ pub struct AccessRecord {
     /// Who called, when `[auth]` named them: a key's or certificate's name, a
     /// token's subject; never a secret.
     pub caller: Option<Arc<str>>,
+    /// The subject of the client's verified certificate (mTLS), when it sent one.
+    pub client_cert: Option<Arc<str>>,
 }
 
 /// A gateway's access log: a bounded queue and the thread that writes it. Clones share
@@ -325,6 +327,7 @@ pub(super) fn emit(record: AccessRecord) {
         batch,
         upstream,
         caller,
+        client_cert,
     } = record;
     tracing::info!(
         target: "rpcgate::access",
@@ -336,6 +339,7 @@ pub(super) fn emit(record: AccessRecord) {
         batch,
         upstream = upstream.as_deref(),
         caller = caller.as_deref(),
+        client_cert = client_cert.as_deref(),
     );
 }
 

@@ -53,6 +53,7 @@ impl Lines {
                 }
                 text_field(out, b" upstream=", record.upstream.as_deref());
                 text_field(out, b" caller=", record.caller.as_deref());
+                text_field(out, b" client_cert=", record.client_cert.as_deref());
                 out.push(b'\n');
             }
             LogFormat::Json => {
@@ -75,6 +76,7 @@ impl Lines {
                 }
                 json_field(out, b",\"upstream\":", record.upstream.as_deref());
                 json_field(out, b",\"caller\":", record.caller.as_deref());
+                json_field(out, b",\"client_cert\":", record.client_cert.as_deref());
                 out.extend_from_slice(b",\"target\":\"rpcgate::access\"}\n");
             }
         }
@@ -213,6 +215,7 @@ mod tests {
                 batch: Some(0),
                 upstream: Some(Arc::from("wss://h/\"q\"\\é\u{1}\u{7f}\u{200b}")),
                 caller: Some(Arc::from("caller \"q\" é")),
+                client_cert: Some(Arc::from(r"CN=alice,O=Example\, Inc.")),
             },
             AccessRecord {
                 peer: "255.0.10.1:0".parse().expect("an address"),

@@ -8,6 +8,7 @@
 use super::AppState;
 use super::accept::{self, AcceptErrors};
 use super::listener;
+use super::tls::Listener;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -18,12 +19,13 @@ use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: CancellationToken) {
     let mut errors = AcceptErrors::default();
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
@@ -36,12 +38,26 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let tls = state
+                .tls
+                .clone()
+                .filter(|_| state.config.tls.as_ref().is_some_and(|t| t.admin));
+            let io = match tls {
+                None => Either::Left(stream),
+                Some(tls) => {
+                    let within = state.config.http.header_read_timeout;
+                    match tls.accept(stream, peer, within, Listener::Admin).await {
+                        Some((stream, _)) => Either::Right(Box::new(stream)),
+                        None => return,
+                    }
+                }
+            };
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&req, &state)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(io), service);
             // Probes are short; a stuck one must not hold a task forever.
             let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
         });

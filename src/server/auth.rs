@@ -9,6 +9,7 @@
 use super::AppState;
 use super::response::{self, HttpResponse};
 use super::session_key::{client_of, query_param};
+use super::tls::ClientIdentity;
 use crate::access::{Credential, Principal};
 use crate::error::{AuthFailure, Error};
 use futures_util::future::{BoxFuture, Either};
@@ -39,13 +40,6 @@ impl Admitted {
                 address: client_of(req, &state.config.sessions),
             })
     }
-}
-
-/// The subject of the TLS client certificate a connection presented (and the
-/// listener verified against `tls.client_ca`).
-#[derive(Debug, Clone)]
-pub struct ClientIdentity {
-    pub subject: Arc<str>,
 }
 
 /// The caller's name, noted on the response for the access log.

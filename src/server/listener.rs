@@ -1,36 +1,37 @@
-//! The JSON-RPC listener: accepting connections, serving each with HTTP/1.1 or h2c
-//! through the tower stack, answering the ones over `max_connections` with a fast
-//! 503, and draining on shutdown.
+//! The JSON-RPC listener: accepting connections, the TLS handshake (in each
+//! connection's task, never in the accept loop), serving each with HTTP/1.1 or HTTP/2
+//! through the tower stack, answering the ones over `max_connections` (503) or
+//! `max_connections_per_address` (429) at once, and draining on shutdown.
 
 use super::AppState;
 use super::accept::{self, AcceptErrors};
-use super::response;
+use super::per_address::{AddressPlace, PerAddress};
+use super::refuse::{REFUSE_WITHIN, refuse_connection};
 use super::stack;
+use super::tls::{ClientIdentity, Listener};
 use super::watch::{self, Activity, Expiry, Limits, WatchedIo};
 use crate::error::{Busy, Error};
 use crate::metrics::Metrics;
-use http::HeaderValue;
-use http::header::CONNECTION;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+
+/// A client connection's bytes: plain TCP, or TLS over it. Boxed, as a rustls
+/// connection's state is kilobytes that plain connections need not carry.
+pub type ClientIo = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// Sockets over `max_connections` being answered 503 at once, at most (or
 /// `max_connections` itself, if smaller). Past it accepting pauses and the kernel's
 /// backlog holds the rest: refusing costs a socket and a task each, so it is bounded too.
 pub const MAX_REFUSING: usize = 1024;
-
-/// How long a refused connection may take to send its request and read the 503,
-/// twice over (once until the answer, once for the close): a client over the cap
-/// gets an answer, not a seat.
-const REFUSE_WITHIN: Duration = Duration::from_secs(1);
 
 /// The largest HTTP/2 flow-control window (RFC 9113, section 6.9.1).
 const H2_MAX_WINDOW: usize = (1 << 31) - 1;
@@ -51,17 +52,24 @@ impl Place {
     }
 }
 
-/// Holds one of the `max_connections` places while its connection is served.
+/// Holds one of the `max_connections` places, and one of its address's, while its
+/// connection is served.
 struct Open {
     _permit: OwnedSemaphorePermit,
+    _address: Option<AddressPlace>,
     metrics: Arc<Metrics>,
 }
 
 impl Open {
-    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Open {
+    fn new(
+        permit: OwnedSemaphorePermit,
+        address: Option<AddressPlace>,
+        metrics: Arc<Metrics>,
+    ) -> Open {
         metrics.http_connections_open.inc();
         Open {
             _permit: permit,
+            _address: address,
             metrics,
         }
     }
@@ -116,7 +124,8 @@ fn window(bytes: usize) -> u32 {
 /// What an accepted socket gets.
 enum Seat {
     Served(Open),
-    Refused(OwnedSemaphorePermit),
+    /// Answered with this error and closed.
+    Refused(OwnedSemaphorePermit, Error),
 }
 
 /// Accepts until `shutdown`, then gives open connections `shutdown.drain_timeout`.
@@ -132,6 +141,7 @@ pub(super) async fn serve(
     // instead of our memory.
     let limit = Arc::new(Semaphore::new(http.max_connections));
     let refusing = Arc::new(Semaphore::new(http.max_connections.min(MAX_REFUSING)));
+    let per_address = PerAddress::new(http.max_connections_per_address);
     let mut errors = AcceptErrors::default();
     let mut connections = JoinSet::new();
     loop {
@@ -163,27 +173,57 @@ pub(super) async fn serve(
                 continue;
             }
         };
-        let seat = match limit.clone().try_acquire_owned() {
-            Ok(p) => Seat::Served(Open::new(p, state.metrics.clone())),
-            Err(_) => match refusing.clone().try_acquire_owned() {
-                Ok(p) => Seat::Refused(p),
-                // Not reached (see above); closing is the safe answer if it were.
-                Err(_) => continue,
-            },
+        let refuse = |why: Error| {
+            let permit = refusing.clone().try_acquire_owned().ok()?;
+            Some(Seat::Refused(permit, why))
         };
+        let seat = match limit.clone().try_acquire_owned() {
+            Ok(p) => match per_address
+                .as_ref()
+                .map(|t| (t.enter(peer.ip()), t.limit()))
+            {
+                None => Some(Seat::Served(Open::new(p, None, state.metrics.clone()))),
+                Some((Some(place), _)) => Some(Seat::Served(Open::new(
+                    p,
+                    Some(place),
+                    state.metrics.clone(),
+                ))),
+                Some((None, limit)) => refuse(Error::TooManyConnectionsFromAddress { limit }),
+            },
+            Err(_) => refuse(Error::Overloaded(Busy::Connections)),
+        };
+        // No place to refuse from: only when a place among max_connections was free
+        // but the client's address is at its limit (the wait above is for either
+        // pool). Closing unanswered is the bounded answer then.
+        let Some(seat) = seat else { continue };
         let state = state.clone();
         let builder = builder.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let head = state.config.http.header_read_timeout;
             match seat {
                 Seat::Served(open) => {
+                    let Some((io, identity)) = secure(&state, stream, peer, head).await else {
+                        return;
+                    };
                     let place = Place(Arc::new(parking_lot::Mutex::new(Some(open))));
-                    serve_connection(stream, peer, state, &builder, shutdown, place.clone()).await;
+                    let conn = Conn { peer, identity };
+                    serve_connection(io, conn, state, &builder, shutdown, place.clone()).await;
                     drop(place);
                 }
-                Seat::Refused(permit) => {
-                    state.metrics.http_connections_refused.inc();
-                    refuse_connection(stream, peer, &builder).await;
+                Seat::Refused(permit, why) => {
+                    let reason = match why {
+                        Error::TooManyConnectionsFromAddress { .. } => {
+                            "max_connections_per_address"
+                        }
+                        _ => "max_connections",
+                    };
+                    let refused = &state.metrics.http_connections_refused;
+                    refused.with_label_values(&[reason]).inc();
+                    let within = head.min(REFUSE_WITHIN);
+                    if let Some((io, _)) = secure(&state, stream, peer, within).await {
+                        refuse_connection(io, peer, &builder, why).await;
+                    }
                     drop(permit);
                 }
             }
@@ -205,50 +245,39 @@ pub(super) async fn serve(
     }
 }
 
-/// Answers every request on a connection over `max_connections` with 503 and closes
-/// it: through hyper, so HTTP/1 and HTTP/2 clients alike read a JSON-RPC error
-/// instead of a reset they cannot tell from a crash.
-async fn refuse_connection(
+/// The connection's bytes, after the TLS handshake if the listener has TLS.
+async fn secure(
+    state: &AppState,
     stream: TcpStream,
     peer: SocketAddr,
-    builder: &auto::Builder<TokioExecutor>,
-) {
+    within: Duration,
+) -> Option<(ClientIo, Option<ClientIdentity>)> {
     let _ = stream.set_nodelay(true);
-    let answered = Arc::new(Notify::new());
-    let service = {
-        let answered = answered.clone();
-        hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-            let mut resp = response::error(None, &Error::Overloaded(Busy::Connections));
-            resp.headers_mut()
-                .insert(CONNECTION, HeaderValue::from_static("close"));
-            answered.notify_one();
-            async move { Ok::<_, Infallible>(resp) }
-        })
-    };
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    // Until the first answer (HTTP/1 closes after it, `Connection: close`), or the
-    // bound; then a graceful close (HTTP/2: GOAWAY), bounded again.
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = answered.notified() => {}
-        _ = tokio::time::sleep(REFUSE_WITHIN) => {}
-    }
-    conn.as_mut().graceful_shutdown();
-    if tokio::time::timeout(REFUSE_WITHIN, conn).await.is_err() {
-        tracing::debug!(%peer, "refused connection did not close in time; dropped");
+    match &state.tls {
+        None => Some((Either::Left(stream), None)),
+        Some(tls) => {
+            let (stream, identity) = tls.accept(stream, peer, within, Listener::Rpc).await?;
+            Some((Either::Right(Box::new(stream)), identity))
+        }
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+/// Who is on the other end of a connection.
+struct Conn {
     peer: SocketAddr,
+    /// The verified client certificate's subject (mTLS).
+    identity: Option<ClientIdentity>,
+}
+
+async fn serve_connection(
+    io: ClientIo,
+    conn: Conn,
     state: Arc<AppState>,
     builder: &auto::Builder<TokioExecutor>,
     shutdown: CancellationToken,
     place: Place,
 ) {
-    let _ = stream.set_nodelay(true);
+    let Conn { peer, identity } = conn;
     let activity = Activity::new();
     let http = &state.config.http;
     let limits = Limits {
@@ -264,6 +293,9 @@ async fn serve_connection(
         hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(budgets.clone());
             req.extensions_mut().insert(ClientAddr(peer));
+            if let Some(identity) = &identity {
+                req.extensions_mut().insert(identity.clone());
+            }
             req.extensions_mut().insert(place.clone());
             // A request in progress holds off the idle timeout (see `watch`).
             let guard = activity.request_started();
@@ -281,7 +313,7 @@ async fn serve_connection(
             }
         })
     };
-    let io = TokioIo::new(WatchedIo::new(stream, activity.clone()));
+    let io = TokioIo::new(WatchedIo::new(io, activity.clone()));
     // Boxed: hyper's connection state is large, and inline it would size this task's
     // allocation, which lives until the task is joined.
     let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service));

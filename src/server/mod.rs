@@ -1,7 +1,8 @@
 //! The client-facing HTTP server: accept loop, per-connection limits, graceful stop.
 //!
-//! HTTP/1.1 with keep-alive and HTTP/2 without TLS (h2c, prior knowledge) share one
-//! port through hyper-util's protocol detection.
+//! HTTP/1.1 with keep-alive and HTTP/2 share one port through hyper-util's protocol
+//! detection: over TLS (`[tls]`, ALPN `h2` or `http/1.1`), or without it (h2c, prior
+//! knowledge).
 
 mod accept;
 mod admin;
@@ -13,15 +14,19 @@ mod demo;
 mod events;
 mod fdlimit;
 mod listener;
+mod per_address;
+mod refuse;
 mod response;
 mod rpc;
 mod session_key;
 mod stack;
+mod tls;
 mod trim;
 mod watch;
 mod ws;
 
-pub use auth::ClientIdentity;
+pub use tls::ClientIdentity;
+use tls::Tls;
 
 use crate::access::Access;
 use crate::budget::{Budget, Budgets};
@@ -56,6 +61,8 @@ pub enum StartError {
     Upstream(#[from] TargetError),
     #[error("{0}")]
     Access(String),
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::FileError),
 }
 
 /// State every request handler reads.
@@ -80,6 +87,8 @@ pub struct AppState {
     pub demo_page: bool,
     /// Who may call what, and how often.
     pub access: Arc<Access>,
+    /// The listeners' certificate, when `[tls]` is set.
+    tls: Option<Arc<Tls>>,
 }
 
 impl AppState {
@@ -195,6 +204,10 @@ impl Gateway {
             let max_in_flight = config.upstreams.first().map_or(1024, |u| u.max_in_flight);
             Sessions::start(config.sessions.clone(), upstreams.clone(), max_in_flight)
         });
+        let tls = match &config.tls {
+            Some(files) => Some(Tls::load(files, metrics.clone())?),
+            None => None,
+        };
         let config_memory = config.limits.memory_bytes();
         let budget = Budget::new(config_memory);
         let hub = Hub::start(
@@ -236,6 +249,7 @@ impl Gateway {
                 closing: CancellationToken::new(),
                 demo_page: false,
                 access,
+                tls,
             }),
             background,
         })
@@ -257,12 +271,20 @@ impl Gateway {
         self.state.upstreams.clone()
     }
 
+    /// What reloads the listeners' certificate on demand (SIGHUP), when `[tls]` is set.
+    pub fn tls_reloader(&self) -> Option<TlsReloader> {
+        self.state.tls.clone().map(TlsReloader)
+    }
+
     /// Serves until `shutdown` is cancelled. Then: readiness goes false at once; after
     /// `shutdown.delay` (so load balancers stop routing here) the listener closes and
     /// connections are asked to finish; open requests get `shutdown.drain_timeout`;
     /// then the upstream sockets close with 1001.
     pub async fn run(self, shutdown: CancellationToken) {
         tokio::spawn(trim::run(self.background.clone()));
+        if let Some(tls) = &self.state.tls {
+            tokio::spawn(tls.clone().watch(self.background.clone()));
+        }
         let admin_stop = CancellationToken::new();
         if let Some(admin) = self.admin {
             tokio::spawn(admin::serve(admin, self.state.clone(), admin_stop.clone()));
@@ -293,5 +315,21 @@ impl Gateway {
         // The last requests' lines, before the process exits.
         let access_log = self.state.access_log.clone();
         let _ = tokio::task::spawn_blocking(move || access_log.flush()).await;
+    }
+}
+
+/// Reloads the listeners' certificate files, as a change of one of them would.
+#[derive(Clone)]
+pub struct TlsReloader(Arc<Tls>);
+
+impl TlsReloader {
+    /// Reads the files again, off the runtime's threads; the certificate in use is
+    /// kept if they do not load (logged, and counted in `rpcgate_tls_reloads_total`).
+    /// True if the new one is in use.
+    pub async fn reload(&self) -> bool {
+        let tls = self.0.clone();
+        tokio::task::spawn_blocking(move || tls.reload())
+            .await
+            .unwrap_or(false)
     }
 }

@@ -283,13 +283,21 @@ pub struct AccessLog {
 }
 
 impl Observer for AccessLog {
-    type Mark = (Instant, Method);
+    type Mark = (Instant, Method, Option<Arc<str>>);
 
-    fn request<B>(&self, req: &Request<B>) -> (Instant, Method) {
-        (Instant::now(), req.method().clone())
+    fn request<B>(&self, req: &Request<B>) -> Self::Mark {
+        let client_cert = req
+            .extensions()
+            .get::<super::ClientIdentity>()
+            .map(|id| id.subject.clone());
+        (Instant::now(), req.method().clone(), client_cert)
     }
 
-    fn answer<R: http_body::Body>(&self, (started, method): (Instant, Method), resp: &Response<R>) {
+    fn answer<R: http_body::Body>(
+        &self,
+        (started, method, client_cert): Self::Mark,
+        resp: &Response<R>,
+    ) {
         // Sampling and the level filter are the log's; formatting and writing happen
         // on its own thread (`logging/access.rs`).
         let log = &self.state.access_log;
@@ -311,6 +319,7 @@ impl Observer for AccessLog {
                 .extensions()
                 .get::<super::auth::CallerName>()
                 .map(|c| c.0.clone()),
+            client_cert,
         });
     }
 }

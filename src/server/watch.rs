@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -217,15 +216,16 @@ pub async fn closed_by(activity: &Activity, since: Instant, write_timeout: Durat
     }
 }
 
-/// A TCP stream that reports reads to its connection's [`Activity`].
-pub struct WatchedIo {
-    inner: TcpStream,
+/// A connection's stream (TCP, or TLS over it: what it sees is then the decrypted
+/// bytes) that reports reads and stalled writes to its connection's [`Activity`].
+pub struct WatchedIo<I> {
+    inner: I,
     activity: Arc<Activity>,
     first_read: bool,
 }
 
-impl WatchedIo {
-    pub fn new(inner: TcpStream, activity: Arc<Activity>) -> Self {
+impl<I> WatchedIo<I> {
+    pub fn new(inner: I, activity: Arc<Activity>) -> Self {
         WatchedIo {
             inner,
             activity,
@@ -234,7 +234,7 @@ impl WatchedIo {
     }
 }
 
-impl AsyncRead for WatchedIo {
+impl<I: AsyncRead + Unpin> AsyncRead for WatchedIo<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -253,7 +253,7 @@ impl AsyncRead for WatchedIo {
     }
 }
 
-impl WatchedIo {
+impl<I> WatchedIo<I> {
     fn note_write(&self, polled: &Poll<io::Result<usize>>) {
         match polled {
             Poll::Pending => self.activity.write_blocked(),
@@ -263,7 +263,7 @@ impl WatchedIo {
     }
 }
 
-impl AsyncWrite for WatchedIo {
+impl<I: AsyncWrite + Unpin> AsyncWrite for WatchedIo<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -26,6 +26,8 @@ pub enum TargetError {
     CaFile { path: String, reason: String },
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("client certificate: {0}")]
+    ClientCert(#[from] crate::tls::FileError),
 }
 
 /// Failures of one connection attempt; logged, then retried with backoff.
@@ -190,7 +192,8 @@ impl Target {
     }
 }
 
-/// webpki roots plus the upstream's own CA file, on the ring provider.
+/// webpki roots plus the upstream's own CA file, on the ring provider; the client
+/// certificate, if configured, for an upstream that asks for one (mTLS).
 fn tls_config(up: &UpstreamConfig) -> Result<rustls::ClientConfig, TargetError> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -211,11 +214,17 @@ fn tls_config(up: &UpstreamConfig) -> Result<rustls::ClientConfig, TargetError> 
             roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_root_certificates(roots);
+    Ok(match (&up.client_cert, &up.client_key) {
+        (Some(cert), Some(key)) => {
+            let (chain, key) = crate::tls::key_pair(cert, key)?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        // The config check refuses one without the other.
+        _ => builder.with_no_client_auth(),
+    })
 }
 
 /// `Authorization: Basic ...` for a URL's percent-encoded `user:password`.

@@ -440,7 +440,7 @@ fn build_request(
     Ok(builder.body(Full::new(body))?)
 }
 
-async fn collect(response: hyper::Response<hyper::body::Incoming>) -> Result<Response, Error> {
+pub async fn collect(response: hyper::Response<hyper::body::Incoming>) -> Result<Response, Error> {
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
     Ok(Response {

@@ -3,12 +3,15 @@
 //!
 //! Layout:
 //! - this file: [`with_timeout`], the guard every await that could hang goes through.
+//! - `binary`: the real `rpcgate` binary in a child process, its address, signals.
 //! - `admin`: `/metrics` samples and `eventually`, for tests that watch the admin listener.
 //! - `fake_upstream`: [`FakeUpstream`], a real WebSocket server whose every frame is handed to the
 //!   test, so the test decides when and how the upstream answers.
 //! - `ganache`: [`ganache::Ganache`], a real Ethereum node (npm `ganache`) for `eth_subscribe`
 //!   pushes; `.ci/run` installs it.
 //! - `echo`: [`echo::Echo`], the real demo backend in-process on a loopback port.
+//! - `tls`: throwaway CAs and certificates (rcgen), PEM files that can be rewritten, and TLS
+//!   clients (HTTP/1.1, HTTP/2, WebSocket) for the gateway's TLS listener.
 //! - `gateway`: `start_gateway()`, the real gateway in-process on port 0.
 //! - `http`: clients that reach the gateway over real TCP: one-shot [`post`]/[`request`], keep-alive
 //!   [`Client`] and [`H2Client`], and [`RawTcp`] for byte-level (slow or malformed) clients.
@@ -16,6 +19,7 @@
 //! Not every test uses every item, hence the `dead_code` allowance above.
 
 pub mod admin;
+pub mod binary;
 pub mod browser;
 pub mod echo;
 pub mod fake_upstream;
@@ -24,6 +28,7 @@ pub mod gateway;
 pub mod http;
 pub mod python;
 pub mod sse;
+pub mod tls;
 
 use std::future::{Future, IntoFuture};
 use std::panic::Location;

@@ -14,6 +14,7 @@ pub(in crate::logging) fn record(status: u16) -> AccessRecord {
         batch: Some(3),
         upstream: Some(Arc::from("ws://a/")),
         caller: None,
+        client_cert: None,
     }
 }
 
