@@ -9,7 +9,8 @@ mod answer;
 mod body;
 mod cors;
 mod demo;
-mod events;
+// Reached by lib.rs's `fuzzing` module too.
+pub(crate) mod events;
 mod fdlimit;
 mod listener;
 mod response;
