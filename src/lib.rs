@@ -65,6 +65,13 @@ pub mod server;
 pub mod tls;
 pub mod upstream;
 
+/// Pure parsers that are otherwise private, reachable for the fuzz targets in `fuzz/`
+/// (docs/testing.md, "Fuzzing"); not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::server::events::resume_after;
+}
+
 pub use config::Config;
 pub use error::Error;
 pub use server::Gateway;

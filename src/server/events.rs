@@ -68,17 +68,23 @@ pub async fn handle<B>(req: Request<B>, state: &Arc<AppState>) -> HttpResponse {
 }
 
 /// `Last-Event-ID` (what EventSource sends when it reconnects), or `?after=` /
-/// `?last_event_id=` for clients that cannot set headers. `?after=delivered` starts
-/// after the last message any reader of the session was given (`delivered`): a client
-/// falling back from its WebSocket gets what the socket did not, not all again.
+/// `?last_event_id=` for clients that cannot set headers.
 fn last_event_id<B>(req: &Request<B>, delivered: u64) -> Option<u64> {
     let header = req
         .headers()
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let query = req.uri().query();
+        .and_then(|v| v.to_str().ok());
+    resume_after(header, req.uri().query(), delivered)
+}
+
+/// Where a reader resumes, from the `Last-Event-ID` header's value and the query
+/// string: the header first, then `after`, then `last_event_id`. The value `delivered`
+/// starts after the last message any reader of the session was given (`delivered`): a
+/// client falling back from its WebSocket gets what the socket did not, not all again.
+/// Apart from the request, so the fuzz targets reach it (`rpcgate::fuzzing`).
+pub fn resume_after(header: Option<&str>, query: Option<&str>, delivered: u64) -> Option<u64> {
     let value = header
+        .map(str::to_string)
         .or_else(|| query_param(query, "after"))
         .or_else(|| query_param(query, "last_event_id"))?;
     match value.trim() {

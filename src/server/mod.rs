@@ -11,7 +11,8 @@ mod auth;
 mod body;
 mod cors;
 mod demo;
-mod events;
+// Reached by lib.rs's `fuzzing` module too.
+pub(crate) mod events;
 mod fdlimit;
 mod listener;
 mod per_address;
