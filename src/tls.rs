@@ -163,11 +163,41 @@ pub fn certificates(part: Part, path: &Path) -> Result<Vec<CertificateDer<'stati
 }
 
 fn read(part: Part, path: &Path) -> Result<Vec<u8>, FileError> {
-    std::fs::read(path).map_err(|e| FileError::new(part, path, format!("cannot read it ({e})")))
+    read_key_file(path).map_err(|e| FileError::new(part, path, format!("cannot read it ({e})")))
+}
+
+/// Largest key, certificate or JWKS file read: they are kilobytes, and a path that
+/// names something endless (`/dev/zero`, a log) must fail, not fill memory.
+pub const MAX_KEY_FILE: u64 = 1024 * 1024;
+
+/// Reads a file of key material, at most [`MAX_KEY_FILE`] bytes.
+pub fn read_key_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_KEY_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_KEY_FILE {
+        return Err(std::io::Error::other(format!(
+            "larger than {MAX_KEY_FILE} bytes: not a key, certificate or key set"
+        )));
+    }
+    Ok(bytes)
 }
 
 fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     use x509_parser::prelude::FromDer;
     let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
     Some(parsed.validity().not_after.timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_file_that_never_ends_is_refused_not_read_into_memory() {
+        let err = read_key_file(Path::new("/dev/zero")).unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
+    }
 }

@@ -9,6 +9,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    // The check reads the key and certificate files a config names; a device that
+    // never ends a read (`/dev/stdin`) would stall the fuzzer, not find a bug.
+    if ["/dev", "/proc", "/sys"].iter().any(|dir| text.contains(dir)) {
+        return;
+    }
     match Config::parse(text) {
         Ok(config) => {
             assert!(config.check().is_empty(), "accepted with problems");

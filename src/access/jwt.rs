@@ -296,7 +296,7 @@ impl Key {
 }
 
 fn read(path: &Path, setting: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{setting}: {}: {e}", path.display()))
+    crate::tls::read_key_file(path).map_err(|e| format!("{setting}: {}: {e}", path.display()))
 }
 
 /// A file's modification time and length: what says it changed.
