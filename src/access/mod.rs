@@ -39,6 +39,8 @@ pub struct Principal {
     claimed: Option<Vec<String>>,
     /// Whether a credential named it (not anonymous): its sessions are its own.
     pub authenticated: bool,
+    /// Its `rpcgate_caller_calls_total` series, found once rather than per call.
+    calls: Option<prometheus::IntCounter>,
 }
 
 impl Principal {
@@ -49,16 +51,18 @@ impl Principal {
             methods: MethodRules::default(),
             claimed: None,
             authenticated: false,
+            calls: None,
         }
     }
 
-    fn named(name: &str, methods: &MethodRules) -> Principal {
+    fn named(name: &str, methods: &MethodRules, metrics: &Metrics) -> Principal {
         Principal {
             name: name.into(),
             label: name.into(),
             methods: methods.clone(),
             claimed: None,
             authenticated: true,
+            calls: Some(metrics.caller_calls.with_label_values(&[name])),
         }
     }
 
@@ -138,6 +142,8 @@ pub struct Access {
     certificates: Vec<(String, Arc<Principal>)>,
     jwt: Option<Arc<Jwt>>,
     anonymous: Arc<Principal>,
+    /// Every token's `rpcgate_caller_calls_total` series.
+    jwt_calls: prometheus::IntCounter,
     rates: RateLimits,
     /// Tokens verified lately: a client sends the same one on every request, and an
     /// ES256 or EdDSA signature costs tens of microseconds to check.
@@ -159,7 +165,10 @@ impl Access {
         let keys = config
             .keys
             .iter()
-            .map(|k| (k.sha256, Arc::new(Principal::named(&k.name, &k.methods))))
+            .map(|k| {
+                let principal = Principal::named(&k.name, &k.methods, &metrics);
+                (k.sha256, Arc::new(principal))
+            })
             .collect();
         let certificates = config
             .certificates
@@ -167,7 +176,7 @@ impl Access {
             .map(|c| {
                 (
                     c.subject.clone(),
-                    Arc::new(Principal::named(&c.name, &c.methods)),
+                    Arc::new(Principal::named(&c.name, &c.methods, &metrics)),
                 )
             })
             .collect();
@@ -189,7 +198,11 @@ impl Access {
             keys,
             certificates,
             jwt,
-            anonymous: Arc::new(Principal::anonymous()),
+            anonymous: Arc::new(Principal {
+                calls: Some(metrics.caller_calls.with_label_values(&["anonymous"])),
+                ..Principal::anonymous()
+            }),
+            jwt_calls: metrics.caller_calls.with_label_values(&["jwt"]),
             rates,
             verified: Verified::default(),
             metrics,
@@ -254,6 +267,7 @@ impl Access {
             methods: settings.map(|j| j.methods.clone()).unwrap_or_default(),
             claimed: claims.methods,
             authenticated: true,
+            calls: Some(self.jwt_calls.clone()),
         });
         self.verified
             .put(hash, principal.clone(), claims.good_until, jwt.generation());
@@ -291,7 +305,10 @@ impl Access {
             }
             return Err(e);
         }
-        self.metrics.caller_calls.with_label_values(&[label]).inc();
+        match &principal.calls {
+            Some(calls) => calls.inc(),
+            None => self.metrics.caller_calls.with_label_values(&[label]).inc(),
+        }
         Ok(())
     }
 
