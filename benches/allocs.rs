@@ -25,10 +25,42 @@ struct Counting;
 
 thread_local! {
     static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+    /// Set while this thread's allocations are being traced; and while a trace is
+    /// taken, so that the trace's own allocations are not traced.
+    static TRACING: Cell<bool> = const { Cell::new(false) };
+    static IN_TRACE: Cell<bool> = const { Cell::new(false) };
 }
 
 fn count() {
     let _ = ALLOCATIONS.try_with(|c| c.set(c.get() + 1));
+    if TRACING.try_with(Cell::get).unwrap_or(false) && !IN_TRACE.try_with(Cell::get).unwrap_or(true)
+    {
+        IN_TRACE.with(|t| t.set(true));
+        // `RPCGATE_ALLOCS_TRACE=1`: where each allocation of one call comes from, the
+        // frames of this workspace and the crates it calls, innermost first.
+        let trace = std::backtrace::Backtrace::force_capture().to_string();
+        let frames: Vec<&str> = trace
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.contains(": ") && !l.starts_with("at "))
+            .filter_map(|l| l.split_once(": ").map(|(_, f)| f))
+            .filter(|f| {
+                ![
+                    "count",
+                    "alloc",
+                    "realloc",
+                    "__rust_alloc",
+                    "__rust_realloc",
+                    "alloc_zeroed",
+                ]
+                .contains(f)
+                    && !f.starts_with("std::backtrace")
+            })
+            .take(8)
+            .collect();
+        eprintln!("alloc: {}", frames.join(" < "));
+        IN_TRACE.with(|t| t.set(false));
+    }
 }
 
 // SAFETY: every call is passed to the system allocator unchanged; the count is a
@@ -173,6 +205,17 @@ async fn row(label: &str, gw: SocketAddr, handle: &tokio::runtime::Handle, reque
         client.call(request).await;
     }
     let after = gateway_allocations(handle).await;
+    if std::env::var_os("RPCGATE_ALLOCS_TRACE").is_some() {
+        handle
+            .spawn(async { TRACING.with(|t| t.set(true)) })
+            .await
+            .expect("trace on");
+        client.call(request).await;
+        handle
+            .spawn(async { TRACING.with(|t| t.set(false)) })
+            .await
+            .expect("trace off");
+    }
     // The two counting tasks allocate too; a handful, spread over every call.
     let per_call = (after - before) as f64 / CALLS as f64;
     println!("| {label} | {per_call:.1} |");

@@ -209,6 +209,11 @@ impl Access {
         })
     }
 
+    /// The caller of requests without a credential.
+    pub fn anonymous(&self) -> Arc<Principal> {
+        self.anonymous.clone()
+    }
+
     /// Whether requests are checked at all.
     pub fn is_active(&self) -> bool {
         self.active

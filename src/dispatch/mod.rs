@@ -27,7 +27,10 @@ pub use route::{OwnedRoute, Route};
 use crate::budget::Budgets;
 use crate::error::{Busy, Error, rounded};
 use crate::metrics::Metrics;
-use crate::upstream::{CallId, Conn, Failure, FrameIds, PreludeCall, Refused, Reply, Upstreams};
+use crate::upstream::{
+    CallId, Conn, Failure, FrameIds, PreludeCall, Refused, Reply, ReplySenders, Upstreams,
+};
+use smallvec::SmallVec;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout_at};
@@ -90,7 +93,7 @@ async fn deliver(
     loop {
         let permit =
             admission::reserve(upstreams, msg, route, avoid.as_ref(), deadline, &mut waits).await?;
-        let (senders, receivers): (Vec<_>, Vec<_>) =
+        let (senders, receivers): (ReplySenders, SmallVec<[_; 1]>) =
             (0..msg.expecting()).map(|_| oneshot::channel()).unzip();
         let ids = match permit
             .conn
@@ -109,7 +112,7 @@ async fn deliver(
         };
         let label = permit.upstream.as_ref().map(|u| u.label.clone());
         let (mut not_sent, mut lost, mut timed_out) = (false, false, false);
-        let mut answers = Vec::with_capacity(receivers.len());
+        let mut answers: SmallVec<[_; 1]> = SmallVec::with_capacity(receivers.len());
         for rx in receivers {
             answers.push(match timeout_at(deadline, rx).await {
                 Err(_) => {
@@ -141,7 +144,7 @@ async fn deliver(
         }
         return match msg {
             Outbound::Notification(_) | Outbound::Answer { .. } => Ok(Sent::Queued),
-            Outbound::Batch(_) => Ok(Sent::Batch(answers)),
+            Outbound::Batch(_) => Ok(Sent::Batch(answers.into_vec())),
             _ => match answers.pop() {
                 Some(Ok(reply)) => Ok(Sent::Reply(reply)),
                 Some(Err(e)) => Err(e),

@@ -11,6 +11,7 @@ use super::Route;
 use super::admission::Permit;
 use crate::upstream::balance::{self, Candidate};
 use crate::upstream::{Conn, Upstream, Upstreams};
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -35,7 +36,8 @@ pub(super) fn pick(
         Route::Upstream(upstream) => return pick_in(upstreams, upstream, count),
         Route::Any | Route::Sticky(_) => upstreams.snapshot(),
     };
-    let mut usable: Vec<&Arc<Upstream>> = set.iter().filter(|u| u.usable()).collect();
+    // Inline for up to 8 upstreams: picking allocates nothing per call.
+    let mut usable: SmallVec<[&Arc<Upstream>; 8]> = set.iter().filter(|u| u.usable()).collect();
     // After a failure, prefer any other upstream; fall back to the same one.
     if let Some(avoid) = avoid
         && usable.len() > 1
@@ -58,7 +60,7 @@ pub(super) fn pick(
 
 /// The order in which `usable` upstreams are tried for `route`.
 fn candidates(usable: &[&Arc<Upstream>], route: Route<'_>) -> impl Iterator<Item = usize> {
-    let loads: Vec<Candidate<'_>> = usable
+    let loads: SmallVec<[Candidate<'_>; 8]> = usable
         .iter()
         .map(|u| Candidate {
             id: &u.id,

@@ -9,7 +9,6 @@
 use super::AppState;
 use super::response::{self, HttpResponse};
 use super::session_key::{client_of, query_param};
-use super::tls::ClientIdentity;
 use crate::access::{Credential, Principal};
 use crate::error::{AuthFailure, Error};
 use futures_util::future::{BoxFuture, Either};
@@ -36,7 +35,7 @@ impl Admitted {
             .get::<Admitted>()
             .cloned()
             .unwrap_or_else(|| Admitted {
-                principal: Arc::new(Principal::anonymous()),
+                principal: state.access.anonymous(),
                 address: client_of(req, &state.config.sessions),
             })
     }
@@ -80,7 +79,8 @@ impl<S> Authenticate<S> {
         });
         let subject = req
             .extensions()
-            .get::<ClientIdentity>()
+            .get::<Arc<super::listener::ConnInfo>>()
+            .and_then(|c| c.identity.as_ref())
             .map(|id| id.subject.clone());
         let credential = match (&token, &subject) {
             (Some(token), _) => Credential::Token(token),

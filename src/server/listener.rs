@@ -10,6 +10,7 @@ use super::refuse::{REFUSE_WITHIN, refuse_connection};
 use super::stack;
 use super::tls::{ClientIdentity, Listener};
 use super::watch::{self, Activity, Expiry, Limits, WatchedIo};
+use crate::budget::Budgets;
 use crate::error::{Busy, Error};
 use crate::metrics::Metrics;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -36,9 +37,24 @@ pub const MAX_REFUSING: usize = 1024;
 /// The largest HTTP/2 flow-control window (RFC 9113, section 6.9.1).
 const H2_MAX_WINDOW: usize = (1 << 31) - 1;
 
-/// The TCP peer of the connection a request came on, for what is limited per client.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub SocketAddr);
+/// What every request on a connection carries, as one request extension: each
+/// extension is a heap allocation of its own, per request.
+pub struct ConnInfo {
+    /// Everything this connection's requests hold counts against these.
+    pub budgets: Budgets,
+    /// The TCP peer, for what is limited per client.
+    pub peer: SocketAddr,
+    /// The verified TLS client certificate, if the client sent one.
+    pub identity: Option<ClientIdentity>,
+    /// The connection's place among `max_connections`.
+    pub place: Place,
+}
+
+impl ConnInfo {
+    pub fn of<B>(req: &http::Request<B>) -> Option<&ConnInfo> {
+        req.extensions().get::<Arc<ConnInfo>>().map(|c| &**c)
+    }
+}
 
 /// A connection's place among `max_connections`, which a WebSocket client takes over
 /// when its connection is upgraded: hyper is then done with it, but the socket stays.
@@ -287,16 +303,15 @@ async fn serve_connection(
     };
     let service = {
         let activity = activity.clone();
-        // Everything this connection's requests hold counts against one budget.
-        let budgets = state.connection_budgets();
+        let info = Arc::new(ConnInfo {
+            budgets: state.connection_budgets(),
+            peer,
+            identity,
+            place,
+        });
         let stack = stack::build(state, peer);
         hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(budgets.clone());
-            req.extensions_mut().insert(ClientAddr(peer));
-            if let Some(identity) = &identity {
-                req.extensions_mut().insert(identity.clone());
-            }
-            req.extensions_mut().insert(place.clone());
+            req.extensions_mut().insert(info.clone());
             // A request in progress holds off the idle timeout (see `watch`).
             let guard = activity.request_started();
             let mut stack = stack.clone();

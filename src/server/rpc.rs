@@ -34,8 +34,8 @@ pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
         Ok(s) => s,
         Err(e) => return response::error(None, &e),
     };
-    let budgets = match req.extensions().get::<Budgets>() {
-        Some(budgets) => budgets.clone(),
+    let budgets = match super::listener::ConnInfo::of(&req) {
+        Some(c) => c.budgets.clone(),
         None => state.connection_budgets(),
     };
     let admitted = Admitted::of(&req, state);

@@ -4,7 +4,7 @@
 
 use super::AppState;
 use super::auth::Admitted;
-use super::listener::ClientAddr;
+use super::listener::ConnInfo;
 use crate::config::{Affinity, SessionConfig};
 use crate::error::Error;
 use crate::upstream::sessions::{self, MAX_KEY_LEN};
@@ -120,7 +120,7 @@ pub(super) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 /// claims); else, or when that header is missing or garbled, the TCP peer, so a
 /// request without it counts against the proxy rather than against nobody.
 pub(super) fn client_of<B>(req: &Request<B>, cfg: &SessionConfig) -> IpAddr {
-    let peer = req.extensions().get::<ClientAddr>().map(|a| a.0.ip());
+    let peer = ConnInfo::of(req).map(|c| c.peer.ip());
     let forwarded = cfg.client_ip_header.as_deref().and_then(|name| {
         let last = req.headers().get_all(name).iter().next_back()?;
         parse_ip(last.to_str().ok()?.rsplit(',').next()?)

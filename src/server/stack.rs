@@ -223,13 +223,12 @@ pub struct Observe<S, O> {
 impl<S, O, B, R> Service<Request<B>> for Observe<S, O>
 where
     S: Service<Request<B>, Response = Response<R>, Error = Infallible>,
-    S::Future: Send + 'static,
     O: Observer,
     R: http_body::Body,
 {
     type Response = Response<R>;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response<R>, Infallible>>;
+    type Future = Observed<S::Future, O>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -237,13 +236,40 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let mark = self.observer.request(&req);
-        let answer = self.inner.call(req);
-        let observer = self.observer.clone();
-        Box::pin(async move {
-            let Ok(resp) = answer.await;
-            observer.answer(mark, &resp);
-            Ok(resp)
-        })
+        Observed {
+            answer: self.inner.call(req),
+            observer: self.observer.clone(),
+            mark: Some(mark),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An observed request's answer on its way out: a named future, not a boxed
+    /// one, so observing costs no allocation per request.
+    pub struct Observed<F, O: Observer> {
+        #[pin]
+        answer: F,
+        observer: O,
+        mark: Option<O::Mark>,
+    }
+}
+
+impl<F, O, R> Future for Observed<F, O>
+where
+    F: Future<Output = Result<Response<R>, Infallible>>,
+    O: Observer,
+    R: http_body::Body,
+{
+    type Output = Result<Response<R>, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(resp) = std::task::ready!(this.answer.poll(cx));
+        if let Some(mark) = this.mark.take() {
+            this.observer.answer(mark, &resp);
+        }
+        Poll::Ready(Ok(resp))
     }
 }
 
@@ -286,9 +312,8 @@ impl Observer for AccessLog {
     type Mark = (Instant, Method, Option<Arc<str>>);
 
     fn request<B>(&self, req: &Request<B>) -> Self::Mark {
-        let client_cert = req
-            .extensions()
-            .get::<super::ClientIdentity>()
+        let client_cert = super::listener::ConnInfo::of(req)
+            .and_then(|c| c.identity.as_ref())
             .map(|id| id.subject.clone());
         (Instant::now(), req.method().clone(), client_cert)
     }

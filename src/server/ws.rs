@@ -82,15 +82,16 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> HttpRespons
     };
     let after = query_param(req.uri().query(), "after").and_then(|a| a.parse().ok());
     let admitted = Admitted::of(&req, state);
-    let budgets = match req.extensions().get::<Budgets>() {
-        Some(b) => b.clone(),
+    let budgets = match super::listener::ConnInfo::of(&req) {
+        Some(c) => c.budgets.clone(),
         None => state.connection_budgets(),
     };
     let session_header = HeaderValue::from_str(&session.shown).ok();
     // The socket keeps its connection's place among `http.max_connections`.
     let place = req
         .extensions()
-        .get::<super::listener::Place>()
+        .get::<Arc<super::listener::ConnInfo>>()
+        .map(|c| &c.place)
         .and_then(|p| p.take());
     let on_upgrade = hyper::upgrade::on(&mut req);
     let socket_state = state.clone();

@@ -5,7 +5,7 @@
 //! (`socket.rs`) takes frames out and delivers replies in. The lifecycle is one
 //! [`ConnState`], written only by the connection task (`reconnect.rs`).
 
-use super::mux::{Closed, Delivery, Frame, FrameIds, Mux, Phase, Refused, ReplySender};
+use super::mux::{Closed, Delivery, Frame, FrameIds, Mux, Phase, Refused, ReplySenders};
 use super::pending::CallId;
 use crate::budget::Budgets;
 use crate::metrics::Metrics;
@@ -204,7 +204,7 @@ impl Conn {
         &self,
         prelude: bool,
         payer: Option<&Budgets>,
-        replies: Vec<ReplySender>,
+        replies: ReplySenders,
         build: impl FnOnce(&[CallId]) -> String,
     ) -> Result<FrameIds, Refused> {
         let (ids, was_empty) = {

@@ -32,7 +32,7 @@ pub(crate) use conn::{Conn, ConnState, PoolSignals, PreludeCall, PushSink};
 pub use connect::TargetError;
 pub use discovery::{Resolver, SystemResolver};
 pub use mux::{Failure, Reply};
-pub(crate) use mux::{FrameIds, Refused};
+pub(crate) use mux::{FrameIds, Refused, ReplySenders};
 pub(crate) use pending::CallId;
 pub use sessions::Sessions;
 pub use set::{Upstream, Upstreams, prefix_for};

@@ -85,6 +85,9 @@ pub enum Failure {
 
 pub(crate) type ReplySender = oneshot::Sender<Result<Reply, Failure>>;
 
+/// The reply channels of one message: one for a call, inline.
+pub(crate) type ReplySenders = smallvec::SmallVec<[ReplySender; 1]>;
+
 /// Why a connection did not take a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -207,7 +210,7 @@ impl Mux {
         &mut self,
         prelude: bool,
         payer: Option<&Budgets>,
-        replies: Vec<ReplySender>,
+        replies: ReplySenders,
         build: impl FnOnce(&[CallId]) -> String,
     ) -> Result<FrameIds, Refused> {
         let accepting = match self.phase {

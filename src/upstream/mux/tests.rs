@@ -6,7 +6,7 @@ type ReplyReceiver = oneshot::Receiver<Result<Reply, Failure>>;
 
 fn call(mux: &mut Mux, prelude: bool) -> (Result<FrameIds, Refused>, ReplyReceiver) {
     let (tx, rx) = oneshot::channel();
-    let ids = mux.submit(prelude, None, vec![tx], |ids| {
+    let ids = mux.submit(prelude, None, smallvec::smallvec![tx], |ids| {
         format!(r#"{{"jsonrpc":"2.0","method":"m","id":{}}}"#, ids[0])
     });
     (ids, rx)
@@ -136,7 +136,7 @@ fn queued_bytes_are_bounded_but_an_empty_queue_takes_any_frame() {
     mux.set_phase(Phase::Open);
     let big = |mux: &mut Mux, len: usize| {
         let (tx, _rx) = oneshot::channel();
-        mux.submit(false, None, vec![tx], |_| "x".repeat(len))
+        mux.submit(false, None, smallvec::smallvec![tx], |_| "x".repeat(len))
     };
     assert!(big(&mut mux, 1500).is_ok(), "alone, even over the limit");
     assert_eq!(big(&mut mux, 10), Err(Refused::Full));
@@ -157,13 +157,15 @@ fn a_batch_gets_one_id_per_waiting_call_in_order() {
     mux.set_phase(Phase::Open);
     let (senders, _receivers): (Vec<_>, Vec<_>) = (0..3).map(|_| oneshot::channel()).unzip();
     let ids = mux
-        .submit(false, None, senders, |ids| format!("{ids:?}"))
+        .submit(false, None, senders.into(), |ids| format!("{ids:?}"))
         .unwrap();
     let mut frames = Vec::new();
     mux.take(&mut frames, 8, usize::MAX);
     assert_eq!(ids.as_slice().len(), 3);
     assert_eq!(frames[0].text, format!("{:?}", ids.as_slice()));
-    let note = mux.submit(false, None, Vec::new(), |_| "n".into()).unwrap();
+    let note = mux
+        .submit(false, None, Default::default(), |_| "n".into())
+        .unwrap();
     assert_eq!(note, FrameIds::None);
 }
 
@@ -172,7 +174,7 @@ fn the_writer_takes_frames_up_to_a_byte_limit_but_always_one() {
     let mut mux = Mux::new(100, usize::MAX);
     mux.set_phase(Phase::Open);
     for len in [300, 300, 300, 5000] {
-        mux.submit(false, None, Vec::new(), |_| "x".repeat(len))
+        mux.submit(false, None, Default::default(), |_| "x".repeat(len))
             .unwrap();
     }
     let mut frames = Vec::new();
@@ -188,7 +190,7 @@ fn the_writer_takes_frames_up_to_a_byte_limit_but_always_one() {
         "300, then the 5000 that crosses it"
     );
     frames.clear();
-    mux.submit(false, None, Vec::new(), |_| "x".repeat(9000))
+    mux.submit(false, None, Default::default(), |_| "x".repeat(9000))
         .unwrap();
     assert_eq!(
         mux.take(&mut frames, 10, 500),
@@ -204,11 +206,15 @@ fn a_queued_frame_is_charged_to_its_payer_until_written() {
     let mut mux = Mux::new(100, usize::MAX);
     mux.set_phase(Phase::Open);
     let (tx, _rx) = oneshot::channel();
-    mux.submit(false, Some(&budgets), vec![tx], |_| "x".repeat(700))
-        .unwrap();
+    mux.submit(false, Some(&budgets), smallvec::smallvec![tx], |_| {
+        "x".repeat(700)
+    })
+    .unwrap();
     assert_eq!(budgets.gateway.used(), 700);
     let (tx, _rx) = oneshot::channel();
-    let refused = mux.submit(false, Some(&budgets), vec![tx], |_| "x".repeat(400));
+    let refused = mux.submit(false, Some(&budgets), smallvec::smallvec![tx], |_| {
+        "x".repeat(400)
+    });
     assert_eq!(
         refused,
         Err(Refused::Memory),
