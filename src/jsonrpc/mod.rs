@@ -17,7 +17,7 @@ mod reply;
 mod request;
 mod upstream;
 
-pub use reply::{write_error, write_reply};
+pub use reply::{reply_len, write_error, write_reply};
 pub use request::{Body, Call, Entry, Invalid, OwnedCall, parse_answer, parse_body};
 pub use upstream::{Inbound, Message, Outcome, Pushed, finish_frame, read_upstream};
 

@@ -6,6 +6,13 @@ use serde_json::value::RawValue;
 
 /// Appends the client's reply: its own id, byte for byte, and the upstream's payload
 /// (the raw text of `result`, or of `error` when `is_error`).
+/// The exact length [`write_reply`] writes: a buffer of that capacity becomes `Bytes`
+/// without another allocation.
+pub fn reply_len(client_id: &RawValue, is_error: bool, payload: &str) -> usize {
+    let member = if is_error { 9 } else { 10 }; // `,"error":` or `,"result":`
+    22 + client_id.get().len() + member + payload.len() + 1
+}
+
 pub fn write_reply(out: &mut Vec<u8>, client_id: &RawValue, is_error: bool, payload: &str) {
     out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
     out.extend_from_slice(client_id.get().as_bytes());
@@ -50,6 +57,20 @@ pub fn write_error(out: &mut Vec<u8>, id: Option<&RawValue>, error: &Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reply_len_is_what_write_reply_writes() {
+        for (id, is_error, payload) in [
+            ("1", false, "true"),
+            ("\"a-b\"", true, r#"{"code":1,"message":"x"}"#),
+            ("1.50", false, ""),
+        ] {
+            let id = RawValue::from_string(id.to_string()).unwrap();
+            let mut out = Vec::new();
+            write_reply(&mut out, &id, is_error, payload);
+            assert_eq!(out.len(), reply_len(&id, is_error, payload), "{id}");
+        }
+    }
 
     #[test]
     fn error_objects() {

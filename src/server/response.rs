@@ -116,7 +116,8 @@ pub struct BatchLen(pub usize);
 
 /// A reply object with the client's own id.
 pub fn reply_bytes(id: &RawValue, reply: &Reply) -> Vec<u8> {
-    let mut out = Vec::with_capacity(reply.payload().len() + id.get().len() + 40);
+    // Exactly sized: the answer becomes `Bytes` without another allocation.
+    let mut out = Vec::with_capacity(jsonrpc::reply_len(id, reply.is_error(), reply.payload()));
     jsonrpc::write_reply(&mut out, id, reply.is_error(), reply.payload());
     out
 }
