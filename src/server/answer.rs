@@ -51,7 +51,7 @@ impl Answer {
             Answer::Reply { bytes, upstream } => {
                 let mut resp = response::json(StatusCode::OK, bytes);
                 if let Some(upstream) = upstream {
-                    resp.extensions_mut().insert(response::AnsweredBy(upstream));
+                    resp.body_mut().notes.upstream = Some(upstream);
                 }
                 resp
             }
@@ -66,7 +66,7 @@ impl Answer {
                     (false, Some(e)) => response::error_with(bytes, &e),
                     (false, None) => response::json(StatusCode::OK, bytes),
                 };
-                resp.extensions_mut().insert(response::BatchLen(len));
+                resp.body_mut().notes.batch = Some(len);
                 resp
             }
         }

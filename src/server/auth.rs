@@ -41,10 +41,6 @@ impl Admitted {
     }
 }
 
-/// The caller's name, noted on the response for the access log.
-#[derive(Debug, Clone)]
-pub struct CallerName(pub Arc<str>);
-
 #[derive(Clone)]
 pub struct Authenticate<S> {
     pub(super) inner: S,
@@ -144,12 +140,12 @@ where
                 Either::Right(Either::Left(std::future::ready(Ok(resp))))
             }
             Ok(admitted) => {
-                let name = CallerName(admitted.principal.name.clone());
+                let name = admitted.principal.name.clone();
                 req.extensions_mut().insert(admitted);
                 let answer = self.inner.call(req);
                 Either::Right(Either::Right(Box::pin(async move {
                     let Ok(mut resp) = answer.await;
-                    resp.extensions_mut().insert(name);
+                    resp.body_mut().notes.caller = Some(name);
                     Ok(resp)
                 })))
             }

@@ -34,14 +34,27 @@ pub struct Body {
     data: Option<Bytes>,
     charge: Option<Charge>,
     stream: Option<tokio::sync::mpsc::Receiver<Bytes>>,
+    /// What the access log says of this answer: carried in the body, not in the
+    /// response's extensions, which would cost a map and a box per request.
+    pub notes: Notes,
+}
+
+/// What the access log writes about an answer besides its status and size.
+#[derive(Debug, Default, Clone)]
+pub struct Notes {
+    /// The upstream that answered a single call.
+    pub upstream: Option<Arc<str>>,
+    /// Elements in the request's batch.
+    pub batch: Option<usize>,
+    /// Who called, when `[auth]` named them.
+    pub caller: Option<Arc<str>>,
 }
 
 impl Body {
     pub fn new(data: Bytes) -> Body {
         Body {
             data: (!data.is_empty()).then_some(data),
-            charge: None,
-            stream: None,
+            ..Body::default()
         }
     }
 
@@ -49,9 +62,8 @@ impl Body {
     /// away) tells the producer.
     pub fn streaming(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Body {
         Body {
-            data: None,
-            charge: None,
             stream: Some(rx),
+            ..Body::default()
         }
     }
 
@@ -105,14 +117,6 @@ impl http_body::Body for Body {
 }
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
-
-/// The upstream that answered a single call, noted on the response for the access log.
-#[derive(Debug, Clone)]
-pub struct AnsweredBy(pub Arc<str>);
-
-/// Elements in the request's batch, noted on the response for the access log.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLen(pub usize);
 
 /// A reply object with the client's own id.
 pub fn reply_bytes(id: &RawValue, reply: &Reply) -> Vec<u8> {

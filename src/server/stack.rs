@@ -6,9 +6,9 @@
 //!    layer and it logs the answer the client really got.
 //! 2. [`HttpMetrics`]: requests by status and bytes sent, for every answer, including
 //!    the ones the layers below produce themselves.
-//! 3. `CatchPanic` (tower-http): a bug that panics answers that one request with a
-//!    JSON-RPC internal error instead of dropping the connection and its other
-//!    requests. Below the observers, so such an answer is logged and counted.
+//! 3. [`CatchPanic`]: a bug that panics answers that one request with a JSON-RPC
+//!    internal error instead of dropping the connection and its other requests.
+//!    Below the observers, so such an answer is logged and counted.
 //! 4. tower-http's `Cors` (with `[cors]`): preflights answered, and the CORS headers
 //!    on every answer, including the checks' refusals.
 //! 5. [`Checks`]: the cheap request checks (path, method, content type, declared
@@ -23,10 +23,10 @@ use super::AppState;
 use super::response::{self, HttpResponse};
 use crate::error::Error;
 use crate::logging::AccessRecord;
-use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use std::any::Any;
 use std::convert::Infallible;
@@ -36,10 +36,10 @@ use std::task::{Context, Poll};
 use tokio::time::Instant;
 use tower::layer::layer_fn;
 use tower::{Layer, Service, ServiceBuilder};
-use tower_http::catch_panic::CatchPanicLayer;
 
-/// What the stack answers with: the handler's bodies, boxed by `CatchPanic`.
-pub type Body = tower_http::body::UnsyncBoxBody<Bytes, tower_http::BoxError>;
+/// What the stack answers with: the handlers' own body type, never boxed, so the
+/// observers read the notes it carries (see [`response::Notes`]).
+pub type Body = response::Body;
 
 /// The whole stack for one client connection from `peer`.
 pub fn build(
@@ -63,7 +63,7 @@ pub fn build(
         .layer(observe(HttpMetrics {
             state: state.clone(),
         }))
-        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(layer_fn(|inner| CatchPanic { inner }))
         .option_layer(super::cors::layer(&state))
         .layer(layer_fn(move |inner| Checks {
             inner,
@@ -104,6 +104,69 @@ impl Service<Request<Incoming>> for Rpc {
                 super::rpc::handle(req, &state).await
             })
         })
+    }
+}
+
+/// See the module doc, item 3: a panic while a request is handled (in the inner
+/// services' `call` or while their future runs) answers that request with a JSON-RPC
+/// internal error. Ours rather than tower-http's, whose boxing of every response body
+/// cost an allocation per request and hid the body's notes from the observers.
+#[derive(Clone)]
+pub struct CatchPanic<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for CatchPanic<S>
+where
+    S: Service<Request<B>, Response = HttpResponse, Error = Infallible>,
+{
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = Caught<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let inner = &mut self.inner;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.call(req))) {
+            Ok(future) => Caught::Running { future },
+            Err(panic) => Caught::Panicked {
+                answer: Some(panic_response(panic)),
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request's answer, or the internal error its panic gets.
+    #[project = CaughtProj]
+    pub enum Caught<F> {
+        Running { #[pin] future: F },
+        Panicked { answer: Option<HttpResponse> },
+    }
+}
+
+impl<F> Future for Caught<F>
+where
+    F: Future<Output = Result<HttpResponse, Infallible>>,
+{
+    type Output = Result<HttpResponse, Infallible>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            // Polled no more once it panicked: the answer below is its last.
+            CaughtProj::Running { future } => {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.poll(cx))) {
+                    Ok(poll) => poll,
+                    Err(panic) => Poll::Ready(Ok(panic_response(panic))),
+                }
+            }
+            CaughtProj::Panicked { answer } => Poll::Ready(Ok(answer
+                .take()
+                .unwrap_or_else(|| panic_response(Box::new("polled after its panic"))))),
+        }
     }
 }
 
@@ -211,7 +274,7 @@ pub trait Observer: Clone + Send + Sync + 'static {
     /// What is kept from the request until the answer (a start time, the method).
     type Mark: Send + 'static;
     fn request<B>(&self, req: &Request<B>) -> Self::Mark;
-    fn answer<R: http_body::Body>(&self, mark: Self::Mark, resp: &Response<R>);
+    fn answer(&self, mark: Self::Mark, resp: &HttpResponse);
 }
 
 #[derive(Clone)]
@@ -220,13 +283,12 @@ pub struct Observe<S, O> {
     observer: O,
 }
 
-impl<S, O, B, R> Service<Request<B>> for Observe<S, O>
+impl<S, O, B> Service<Request<B>> for Observe<S, O>
 where
-    S: Service<Request<B>, Response = Response<R>, Error = Infallible>,
+    S: Service<Request<B>, Response = HttpResponse, Error = Infallible>,
     O: Observer,
-    R: http_body::Body,
 {
-    type Response = Response<R>;
+    type Response = HttpResponse;
     type Error = Infallible;
     type Future = Observed<S::Future, O>;
 
@@ -255,13 +317,12 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, O, R> Future for Observed<F, O>
+impl<F, O> Future for Observed<F, O>
 where
-    F: Future<Output = Result<Response<R>, Infallible>>,
+    F: Future<Output = Result<HttpResponse, Infallible>>,
     O: Observer,
-    R: http_body::Body,
 {
-    type Output = Result<Response<R>, Infallible>;
+    type Output = Result<HttpResponse, Infallible>;
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -291,7 +352,7 @@ impl Observer for HttpMetrics {
 
     fn request<B>(&self, _: &Request<B>) {}
 
-    fn answer<R: http_body::Body>(&self, _: (), resp: &Response<R>) {
+    fn answer(&self, _: (), resp: &HttpResponse) {
         let m = &self.state.metrics;
         m.http_requests
             .with_label_values(&[resp.status().as_str()])
@@ -318,11 +379,7 @@ impl Observer for AccessLog {
         (Instant::now(), req.method().clone(), client_cert)
     }
 
-    fn answer<R: http_body::Body>(
-        &self,
-        (started, method, client_cert): Self::Mark,
-        resp: &Response<R>,
-    ) {
+    fn answer(&self, (started, method, client_cert): Self::Mark, resp: &HttpResponse) {
         // Sampling and the level filter are the log's; formatting and writing happen
         // on its own thread (`logging/access.rs`).
         let log = &self.state.access_log;
@@ -335,16 +392,53 @@ impl Observer for AccessLog {
             status: resp.status().as_u16(),
             duration_us: started.elapsed().as_micros() as u64,
             bytes: resp.body().size_hint().exact().unwrap_or(0),
-            batch: resp.extensions().get::<response::BatchLen>().map(|b| b.0),
-            upstream: resp
-                .extensions()
-                .get::<response::AnsweredBy>()
-                .map(|u| u.0.clone()),
-            caller: resp
-                .extensions()
-                .get::<super::auth::CallerName>()
-                .map(|c| c.0.clone()),
+            batch: resp.body().notes.batch,
+            upstream: resp.body().notes.upstream.clone(),
+            caller: resp.body().notes.caller.clone(),
             client_cert,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service that panics in `call` (`early`) or while its future runs.
+    #[derive(Clone)]
+    struct Panics {
+        early: bool,
+    }
+
+    impl Service<Request<()>> for Panics {
+        type Response = HttpResponse;
+        type Error = Infallible;
+        type Future = BoxFuture<'static, Result<HttpResponse, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            assert!(!self.early, "a bug in call");
+            Box::pin(async { panic!("a bug in the future") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_answers_its_request_with_an_internal_error() {
+        for early in [true, false] {
+            let mut service = CatchPanic {
+                inner: Panics { early },
+            };
+            let Ok(resp) = service.call(Request::new(())).await;
+            assert_eq!(resp.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
+            assert_eq!(v["error"]["code"], -32603, "{v}");
+        }
     }
 }
