@@ -30,13 +30,13 @@ pub struct Admitted {
 
 impl Admitted {
     /// A request's admission, or an anonymous one (requests that bypass the layer).
-    pub fn of<B>(req: &Request<B>, state: &AppState) -> Admitted {
+    pub fn of<B>(req: &Request<B>, state: &AppState, peer: std::net::SocketAddr) -> Admitted {
         req.extensions()
             .get::<Admitted>()
             .cloned()
             .unwrap_or_else(|| Admitted {
                 principal: state.access.anonymous(),
-                address: client_of(req, &state.config.sessions),
+                address: client_of(req, &state.config.sessions, peer),
             })
     }
 }
@@ -45,6 +45,7 @@ impl Admitted {
 pub struct Authenticate<S> {
     pub(super) inner: S,
     pub(super) state: Arc<AppState>,
+    pub(super) conn: Arc<super::listener::ConnInfo>,
 }
 
 impl<S> Authenticate<S> {
@@ -73,11 +74,7 @@ impl<S> Authenticate<S> {
                 .as_deref()
                 .and_then(|name| query_param(req.uri().query(), name))
         });
-        let subject = req
-            .extensions()
-            .get::<Arc<super::listener::ConnInfo>>()
-            .and_then(|c| c.identity.as_ref())
-            .map(|id| id.subject.clone());
+        let subject = self.conn.identity.as_ref().map(|id| id.subject.clone());
         let credential = match (&token, &subject) {
             (Some(token), _) => Credential::Token(token),
             (None, Some(subject)) => Credential::Certificate(subject),
@@ -86,7 +83,7 @@ impl<S> Authenticate<S> {
         match access.authenticate(credential) {
             Ok(principal) => Ok(Admitted {
                 principal,
-                address: client_of(req, &self.state.config.sessions),
+                address: client_of(req, &self.state.config.sessions, self.conn.peer),
             }),
             Err(failure) => Err((token.is_some(), failure)),
         }

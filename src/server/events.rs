@@ -6,6 +6,7 @@
 //! again and gets what it missed, or an explicit gap when that is gone.
 
 use super::AppState;
+use super::listener::ConnInfo;
 use super::response::{self, HttpResponse};
 use super::session_key::{query_param, session_of};
 use crate::error::Error;
@@ -23,14 +24,14 @@ const READ_MAX: usize = 256;
 const DEFAULT_WAIT: Duration = Duration::from_secs(25);
 
 /// Answers `GET` on the events path.
-pub async fn handle<B>(req: Request<B>, state: &Arc<AppState>) -> HttpResponse {
+pub async fn handle<B>(req: Request<B>, state: &Arc<AppState>, conn: &ConnInfo) -> HttpResponse {
     if req.method() != Method::GET {
         let mut resp = response::error(None, &Error::MethodNotAllowed);
         resp.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET"));
         return resp;
     }
-    let session = match session_of(&req, state) {
+    let session = match session_of(&req, state, conn.peer) {
         Ok(Some(s)) => s,
         Ok(None) => {
             return response::error(

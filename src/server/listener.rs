@@ -50,12 +50,6 @@ pub struct ConnInfo {
     pub place: Place,
 }
 
-impl ConnInfo {
-    pub fn of<B>(req: &http::Request<B>) -> Option<&ConnInfo> {
-        req.extensions().get::<Arc<ConnInfo>>().map(|c| &**c)
-    }
-}
-
 /// A connection's place among `max_connections`, which a WebSocket client takes over
 /// when its connection is upgraded: hyper is then done with it, but the socket stays.
 #[derive(Clone)]
@@ -309,9 +303,10 @@ async fn serve_connection(
             identity,
             place,
         });
-        let stack = stack::build(state, peer);
-        hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(info.clone());
+        // Carried by the stack's services, not put in each request's extensions:
+        // that would be three allocations per request.
+        let stack = stack::build(state, info);
+        hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             // A request in progress holds off the idle timeout (see `watch`).
             let guard = activity.request_started();
             let mut stack = stack.clone();

@@ -9,6 +9,7 @@ use super::AppState;
 pub(super) use super::answer::Answer;
 use super::auth::Admitted;
 use super::body::read_body;
+use super::listener::ConnInfo;
 use super::response::{self, HttpResponse};
 use super::session_key::{SessionKey, session_of};
 use crate::budget::Budgets;
@@ -27,18 +28,15 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 /// Answers one request that passed the stack's checks (`stack.rs`).
-pub async fn handle(req: Request<Incoming>, state: &AppState) -> HttpResponse {
+pub async fn handle(req: Request<Incoming>, state: &AppState, conn: &ConnInfo) -> HttpResponse {
     let http = &state.config.http;
     let limit = http.max_body_bytes;
-    let session = match session_of(&req, state) {
+    let session = match session_of(&req, state, conn.peer) {
         Ok(s) => s,
         Err(e) => return response::error(None, &e),
     };
-    let budgets = match super::listener::ConnInfo::of(&req) {
-        Some(c) => c.budgets.clone(),
-        None => state.connection_budgets(),
-    };
-    let admitted = Admitted::of(&req, state);
+    let budgets = conn.budgets.clone();
+    let admitted = Admitted::of(&req, state, conn.peer);
     // Held for the whole request: the calls borrow from the body.
     let (body, _body_charge) = match read_body(req, &budgets, limit, http.body_read_timeout).await {
         Ok(read) => read,

@@ -4,7 +4,6 @@
 
 use super::AppState;
 use super::auth::Admitted;
-use super::listener::ConnInfo;
 use crate::config::{Affinity, SessionConfig};
 use crate::error::Error;
 use crate::upstream::sessions::{self, MAX_KEY_LEN};
@@ -33,6 +32,7 @@ pub(super) struct SessionKey {
 pub(super) fn session_of<B>(
     req: &Request<B>,
     state: &AppState,
+    peer: SocketAddr,
 ) -> Result<Option<SessionKey>, Error> {
     let cfg = &state.config.sessions;
     let headers = req.headers();
@@ -52,7 +52,7 @@ pub(super) fn session_of<B>(
             .map(|(_, value)| value)
     };
     let from_query = query_param(req.uri().query(), "session");
-    let client = client_of(req, cfg);
+    let client = client_of(req, cfg, peer);
     let found = from_header
         .map(str::to_string)
         .or_else(|| from_cookie().map(str::to_string))
@@ -89,12 +89,16 @@ impl SessionKey {
 }
 
 /// A key made up for a client that brought none (a WebSocket client's own session).
-pub(super) fn new_session<B>(req: &Request<B>, state: &AppState) -> Result<SessionKey, Error> {
+pub(super) fn new_session<B>(
+    req: &Request<B>,
+    state: &AppState,
+    peer: SocketAddr,
+) -> Result<SessionKey, Error> {
     Ok(SessionKey::new(
         req,
         sessions::new_key()?,
         None,
-        client_of(req, &state.config.sessions),
+        client_of(req, &state.config.sessions, peer),
     ))
 }
 
@@ -119,8 +123,8 @@ pub(super) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
 /// one the proxy in front of us appended; those left of it are the client's own
 /// claims); else, or when that header is missing or garbled, the TCP peer, so a
 /// request without it counts against the proxy rather than against nobody.
-pub(super) fn client_of<B>(req: &Request<B>, cfg: &SessionConfig) -> IpAddr {
-    let peer = ConnInfo::of(req).map(|c| c.peer.ip());
+pub(super) fn client_of<B>(req: &Request<B>, cfg: &SessionConfig, peer: SocketAddr) -> IpAddr {
+    let peer = Some(peer.ip());
     let forwarded = cfg.client_ip_header.as_deref().and_then(|name| {
         let last = req.headers().get_all(name).iter().next_back()?;
         parse_ip(last.to_str().ok()?.rsplit(',').next()?)

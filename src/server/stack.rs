@@ -20,6 +20,7 @@
 //!    client on the same path, or `events::handle` on the events path.
 
 use super::AppState;
+use super::listener::ConnInfo;
 use super::response::{self, HttpResponse};
 use crate::error::Error;
 use crate::logging::AccessRecord;
@@ -30,7 +31,6 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use std::any::Any;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::time::Instant;
@@ -41,10 +41,10 @@ use tower::{Layer, Service, ServiceBuilder};
 /// observers read the notes it carries (see [`response::Notes`]).
 pub type Body = response::Body;
 
-/// The whole stack for one client connection from `peer`.
+/// The whole stack for one client connection.
 pub fn build(
     state: Arc<AppState>,
-    peer: SocketAddr,
+    conn: Arc<ConnInfo>,
 ) -> impl Service<
     Request<Incoming>,
     Response = Response<Body>,
@@ -54,11 +54,11 @@ pub fn build(
 + Send
 + 'static {
     let checks = state.clone();
-    let authenticate = state.clone();
+    let authenticate = (state.clone(), conn.clone());
     ServiceBuilder::new()
         .layer(observe(AccessLog {
             state: state.clone(),
-            peer,
+            conn: conn.clone(),
         }))
         .layer(observe(HttpMetrics {
             state: state.clone(),
@@ -71,15 +71,17 @@ pub fn build(
         }))
         .layer(layer_fn(move |inner| super::auth::Authenticate {
             inner,
-            state: authenticate.clone(),
+            state: authenticate.0.clone(),
+            conn: authenticate.1.clone(),
         }))
-        .service(Rpc { state })
+        .service(Rpc { state, conn })
 }
 
 /// The innermost service: `rpc::handle`.
 #[derive(Clone)]
 pub struct Rpc {
     state: Arc<AppState>,
+    conn: Arc<ConnInfo>,
 }
 
 impl Service<Request<Incoming>> for Rpc {
@@ -93,15 +95,16 @@ impl Service<Request<Incoming>> for Rpc {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let state = self.state.clone();
+        let conn = self.conn.clone();
         Box::pin(async move {
             Ok(if state.demo_page && super::demo::owns(req.uri().path()) {
                 super::demo::handle(&req)
             } else if req.uri().path() == state.config.push.events_path {
-                super::events::handle(req, &state).await
+                super::events::handle(req, &state, &conn).await
             } else if super::ws::is_upgrade(&req) {
-                super::ws::upgrade(req, &state)
+                super::ws::upgrade(req, &state, &conn)
             } else {
-                super::rpc::handle(req, &state).await
+                super::rpc::handle(req, &state, &conn).await
             })
         })
     }
@@ -366,16 +369,14 @@ impl Observer for HttpMetrics {
 #[derive(Clone)]
 pub struct AccessLog {
     state: Arc<AppState>,
-    peer: SocketAddr,
+    conn: Arc<ConnInfo>,
 }
 
 impl Observer for AccessLog {
     type Mark = (Instant, Method, Option<Arc<str>>);
 
     fn request<B>(&self, req: &Request<B>) -> Self::Mark {
-        let client_cert = super::listener::ConnInfo::of(req)
-            .and_then(|c| c.identity.as_ref())
-            .map(|id| id.subject.clone());
+        let client_cert = self.conn.identity.as_ref().map(|id| id.subject.clone());
         (Instant::now(), req.method().clone(), client_cert)
     }
 
@@ -387,7 +388,7 @@ impl Observer for AccessLog {
             return;
         }
         log.record(AccessRecord {
-            peer: self.peer,
+            peer: self.conn.peer,
             method,
             status: resp.status().as_u16(),
             duration_us: started.elapsed().as_micros() as u64,

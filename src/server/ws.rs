@@ -9,6 +9,7 @@
 
 use super::AppState;
 use super::auth::Admitted;
+use super::listener::ConnInfo;
 use super::response::{self, HttpResponse};
 use super::rpc::{self, Caller};
 use super::session_key::{SessionKey, new_session, query_param, session_of};
@@ -55,7 +56,7 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
 }
 
 /// Answers the handshake (101) and serves the socket once hyper hands it over.
-pub fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> HttpResponse {
+pub fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>, conn: &ConnInfo) -> HttpResponse {
     let key = req
         .headers()
         .get(SEC_WEBSOCKET_KEY)
@@ -72,27 +73,20 @@ pub fn upgrade(mut req: Request<Incoming>, state: &Arc<AppState>) -> HttpRespons
             ),
         );
     };
-    let (session, named) = match session_of(&req, state) {
+    let (session, named) = match session_of(&req, state, conn.peer) {
         Ok(Some(s)) => (s, true),
-        Ok(None) => match new_session(&req, state) {
+        Ok(None) => match new_session(&req, state, conn.peer) {
             Ok(s) => (s, false),
             Err(e) => return response::error(None, &e),
         },
         Err(e) => return response::error(None, &e),
     };
     let after = query_param(req.uri().query(), "after").and_then(|a| a.parse().ok());
-    let admitted = Admitted::of(&req, state);
-    let budgets = match super::listener::ConnInfo::of(&req) {
-        Some(c) => c.budgets.clone(),
-        None => state.connection_budgets(),
-    };
+    let admitted = Admitted::of(&req, state, conn.peer);
+    let budgets = conn.budgets.clone();
     let session_header = HeaderValue::from_str(&session.shown).ok();
     // The socket keeps its connection's place among `http.max_connections`.
-    let place = req
-        .extensions()
-        .get::<Arc<super::listener::ConnInfo>>()
-        .map(|c| &c.place)
-        .and_then(|p| p.take());
+    let place = conn.place.take();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let socket_state = state.clone();
     tokio::spawn(async move {
