@@ -18,14 +18,14 @@ mod choices;
 mod cors;
 mod file;
 mod push;
+mod rate_limits;
 mod redact;
 mod sections;
 mod tls;
 mod types;
 
 pub use access::{
-    AuthConfig, CertificateConfig, JwtConfig, KeyConfig, MethodRules, RateLimitConfig, RateScope,
-    key_hash, parse_key_hash, parse_rate,
+    AuthConfig, CertificateConfig, JwtConfig, KeyConfig, MethodRules, key_hash, parse_key_hash,
 };
 pub use admin_listen::{AdminListen, BadAdminListen};
 pub use check::{Problems, check_ws_url};
@@ -35,6 +35,7 @@ pub use choices::{
 pub use cors::CorsConfig;
 pub use file::{expand_env, parse_duration, parse_size};
 pub use push::{PushConfig, SubscriptionRule, matches as method_matches};
+pub use rate_limits::{RateLimitConfig, RateScope, parse_rate};
 pub use redact::{redact_url, userinfo, without_userinfo};
 pub use tls::TlsConfig;
 pub use types::{

@@ -106,7 +106,7 @@ pub(super) fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
         super::access::read_auth(t, &mut c.auth, p);
     }
     if let Some(v) = root.get("rate_limits") {
-        c.rate_limits = super::access::read_rate_limits(v, p);
+        c.rate_limits = super::rate_limits::read_rate_limits(v, p);
     }
     if let Some(t) = root.table("tls", p) {
         c.tls = Some(super::tls::read_tls(t, p));
