@@ -6,6 +6,7 @@ use rpcgate::config::{
     AdminListen, Affinity, Config, DiscoveryMode, LogFormat, SubscriptionRule, TlsConfig,
     UpstreamConfig, parse_duration,
 };
+use rpcgate::server::{TlsReloader, Workers};
 use rpcgate::{Gateway, logging};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -199,7 +200,7 @@ fn start() -> Result<()> {
             let format = cli.run.log_format;
             let config = build_config(cli.run)?;
             let _logs = logging::init(format.unwrap_or(config.log.format), &config.log.level);
-            runtime(config.runtime.workers)?.block_on(run(config))
+            serve(config)
         }
     }
 }
@@ -231,9 +232,25 @@ fn hash_key(generate: bool) -> Result<()> {
     Ok(())
 }
 
-/// One worker runs tokio's current-thread scheduler: every wakeup between an HTTP
-/// request and its upstream connection stays on one thread, with no cross-thread
-/// signalling. More workers use the work-stealing scheduler; 0 means one per CPU.
+/// The gateway's workers each run tokio's current-thread scheduler: every wakeup
+/// between an HTTP request and its upstream connection stays on one thread. One
+/// worker runs on this thread; more run shared-nothing on their own
+/// (`rpcgate::server::Workers`), with this thread watching signals.
+fn serve(config: Config) -> Result<()> {
+    let count = rpcgate::server::worker_count(config.runtime.workers);
+    let main = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    if count == 1 {
+        main.block_on(run(config))
+    } else {
+        main.block_on(run_workers(config, count))
+    }
+}
+
+/// The echo server and the demo: the work-stealing scheduler, `workers` threads (0:
+/// one per CPU); 1 runs tokio's current-thread scheduler.
 fn runtime(workers: usize) -> Result<tokio::runtime::Runtime> {
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -362,7 +379,31 @@ async fn run(config: Config) -> Result<()> {
     let hangup = Arc::new(Notify::new());
     watch_signals(shutdown.clone(), Some(hangup.clone()))?;
     let gateway = Gateway::bind(config.clone()).await?;
-    let reloader = gateway.tls_reloader();
+    reload_on_hangup(hangup, gateway.tls_reloader());
+    announce(&config, gateway.local_addr()?, gateway.admin_addr(), 1);
+    gateway.run(shutdown).await;
+    tracing::info!("rpcgate stopped");
+    Ok(())
+}
+
+/// `runtime.workers` > 1: the workers serve on their threads until a signal stops
+/// them; this one handles the signals.
+async fn run_workers(config: Config, count: usize) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    let hangup = Arc::new(Notify::new());
+    watch_signals(shutdown.clone(), Some(hangup.clone()))?;
+    let workers = Workers::start(config.clone(), count, shutdown)?;
+    reload_on_hangup(hangup, workers.tls_reloader());
+    announce(&config, workers.local_addr(), workers.admin_addr(), count);
+    tokio::task::spawn_blocking(move || workers.join())
+        .await
+        .context("waiting for the workers")?;
+    tracing::info!("rpcgate stopped");
+    Ok(())
+}
+
+/// SIGHUP reloads the TLS certificate, when there is one.
+fn reload_on_hangup(hangup: Arc<Notify>, reloader: Option<TlsReloader>) {
     tokio::spawn(async move {
         loop {
             hangup.notified().await;
@@ -377,17 +418,17 @@ async fn run(config: Config) -> Result<()> {
             }
         }
     });
-    let addr = gateway.local_addr()?;
-    if let Some(admin) = gateway.admin_addr() {
+}
+
+/// The addresses being served, in the log and as stable stdout lines for scripts and
+/// harnesses that bind port 0.
+fn announce(config: &Config, addr: SocketAddr, admin: Option<SocketAddr>, workers: usize) {
+    if let Some(admin) = admin {
         tracing::info!(%admin, "admin listener: /metrics /healthz /readyz");
         println!("rpcgate admin on http://{admin}/");
     }
-    tracing::info!(listen = %addr, upstreams = config.upstreams.len(), "rpcgate serving");
-    // A stable stdout line for scripts and harnesses that bind port 0.
+    tracing::info!(listen = %addr, upstreams = config.upstreams.len(), workers, "rpcgate serving");
     println!("rpcgate listening on http://{addr}{}", config.http.path);
-    gateway.run(shutdown).await;
-    tracing::info!("rpcgate stopped");
-    Ok(())
 }
 
 /// First SIGTERM/SIGINT: graceful stop. Second: exit at once. SIGHUP never stops the

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub memory_budget_used: IntGauge,
     pub memory_budget_limit: IntGauge,
     pub http_connections_open: IntGauge,
+    /// Requests handed to the worker owning their session (`runtime.workers` > 1).
+    pub worker_handovers: IntCounter,
     pub http_connections_refused: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
     pub tls_reloads: IntCounterVec,
@@ -329,6 +331,14 @@ impl Metrics {
                 IntGauge::new(
                     "rpcgate_memory_budget_limit_bytes",
                     "The memory budget in force (limits.memory, or its default for this machine).",
+                )
+                .expect("valid metric definition"),
+            ),
+            worker_handovers: reg(
+                &r,
+                IntCounter::new(
+                    "rpcgate_worker_handovers_total",
+                    "Requests accepted by one worker and served by the worker owning their session (runtime.workers > 1).",
                 )
                 .expect("valid metric definition"),
             ),

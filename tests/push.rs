@@ -17,8 +17,9 @@ use support::admin::{eventually, metric};
 use support::echo::Echo;
 use support::gateway::{TestGateway, config_for, start_gateway};
 use support::http::JSON;
+use support::rpc::{call_body, post_as, result_of};
 use support::sse::{Sse, open_sse, stream_of};
-use support::{Response, request, with_timeout, with_timeout_of};
+use support::{request, with_timeout, with_timeout_of};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -46,28 +47,6 @@ async fn gateway_with(config: Config, open: usize) -> TestGateway {
 // ---------------------------------------------------------------------------------------
 // HTTP calls
 // ---------------------------------------------------------------------------------------
-
-fn call_body(id: u64, method: &str, params: Value) -> String {
-    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string()
-}
-
-/// POSTs `body` with the session (header) `session`, if any.
-async fn post_as(addr: SocketAddr, session: Option<&str>, body: String) -> Response {
-    let mut headers = vec![JSON];
-    if let Some(s) = session {
-        headers.push((HEADER, s));
-    }
-    request(addr, Method::POST, "/", &headers, body).await
-}
-
-/// A 200 answer's `result`.
-#[track_caller]
-fn result_of(resp: &Response) -> Value {
-    assert_eq!(resp.status, StatusCode::OK, "body: {}", resp.text());
-    let v = resp.json();
-    assert!(v.get("error").is_none(), "an error: {v}");
-    v["result"].clone()
-}
 
 #[track_caller]
 fn error_code(v: &Value) -> i64 {

@@ -396,12 +396,14 @@ pub struct PreludeCall {
 /// The async runtime's shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeConfig {
-    /// Worker threads: 1 runs single-threaded, 0 means one per CPU.
+    /// Shared-nothing workers (`server/workers.rs`): 1 runs on one thread, N on N
+    /// threads each with its own listener socket, upstream connections and sessions;
+    /// 0 means one per CPU.
     ///
     /// One is the default: forwarding is I/O-bound, one core carries tens of thousands
-    /// of calls a second, and a single thread spends less CPU per call (no
-    /// cross-thread wakeups) than two on a small machine it shares with its upstream.
-    /// Raise it on a dedicated machine with many cores.
+    /// of calls a second, and on a small machine shared with the upstream a second
+    /// worker mostly competes with it for the same cores. Raise it on a machine with
+    /// cores to spare.
     pub workers: usize,
 }
 

@@ -139,6 +139,11 @@ impl Hub {
         self.len() == 0
     }
 
+    /// Subscriptions held now, on every upstream socket.
+    pub fn subscription_count(&self) -> usize {
+        self.subs.lock().len()
+    }
+
     /// Session `key`, opened if needed.
     pub fn session(&self, key: &str) -> Result<Arc<Session>, Error> {
         let mut sessions = self.sessions.lock();

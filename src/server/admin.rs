@@ -9,6 +9,7 @@ use super::AppState;
 use super::accept::{self, AcceptErrors};
 use super::listener;
 use super::tls::Listener;
+use crate::upstream::Upstreams;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -64,18 +65,36 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: Cancellati
     }
 }
 
-fn route(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, state: &Arc<AppState>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
     match req.uri().path() {
         "/metrics" => {
             let m = &state.metrics;
-            state.upstreams.refresh_metrics(m);
-            m.sessions_active
-                .set(state.sessions.as_ref().map_or(0, |s| s.len()) as i64);
-            m.ready
-                .set(i64::from(state.is_ready() && !listener::at_capacity(state)));
+            let workers = workers(state);
+            Upstreams::refresh_metrics(workers.iter().map(|w| &*w.upstreams), m);
+            m.sessions_active.set(
+                workers
+                    .iter()
+                    .filter_map(|w| w.sessions.as_ref())
+                    .map(|s| s.len() as i64)
+                    .sum(),
+            );
+            if workers.len() > 1 {
+                // Each worker sets these to its own count as they change.
+                m.push_sessions
+                    .set(workers.iter().map(|w| w.hub.len() as i64).sum());
+                m.push_subscriptions.set(
+                    workers
+                        .iter()
+                        .map(|w| w.hub.subscription_count() as i64)
+                        .sum(),
+                );
+            }
+            m.ready.set(i64::from(
+                workers.iter().all(|w| w.is_ready()) && !listener::at_capacity(state),
+            ));
             // Process-wide totals, caught up at scrape time.
             let dropped = crate::logging::dropped_lines();
             m.log_lines_dropped
@@ -91,12 +110,18 @@ fn route(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if state.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            let workers = workers(state);
+            if workers
+                .iter()
+                .any(|w| w.stopping.load(std::sync::atomic::Ordering::Acquire))
+            {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: shutting down\n",
                 )
-            } else if !state.upstreams.any_usable() {
+            } else if !workers.iter().all(|w| w.upstreams.any_usable()) {
+                // With several workers, one without a usable upstream would fail
+                // the calls the kernel gives it.
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: no usable upstream\n",
@@ -115,6 +140,16 @@ fn route(req: &Request<Incoming>, state: &AppState) -> Response<Full<Bytes>> {
             StatusCode::NOT_FOUND,
             "admin paths: /metrics /healthz /readyz\n",
         ),
+    }
+}
+
+/// Every worker's state (`runtime.workers`); this one's alone before they are known.
+fn workers(state: &Arc<AppState>) -> Vec<Arc<AppState>> {
+    let all = state.peers.states();
+    if all.is_empty() {
+        vec![state.clone()]
+    } else {
+        all
     }
 }
 

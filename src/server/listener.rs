@@ -5,7 +5,7 @@
 
 use super::AppState;
 use super::accept::{self, AcceptErrors};
-use super::per_address::{AddressPlace, PerAddress};
+use super::per_address::AddressPlace;
 use super::refuse::{REFUSE_WITHIN, refuse_connection};
 use super::stack;
 use super::tls::{ClientIdentity, Listener};
@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinSet;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
@@ -144,19 +144,19 @@ pub(super) async fn serve(
     state: Arc<AppState>,
     shutdown: CancellationToken,
 ) {
-    let http = &state.config.http;
     let builder = Arc::new(builder(&state));
     // One permit per served connection, and a smaller pool for the ones refused:
     // both full, accepting pauses and the kernel's backlog absorbs the excess
-    // instead of our memory.
-    let limit = Arc::new(Semaphore::new(http.max_connections));
-    let refusing = Arc::new(Semaphore::new(http.max_connections.min(MAX_REFUSING)));
-    let per_address = PerAddress::new(http.max_connections_per_address);
+    // instead of our memory. Shared by every worker's accept loop (`runtime.workers`).
+    let limit = state.shared.served.clone();
+    let refusing = state.shared.refusing.clone();
+    let per_address = state.shared.per_address.clone();
     let mut errors = AcceptErrors::default();
     let mut connections = JoinSet::new();
     loop {
-        // This loop is the only one taking permits, so a place seen free here is
-        // still free after the accept.
+        // Only accept loops take permits, so a place seen free here is still free
+        // after the accept, unless another worker's loop took it meanwhile: that
+        // connection is refused as if it had come a moment later.
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,

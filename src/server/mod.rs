@@ -24,10 +24,13 @@ mod stack;
 mod tls;
 mod trim;
 mod watch;
+mod workers;
 mod ws;
 
 pub use tls::ClientIdentity;
 use tls::Tls;
+use workers::Shared;
+pub use workers::{Peers, WorkerId, Workers, worker_count};
 
 use crate::access::Access;
 use crate::budget::{Budget, Budgets};
@@ -64,6 +67,8 @@ pub enum StartError {
     Access(String),
     #[error("tls: {0}")]
     Tls(#[from] crate::tls::FileError),
+    #[error("starting a worker: {0}")]
+    Runtime(String),
 }
 
 /// State every request handler reads.
@@ -90,6 +95,12 @@ pub struct AppState {
     pub access: Arc<Access>,
     /// The listeners' certificate, when `[tls]` is set.
     tls: Option<Arc<Tls>>,
+    /// What this worker shares with the others (`runtime.workers`).
+    shared: Arc<Shared>,
+    /// Which worker this is.
+    pub worker: WorkerId,
+    /// All the workers, for handing a session's request to its owner.
+    pub peers: Arc<Peers>,
 }
 
 impl AppState {
@@ -120,40 +131,17 @@ impl Gateway {
     pub async fn bind(config: Config) -> Result<Gateway, StartError> {
         // Before any socket: what the configuration can use must fit the limit.
         fdlimit::ensure(&config);
-        let bind = |addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|error| StartError::Bind { addr, error })
-        };
-        let listener = bind(config.listen).await?;
-        let admin = match config.admin_listen {
-            AdminListen::Off => None,
-            // Probes and scrapers are pointed at this address: no fallback, and the
-            // error says which setting to fix.
-            AdminListen::Explicit(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|error| StartError::AdminBind { addr, error })?,
-            ),
-            // Nobody asked for this port, so it must not keep rpcgate from starting
-            // (a second instance on the host, say): any free port on the same
-            // loopback address will do, and the caller prints the one bound.
-            AdminListen::Default(addr) => Some(match TcpListener::bind(addr).await {
-                Ok(l) => l,
-                Err(error) => {
-                    let any_port = SocketAddr::new(addr.ip(), 0);
-                    let fallback = bind(any_port).await?;
-                    tracing::warn!(
-                        default = %addr,
-                        %error,
-                        actual = %fallback.local_addr().unwrap_or(any_port),
-                        "admin listener: the default address is taken; serving on a free port \
-                         instead (set admin_listen or --admin-listen to choose one)"
-                    );
-                    fallback
-                }
-            }),
-        };
+        let addr = config.listen;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|error| StartError::Bind { addr, error })?;
+        let admin = bind_admin_std(&config)?
+            .map(TcpListener::from_std)
+            .transpose()
+            .map_err(|error| StartError::AdminBind {
+                addr: config.listen,
+                error,
+            })?;
         Ok(Gateway::from_listener(listener, config)?.with_admin(admin))
     }
 
@@ -183,15 +171,39 @@ impl Gateway {
         config: Config,
         resolver: Arc<dyn Resolver>,
     ) -> Result<Gateway, StartError> {
+        let shared = Shared::new(&config)?;
+        let peers = Arc::new(Peers::default());
+        Gateway::build(listener, config, shared, peers, WorkerId::SOLE, resolver)
+    }
+
+    /// Worker `id` of a gateway of several (see [`Workers`]).
+    fn worker(
+        listener: TcpListener,
+        config: Config,
+        shared: Arc<Shared>,
+        peers: Arc<Peers>,
+        id: WorkerId,
+    ) -> Result<Gateway, StartError> {
+        Gateway::build(
+            listener,
+            config,
+            shared,
+            peers,
+            id,
+            Arc::new(SystemResolver),
+        )
+    }
+
+    fn build(
+        listener: TcpListener,
+        config: Config,
+        shared: Arc<Shared>,
+        peers: Arc<Peers>,
+        worker: WorkerId,
+        resolver: Arc<dyn Resolver>,
+    ) -> Result<Gateway, StartError> {
         let background = CancellationToken::new();
-        let methods = config
-            .metric_methods
-            .iter()
-            .chain(&config.balance.retry_methods)
-            .chain(&config.sessions.replay_methods)
-            .chain(&config.balance.health_method)
-            .cloned();
-        let metrics = Arc::new(Metrics::new(methods));
+        let metrics = shared.metrics.clone();
         let upstreams = Upstreams::start(&config, metrics.clone())?;
         if config.discovery.mode == DiscoveryMode::Dns {
             tokio::spawn(discovery::run(
@@ -205,12 +217,7 @@ impl Gateway {
             let max_in_flight = config.upstreams.first().map_or(1024, |u| u.max_in_flight);
             Sessions::start(config.sessions.clone(), upstreams.clone(), max_in_flight)
         });
-        let tls = match &config.tls {
-            Some(files) => Some(Tls::load(files, metrics.clone())?),
-            None => None,
-        };
-        let config_memory = config.limits.memory_bytes();
-        let budget = Budget::new(config_memory);
+        let budget = shared.budget.clone();
         let hub = Hub::start(
             HubConfig {
                 push: config.push.clone(),
@@ -223,18 +230,6 @@ impl Gateway {
             budget.clone(),
             metrics.clone(),
         );
-        let access = Arc::new(
-            Access::new(&config.auth, &config.rate_limits, metrics.clone())
-                .map_err(StartError::Access)?,
-        );
-        if access.is_active() {
-            tokio::spawn(access.clone().maintain(background.clone()));
-        }
-        let access_log = if config.log.access_log {
-            AccessLog::start(config.log.access_log_sample)
-        } else {
-            AccessLog::off()
-        };
         Ok(Gateway {
             listener,
             admin: None,
@@ -243,14 +238,17 @@ impl Gateway {
                 upstreams,
                 sessions,
                 metrics,
-                access_log,
+                access_log: shared.access_log.clone(),
                 stopping: AtomicBool::new(false),
                 budget,
                 hub,
                 closing: CancellationToken::new(),
                 demo_page: false,
-                access,
-                tls,
+                access: shared.access.clone(),
+                tls: shared.tls.clone(),
+                shared,
+                worker,
+                peers,
             }),
             background,
         })
@@ -282,9 +280,16 @@ impl Gateway {
     /// connections are asked to finish; open requests get `shutdown.drain_timeout`;
     /// then the upstream sockets close with 1001.
     pub async fn run(self, shutdown: CancellationToken) {
-        tokio::spawn(trim::run(self.background.clone()));
-        if let Some(tls) = &self.state.tls {
-            tokio::spawn(tls.clone().watch(self.background.clone()));
+        self.state.peers.set_sole(&self.state);
+        // Once per process, whichever the number of workers.
+        if self.state.worker.index == 0 {
+            tokio::spawn(trim::run(self.background.clone()));
+            if let Some(tls) = &self.state.tls {
+                tokio::spawn(tls.clone().watch(self.background.clone()));
+            }
+            if self.state.access.is_active() {
+                tokio::spawn(self.state.access.clone().maintain(self.background.clone()));
+            }
         }
         let admin_stop = CancellationToken::new();
         if let Some(admin) = self.admin {
@@ -317,6 +322,44 @@ impl Gateway {
         let access_log = self.state.access_log.clone();
         let _ = tokio::task::spawn_blocking(move || access_log.flush()).await;
     }
+}
+
+/// The admin listener's socket, bound now (before the workers start), if enabled.
+fn bind_admin_std(config: &Config) -> Result<Option<std::net::TcpListener>, StartError> {
+    let bind = |addr: SocketAddr| {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(l)
+    };
+    Ok(match config.admin_listen {
+        AdminListen::Off => None,
+        // Probes and scrapers are pointed at this address: no fallback, and the error
+        // says which setting to fix.
+        AdminListen::Explicit(addr) => {
+            Some(bind(addr).map_err(|error| StartError::AdminBind { addr, error })?)
+        }
+        // Nobody asked for this port, so it must not keep rpcgate from starting (a
+        // second instance on the host, say): any free port on the same loopback
+        // address will do, and the caller prints the one bound.
+        AdminListen::Default(addr) => Some(match bind(addr) {
+            Ok(l) => l,
+            Err(error) => {
+                let any_port = SocketAddr::new(addr.ip(), 0);
+                let fallback = bind(any_port).map_err(|error| StartError::Bind {
+                    addr: any_port,
+                    error,
+                })?;
+                tracing::warn!(
+                    default = %addr,
+                    %error,
+                    actual = %fallback.local_addr().unwrap_or(any_port),
+                    "admin listener: the default address is taken; serving on a free port \
+                     instead (set admin_listen or --admin-listen to choose one)"
+                );
+                fallback
+            }
+        }),
+    })
 }
 
 /// Reloads the listeners' certificate files, as a change of one of them would.

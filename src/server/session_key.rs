@@ -2,13 +2,14 @@
 //! the session cookie, or a key made up for it; the client from the TCP peer or a
 //! trusted proxy's header.
 
-use super::AppState;
 use super::auth::Admitted;
+use super::{AppState, Peers, WorkerId};
 use crate::config::{Affinity, SessionConfig};
 use crate::error::Error;
 use crate::upstream::sessions::{self, MAX_KEY_LEN};
 use http::Request;
 use http::header::COOKIE;
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// A request's session key.
@@ -35,6 +36,25 @@ pub(super) fn session_of<B>(
     peer: SocketAddr,
 ) -> Result<Option<SessionKey>, Error> {
     let cfg = &state.config.sessions;
+    let client = client_of(req, cfg, peer);
+    match shown_key(req, cfg).map(Cow::into_owned) {
+        Some(key) if key.len() > MAX_KEY_LEN => {
+            Err(Error::InvalidRequest("session key longer than 256 bytes"))
+        }
+        Some(key) => Ok(Some(SessionKey::new(req, key, None, client))),
+        None if cfg.issue_cookie && cfg.affinity != Affinity::None => Ok(Some(SessionKey::new(
+            req,
+            new_key(state)?,
+            Some(behind_tls(req.headers())),
+            client,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// The session key the client sent, as it sent it: the session header, else the
+/// session cookie, else the `session` query parameter.
+pub(super) fn shown_key<'a, B>(req: &'a Request<B>, cfg: &SessionConfig) -> Option<Cow<'a, str>> {
     let headers = req.headers();
     let from_header = headers
         .get(cfg.header.as_str())
@@ -51,25 +71,34 @@ pub(super) fn session_of<B>(
             .find(|(name, value)| *name == cfg.cookie && !value.is_empty())
             .map(|(_, value)| value)
     };
-    let from_query = query_param(req.uri().query(), "session");
-    let client = client_of(req, cfg, peer);
-    let found = from_header
-        .map(str::to_string)
-        .or_else(|| from_cookie().map(str::to_string))
-        .or(from_query);
-    match found {
-        Some(key) if key.len() > MAX_KEY_LEN => {
-            Err(Error::InvalidRequest("session key longer than 256 bytes"))
+    from_header
+        .or_else(from_cookie)
+        .map(Cow::Borrowed)
+        .or_else(|| query_param(req.uri().query(), "session").map(Cow::Owned))
+}
+
+/// A new random session key, one that hashes to this worker (see `workers.rs`), so
+/// the session it names lives where it was made.
+fn new_key(state: &AppState) -> Result<String, Error> {
+    key_owned_by(state.worker, sessions::new_key)
+}
+
+/// A key from `draw` that worker `worker` owns.
+fn key_owned_by(
+    worker: WorkerId,
+    mut draw: impl FnMut() -> Result<String, Error>,
+) -> Result<String, Error> {
+    // Each draw lands here with chance 1/count: after 64·count draws, missing every
+    // time has a chance below e^-64. The last draw is kept anyway, still a valid
+    // key, whose requests are then handed over.
+    let mut key = draw()?;
+    for _ in 0..64 * worker.count {
+        if Peers::owner(&key, worker.count) == worker.index {
+            break;
         }
-        Some(key) => Ok(Some(SessionKey::new(req, key, None, client))),
-        None if cfg.issue_cookie && cfg.affinity != Affinity::None => Ok(Some(SessionKey::new(
-            req,
-            sessions::new_key()?,
-            Some(behind_tls(headers)),
-            client,
-        ))),
-        None => Ok(None),
+        key = draw()?;
     }
+    Ok(key)
 }
 
 impl SessionKey {
@@ -96,7 +125,7 @@ pub(super) fn new_session<B>(
 ) -> Result<SessionKey, Error> {
     Ok(SessionKey::new(
         req,
-        sessions::new_key()?,
+        new_key(state)?,
         None,
         client_of(req, &state.config.sessions, peer),
     ))
@@ -163,4 +192,20 @@ fn behind_tls(headers: &http::HeaderMap) -> bool {
         || proto("forwarded")
             .to_ascii_lowercase()
             .contains("proto=https")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_made_by_a_worker_is_owned_by_that_worker() {
+        for count in [1, 2, 3, 8] {
+            for index in 0..count {
+                let worker = WorkerId { index, count };
+                let key = key_owned_by(worker, sessions::new_key).unwrap();
+                assert_eq!(Peers::owner(&key, count), index, "{worker:?}");
+            }
+        }
+    }
 }

@@ -96,18 +96,66 @@ impl Service<Request<Incoming>> for Rpc {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let state = self.state.clone();
         let conn = self.conn.clone();
-        Box::pin(async move {
-            Ok(if state.demo_page && super::demo::owns(req.uri().path()) {
-                super::demo::handle(&req)
-            } else if req.uri().path() == state.config.push.events_path {
-                super::events::handle(req, &state, &conn).await
-            } else if super::ws::is_upgrade(&req) {
-                super::ws::upgrade(req, &state, &conn)
-            } else {
-                super::rpc::handle(req, &state, &conn).await
-            })
-        })
+        if state.worker.count > 1
+            && let Some(owner) = other_owner(&req, &state)
+        {
+            return Box::pin(hand_over(req, owner, state, conn));
+        }
+        Box::pin(async move { Ok(route(req, &state, &conn).await) })
     }
+}
+
+/// What the path asks for, served by this worker.
+async fn route(
+    req: Request<Incoming>,
+    state: &Arc<AppState>,
+    conn: &Arc<ConnInfo>,
+) -> HttpResponse {
+    if state.demo_page && super::demo::owns(req.uri().path()) {
+        super::demo::handle(&req)
+    } else if req.uri().path() == state.config.push.events_path {
+        super::events::handle(req, state, conn).await
+    } else if super::ws::is_upgrade(&req) {
+        super::ws::upgrade(req, state, conn)
+    } else {
+        super::rpc::handle(req, state, conn).await
+    }
+}
+
+/// The worker owning the session the request names, when that is another one.
+fn other_owner(req: &Request<Incoming>, state: &AppState) -> Option<usize> {
+    let key = super::session_key::shown_key(req, &state.config.sessions)?;
+    let owner = super::Peers::owner(&key, state.worker.count);
+    (owner != state.worker.index).then_some(owner)
+}
+
+/// Serves `req` on worker `owner`, where its session lives: the request moves there
+/// as it is (the body still streams from this connection) and the answer comes back
+/// here. The layers above (log, metrics, CORS, checks, credentials) ran here once.
+async fn hand_over(
+    req: Request<Incoming>,
+    owner: usize,
+    state: Arc<AppState>,
+    conn: Arc<ConnInfo>,
+) -> Result<HttpResponse, Infallible> {
+    let Some((runtime, owner_state)) = state.peers.get(owner) else {
+        // Only while the workers are stopping: this one serves it.
+        return Ok(route(req, &state, &conn).await);
+    };
+    state.metrics.worker_handovers.inc();
+    let served = runtime.spawn(async move { route(req, &owner_state, &conn).await });
+    Ok(match served.await {
+        Ok(answer) => answer,
+        // The owner's runtime is gone (shutting down) or the handler panicked there.
+        Err(e) => response::error(
+            None,
+            &Error::Internal(if e.is_panic() {
+                "the request's handler panicked"
+            } else {
+                "the worker owning this session stopped"
+            }),
+        ),
+    })
 }
 
 /// See the module doc, item 3: a panic while a request is handled (in the inner

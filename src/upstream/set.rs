@@ -331,27 +331,42 @@ impl Upstreams {
         self.snapshot().iter().any(|u| u.usable())
     }
 
-    /// Sets the per-upstream gauges from the current set (at scrape time).
-    pub fn refresh_metrics(&self, m: &Metrics) {
+    /// Sets the per-upstream gauges from the current sets (at scrape time): one per
+    /// worker, whose connections add up; an upstream is healthy when it is healthy
+    /// for every worker.
+    pub fn refresh_metrics<'a>(sets: impl IntoIterator<Item = &'a Upstreams>, m: &Metrics) {
         m.upstream_connections.reset();
         m.upstream_healthy.reset();
-        for u in self.snapshot().iter() {
-            let mut counts = [0i64; 3];
-            for c in &u.conns {
-                match c.state() {
-                    ConnState::Open => counts[0] += 1,
-                    ConnState::Connecting | ConnState::Preparing => counts[1] += 1,
-                    ConnState::Backoff | ConnState::Stopped => counts[2] += 1,
+        let mut by_label: Vec<(Arc<str>, [i64; 3], bool)> = Vec::new();
+        for set in sets {
+            for u in set.snapshot().iter() {
+                let i = match by_label.iter().position(|(l, _, _)| *l == u.label) {
+                    Some(i) => i,
+                    None => {
+                        by_label.push((u.label.clone(), [0; 3], true));
+                        by_label.len() - 1
+                    }
+                };
+                let entry = &mut by_label[i];
+                for c in &u.conns {
+                    match c.state() {
+                        ConnState::Open => entry.1[0] += 1,
+                        ConnState::Connecting | ConnState::Preparing => entry.1[1] += 1,
+                        ConnState::Backoff | ConnState::Stopped => entry.1[2] += 1,
+                    }
                 }
+                entry.2 &= u.is_healthy();
             }
+        }
+        for (label, counts, healthy) in by_label {
             for (state, n) in ["open", "connecting", "backoff"].iter().zip(counts) {
                 m.upstream_connections
-                    .with_label_values(&[&*u.label, state])
+                    .with_label_values(&[&*label, state])
                     .set(n);
             }
             m.upstream_healthy
-                .with_label_values(&[&*u.label])
-                .set(i64::from(u.is_healthy()));
+                .with_label_values(&[&*label])
+                .set(i64::from(healthy));
         }
     }
 

@@ -13,6 +13,7 @@
 //! - `tls`: throwaway CAs and certificates (rcgen), PEM files that can be rewritten, and TLS
 //!   clients (HTTP/1.1, HTTP/2, WebSocket) for the gateway's TLS listener.
 //! - `gateway`: `start_gateway()`, the real gateway in-process on port 0.
+//! - `rpc`: a call's body, a POST in a session, a successful answer's `result`.
 //! - `http`: clients that reach the gateway over real TCP: one-shot [`post`]/[`request`], keep-alive
 //!   [`Client`] and [`H2Client`], and [`RawTcp`] for byte-level (slow or malformed) clients.
 //!
@@ -27,6 +28,7 @@ pub mod ganache;
 pub mod gateway;
 pub mod http;
 pub mod python;
+pub mod rpc;
 pub mod sse;
 pub mod tls;
 
