@@ -5,6 +5,7 @@
 //! is one of the configured method names or `other`, `upstream` one of the
 //! configured or discovered upstreams, the rest fixed sets.
 
+use prometheus::proto::{self, Metric, MetricFamily, MetricType};
 use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -97,13 +98,24 @@ impl Metrics {
     /// Creates and registers every metric; `methods` are the method names worth a label
     /// value of their own.
     pub fn new(methods: impl IntoIterator<Item = String>) -> Metrics {
+        Metrics::build(methods, true)
+    }
+
+    /// A worker's own metrics (`runtime.workers` > 1): counted without touching another
+    /// worker's cache lines, and added up at scrape time ([`Metrics::render_all`]).
+    /// Without the process's CPU and memory, which worker 0's carry.
+    pub fn shard(methods: impl IntoIterator<Item = String>) -> Metrics {
+        Metrics::build(methods, false)
+    }
+
+    fn build(methods: impl IntoIterator<Item = String>, process: bool) -> Metrics {
         let r = Registry::new();
         let latency = vec![
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
             2.5, 5.0, 10.0, 30.0,
         ];
         #[cfg(target_os = "linux")]
-        {
+        if process {
             let process = prometheus::process_collector::ProcessCollector::for_self();
             if let Err(e) = r.register(Box::new(process)) {
                 tracing::warn!(error = %e, "process metrics unavailable");
@@ -412,17 +424,121 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything registered.
     pub fn render(&self) -> Vec<u8> {
+        Metrics::render_all([self])
+    }
+
+    /// One exposition of several workers' metrics: each series is the sum of its
+    /// values in every shard (counters, gauges, histogram buckets), except
+    /// `rpcgate_upstream_healthy`, which is healthy only if it is for every worker.
+    pub fn render_all<'a>(shards: impl IntoIterator<Item = &'a Metrics>) -> Vec<u8> {
+        let mut shards = shards.into_iter();
+        let mut families = shards
+            .next()
+            .map(|m| m.registry.gather())
+            .unwrap_or_default();
+        for shard in shards {
+            merge(&mut families, shard.registry.gather());
+        }
         let mut out = Vec::with_capacity(16 * 1024);
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+        if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "encoding metrics failed");
         }
         out
     }
 }
 
+/// Adds `from`'s series to `into`'s, family by family and label set by label set.
+fn merge(into: &mut Vec<MetricFamily>, from: Vec<MetricFamily>) {
+    for mut family in from {
+        let Some(target) = into.iter_mut().find(|f| f.name() == family.name()) else {
+            into.push(family);
+            continue;
+        };
+        let lowest = family.name() == "rpcgate_upstream_healthy";
+        let kind = family.get_field_type();
+        for metric in family.take_metric() {
+            let same = target
+                .mut_metric()
+                .iter_mut()
+                .find(|t| t.get_label() == metric.get_label());
+            match same {
+                Some(t) => add(t, &metric, kind, lowest),
+                None => target.mut_metric().push(metric),
+            }
+        }
+    }
+}
+
+/// `into` += `from`, for one series of type `kind` (the lower of the two if `lowest`).
+fn add(into: &mut Metric, from: &Metric, kind: MetricType, lowest: bool) {
+    match kind {
+        MetricType::COUNTER => {
+            let mut c = proto::Counter::default();
+            c.set_value(into.get_counter().get_value() + from.get_counter().get_value());
+            into.set_counter(c);
+        }
+        MetricType::GAUGE => {
+            let (a, b) = (into.get_gauge().get_value(), from.get_gauge().get_value());
+            let mut g = proto::Gauge::default();
+            g.set_value(if lowest { a.min(b) } else { a + b });
+            into.set_gauge(g);
+        }
+        MetricType::HISTOGRAM => {
+            let (a, b) = (into.get_histogram(), from.get_histogram());
+            let mut h = proto::Histogram::default();
+            h.set_sample_count(a.get_sample_count() + b.get_sample_count());
+            h.set_sample_sum(a.get_sample_sum() + b.get_sample_sum());
+            // The same buckets in every shard: one Metrics::build made them all.
+            let buckets = a
+                .get_bucket()
+                .iter()
+                .zip(b.get_bucket())
+                .map(|(x, y)| {
+                    let mut bucket = x.clone();
+                    bucket.set_cumulative_count(x.cumulative_count() + y.cumulative_count());
+                    bucket
+                })
+                .collect();
+            h.set_bucket(buckets);
+            into.set_histogram(h);
+        }
+        // rpcgate registers none of the other kinds.
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_add_up_and_an_upstream_is_healthy_only_if_every_worker_says_so() {
+        let (a, b) = (Metrics::new([]), Metrics::shard([]));
+        a.http_requests.with_label_values(&["200"]).inc_by(3);
+        b.http_requests.with_label_values(&["200"]).inc_by(4);
+        b.http_requests.with_label_values(&["503"]).inc();
+        a.call_done("x", "ok", Duration::from_micros(200));
+        b.call_done("x", "ok", Duration::from_secs(2));
+        a.upstream_healthy.with_label_values(&["u"]).set(1);
+        b.upstream_healthy.with_label_values(&["u"]).set(0);
+        a.http_connections_open.set(2);
+        b.http_connections_open.set(5);
+        let text = String::from_utf8(Metrics::render_all([&a, &b])).unwrap();
+        for line in [
+            r#"rpcgate_http_requests_total{status="200"} 7"#,
+            r#"rpcgate_http_requests_total{status="503"} 1"#,
+            r#"rpcgate_rpc_calls_total{method="other",outcome="ok"} 2"#,
+            r#"rpcgate_rpc_call_duration_seconds_bucket{method="other",le="0.00025"} 1"#,
+            r#"rpcgate_rpc_call_duration_seconds_bucket{method="other",le="2.5"} 2"#,
+            r#"rpcgate_rpc_call_duration_seconds_count{method="other"} 2"#,
+            r#"rpcgate_upstream_healthy{upstream="u"} 0"#,
+            "rpcgate_http_connections_open 7",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // The process's own figures once, from worker 0's.
+        assert_eq!(text.matches("\nprocess_cpu_seconds_total ").count(), 1);
+    }
 
     #[test]
     fn methods_outside_the_configured_set_are_other() {

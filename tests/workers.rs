@@ -108,6 +108,11 @@ async fn every_call_is_answered_with_its_own_id_over_two_workers_sharing_the_con
         0.0,
         "calls without a session are served where they arrive"
     );
+    // Each worker counts in its own shard; /metrics shows the sum.
+    assert_eq!(
+        sample(&metrics, r#"rpcgate_http_requests_total{status="200"}"#),
+        200.0
+    );
     assert_eq!(get(gw.admin, "/readyz").await.status, StatusCode::OK);
     gw.stop().await;
 }

@@ -9,6 +9,7 @@ use super::AppState;
 use super::accept::{self, AcceptErrors};
 use super::listener;
 use super::tls::Listener;
+use crate::metrics::Metrics;
 use crate::upstream::Upstreams;
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -71,27 +72,16 @@ fn route(req: &Request<Incoming>, state: &Arc<AppState>) -> Response<Full<Bytes>
     }
     match req.uri().path() {
         "/metrics" => {
-            let m = &state.metrics;
             let workers = workers(state);
-            Upstreams::refresh_metrics(workers.iter().map(|w| &*w.upstreams), m);
-            m.sessions_active.set(
-                workers
-                    .iter()
-                    .filter_map(|w| w.sessions.as_ref())
-                    .map(|s| s.len() as i64)
-                    .sum(),
-            );
-            if workers.len() > 1 {
-                // Each worker sets these to its own count as they change.
-                m.push_sessions
-                    .set(workers.iter().map(|w| w.hub.len() as i64).sum());
-                m.push_subscriptions.set(
-                    workers
-                        .iter()
-                        .map(|w| w.hub.subscription_count() as i64)
-                        .sum(),
-                );
+            // Each worker's gauges in its own shard, added up below.
+            for w in &workers {
+                Upstreams::refresh_metrics([&*w.upstreams], &w.metrics);
+                w.metrics
+                    .sessions_active
+                    .set(w.sessions.as_ref().map_or(0, |s| s.len()) as i64);
             }
+            // What is per process, in worker 0's (this one's) alone.
+            let m = &state.metrics;
             m.ready.set(i64::from(
                 workers.iter().all(|w| w.is_ready()) && !listener::at_capacity(state),
             ));
@@ -101,7 +91,8 @@ fn route(req: &Request<Incoming>, state: &Arc<AppState>) -> Response<Full<Bytes>
                 .inc_by(dropped.saturating_sub(m.log_lines_dropped.get()));
             m.memory_budget_used.set(state.budget.used() as i64);
             m.memory_budget_limit.set(state.budget.limit() as i64);
-            let mut resp = Response::new(Full::new(Bytes::from(m.render())));
+            let text = Metrics::render_all(workers.iter().map(|w| &*w.metrics));
+            let mut resp = Response::new(Full::new(Bytes::from(text)));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

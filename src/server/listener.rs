@@ -96,7 +96,8 @@ impl Drop for Open {
 /// Whether the listener serves `max_connections` connections now: `/readyz` says not
 /// ready then, so a load balancer sends new clients elsewhere.
 pub fn at_capacity(state: &AppState) -> bool {
-    state.metrics.http_connections_open.get() >= state.config.http.max_connections as i64
+    // The places every worker takes from, rather than this worker's gauge.
+    state.shared.served.available_permits() == 0
 }
 
 fn builder(state: &AppState) -> auto::Builder<TokioExecutor> {

@@ -172,8 +172,10 @@ impl Gateway {
         resolver: Arc<dyn Resolver>,
     ) -> Result<Gateway, StartError> {
         let shared = Shared::new(&config)?;
+        let metrics = shared.metrics.clone();
         let peers = Arc::new(Peers::default());
-        Gateway::build(listener, config, shared, peers, WorkerId::SOLE, resolver)
+        let id = WorkerId::SOLE;
+        Gateway::build(listener, config, shared, metrics, peers, id, resolver)
     }
 
     /// Worker `id` of a gateway of several (see [`Workers`]).
@@ -181,29 +183,24 @@ impl Gateway {
         listener: TcpListener,
         config: Config,
         shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
         peers: Arc<Peers>,
         id: WorkerId,
     ) -> Result<Gateway, StartError> {
-        Gateway::build(
-            listener,
-            config,
-            shared,
-            peers,
-            id,
-            Arc::new(SystemResolver),
-        )
+        let resolver = Arc::new(SystemResolver);
+        Gateway::build(listener, config, shared, metrics, peers, id, resolver)
     }
 
     fn build(
         listener: TcpListener,
         config: Config,
         shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
         peers: Arc<Peers>,
         worker: WorkerId,
         resolver: Arc<dyn Resolver>,
     ) -> Result<Gateway, StartError> {
         let background = CancellationToken::new();
-        let metrics = shared.metrics.clone();
         let upstreams = Upstreams::start(&config, metrics.clone())?;
         if config.discovery.mode == DiscoveryMode::Dns {
             tokio::spawn(discovery::run(

@@ -33,6 +33,9 @@ use super::tls::Tls;
 
 /// What every worker of one gateway uses together: one of each per process.
 pub(crate) struct Shared {
+    /// Worker 0's metrics, which also count what is per process (the access rules,
+    /// TLS handshakes, the process itself); the other workers count in shards of
+    /// their own, added up at scrape time.
     pub metrics: Arc<Metrics>,
     pub access: Arc<Access>,
     pub access_log: AccessLog,
@@ -47,16 +50,20 @@ pub(crate) struct Shared {
     pub per_address: Option<Arc<PerAddress>>,
 }
 
+/// The method names worth a metric label value of their own.
+pub(crate) fn metric_methods(config: &Config) -> impl Iterator<Item = String> + '_ {
+    config
+        .metric_methods
+        .iter()
+        .chain(&config.balance.retry_methods)
+        .chain(&config.sessions.replay_methods)
+        .chain(&config.balance.health_method)
+        .cloned()
+}
+
 impl Shared {
     pub fn new(config: &Config) -> Result<Arc<Shared>, StartError> {
-        let methods = config
-            .metric_methods
-            .iter()
-            .chain(&config.balance.retry_methods)
-            .chain(&config.sessions.replay_methods)
-            .chain(&config.balance.health_method)
-            .cloned();
-        let metrics = Arc::new(Metrics::new(methods));
+        let metrics = Arc::new(Metrics::new(metric_methods(config)));
         let tls = match &config.tls {
             Some(files) => Some(Tls::load(files, metrics.clone())?),
             None => None,
@@ -234,6 +241,10 @@ impl Workers {
         for (index, listener) in listeners.into_iter().enumerate() {
             let id = WorkerId { index, count };
             let config = share(&config, id);
+            let metrics = match index {
+                0 => shared.metrics.clone(),
+                _ => Arc::new(Metrics::shard(metric_methods(&config))),
+            };
             let (shared, peers, built, start) = (
                 shared.clone(),
                 peers.clone(),
@@ -267,7 +278,7 @@ impl Workers {
                                     addr: admin_addr.unwrap_or(addr),
                                     error,
                                 })?;
-                        Gateway::worker(listener, config, shared, peers, id)
+                        Gateway::worker(listener, config, shared, metrics, peers, id)
                             .map(|g| g.with_admin(admin))
                     });
                     let gateway = match gateway {
