@@ -17,10 +17,12 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -174,11 +176,24 @@ impl Target for HttpTarget {
 #[derive(Clone)]
 pub struct WsTarget {
     url: Arc<str>,
+    /// `None`: tungstenite's defaults.
+    config: Option<WebSocketConfig>,
 }
 
 impl WsTarget {
     pub fn new(url: &str) -> WsTarget {
-        WsTarget { url: url.into() }
+        WsTarget {
+            url: url.into(),
+            config: None,
+        }
+    }
+
+    /// The same target, each connection reading through a buffer of `bytes` instead of
+    /// tungstenite's default 128 KiB, allocated up front: what 10,000 held sockets of
+    /// the generator must not cost.
+    pub fn with_read_buffer(mut self, bytes: usize) -> WsTarget {
+        self.config = Some(WebSocketConfig::default().read_buffer_size(bytes));
+        self
     }
 }
 
@@ -186,7 +201,7 @@ impl Target for WsTarget {
     type Conn = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
     async fn connect(&self) -> Result<Self::Conn, String> {
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(&*self.url, None, true)
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(&*self.url, self.config, true)
             .await
             .map_err(|e| format!("ws connect: {e}"))?;
         Ok(ws)
@@ -592,5 +607,160 @@ pub async fn open_idle<T: Target>(
         conns,
         errors: tally.errors,
         first_error: tally.first_error,
+    }
+}
+
+/// Connections each held open by a task of its own that reads from it (so that a
+/// WebSocket answers the server's pings) until it closes or this is dropped.
+pub struct Kept {
+    /// Connections that were opened and made ready.
+    pub opened: usize,
+    /// Of those, closed since (by the server, or an error).
+    closed: Arc<AtomicUsize>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Dropping it aborts the tasks, and so closes the connections.
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Kept {
+    /// Connections still open.
+    pub fn open_now(&self) -> usize {
+        self.opened
+            .saturating_sub(self.closed.load(Ordering::Relaxed))
+    }
+
+    /// Closes every connection and waits until their tasks are gone.
+    pub async fn close(mut self) {
+        self.tasks.shutdown().await;
+    }
+}
+
+/// Opens up to `n` connections with `open(i)`, `CONNECT_PARALLEL` at a time, and hands
+/// each one that opens to `keep` in a task of its own at once (not when all are open:
+/// the first ones would miss the server's pings meanwhile). Stops starting new ones at
+/// `deadline`.
+pub async fn open_kept<C, O, K>(
+    n: usize,
+    deadline: Instant,
+    open: impl Fn(usize) -> O,
+    keep: impl Fn(C) -> K,
+) -> Kept
+where
+    O: Future<Output = Result<C, String>>,
+    K: Future<Output = ()> + Send + 'static,
+{
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut tally = Tally::default();
+    let mut opened = 0;
+    let mut attempts = std::pin::pin!(
+        futures_util::stream::iter(0..n)
+            .take_while(|_| std::future::ready(Instant::now() < deadline))
+            .map(|i| {
+                let attempt = open(i);
+                async move {
+                    tokio::time::timeout(CONNECT_TIMEOUT + CALL_TIMEOUT, attempt)
+                        .await
+                        .unwrap_or_else(|_| Err("connect and first call timed out".into()))
+                }
+            })
+            .buffer_unordered(CONNECT_PARALLEL)
+    );
+    while let Some(result) = attempts.next().await {
+        match result {
+            Ok(conn) => {
+                opened += 1;
+                let held = keep(conn);
+                let closed = closed.clone();
+                tasks.spawn(async move {
+                    held.await;
+                    closed.fetch_add(1, Ordering::Relaxed);
+                });
+            }
+            Err(e) => tally.error(e),
+        }
+    }
+    Kept {
+        opened,
+        closed,
+        errors: tally.errors,
+        first_error: tally.first_error,
+        tasks,
+    }
+}
+
+/// A WebSocket of `target` that made one `call`.
+pub async fn ws_after_call(
+    target: &WsTarget,
+    call: &Call,
+) -> Result<WebSocketStream<MaybeTlsStream<TcpStream>>, String> {
+    let mut ws = target.connect().await?;
+    let reply = target.call(&mut ws, &call.body).await?;
+    if !call.check(&reply) {
+        return Err(format!(
+            "unexpected reply: {}",
+            String::from_utf8_lossy(&reply[..reply.len().min(200)])
+        ));
+    }
+    Ok(ws)
+}
+
+/// Reads (answering pings) until the socket closes.
+pub async fn ws_keep(mut ws: WebSocketStream<MaybeTlsStream<TcpStream>>) {
+    while let Some(Ok(_)) = ws.next().await {}
+}
+
+/// An event stream of session `key`: `GET path?session=KEY`, answered 200 with a
+/// chunked body; the connection, after the response head.
+pub async fn open_event_stream(
+    addr: SocketAddr,
+    path: &str,
+    key: &str,
+) -> Result<TcpStream, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let request = format!(
+        "GET {path}?session={key} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > 16 * 1024 {
+            return Err("response head over 16 KiB".into());
+        }
+        let n = conn
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("closed in the response head".into());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    if !head.starts_with(b"HTTP/1.1 200") {
+        let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+        return Err(format!(
+            "{path} answered {:?}",
+            String::from_utf8_lossy(line)
+        ));
+    }
+    Ok(conn)
+}
+
+/// Reads and drops what the server sends (the stream's events and keep-alive
+/// comments) until it closes.
+pub async fn stream_keep(mut conn: TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 256];
+    while let Ok(n) = conn.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
     }
 }

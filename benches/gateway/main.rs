@@ -19,6 +19,19 @@
 //! | `RPCGATE_BENCH_CAPACITY` | 1 | 0 skips the 10k-idle and 10k-in-flight runs |
 //! | `RPCGATE_BENCH_BUSY_RETRIES` | 2 | tries again of a run during which other work used the CPU |
 //! | `RPCGATE_BENCH_WRK` | 1 | 0 skips the wrk rows (skipped anyway, with a note, when `wrk` is not installed) |
+//! | `RPCGATE_BENCH_WORKERS` | 1 | 0 skips the `--workers 2` wrk rows at 32 and 256 clients (and their repeat of the default's) |
+//! | `RPCGATE_BENCH_MEMORY` | 1 | 0 skips the 10k idle WebSocket clients and 10k idle event streams |
+//! | `RPCGATE_BENCH_CPUS` | unset | pin by role with `taskset -c`, e.g. `gen:0-1,gw:2-3,echo:4` (roles `gen`: this bench and wrk; `gw`: rpcgate; `echo`: the backends; `static`: the static responder, default the `gw` CPUs) |
+//!
+//! The 10k-connection rows (idle keep-alive clients, idle WebSocket clients, idle event
+//! streams, calls in flight) need about 11,000 descriptors in this process and in the
+//! gateway: the bench raises its soft RLIMIT_NOFILE to the hard limit (children inherit
+//! it) and skips those rows, with a note, if that is still too low (`ulimit -Hn`).
+//!
+//! Rows for issue 13: at 32 and 256 clients, under wrk, the defaults (`workers = 1`)
+//! and `--workers 2` alternate twice, so that their CPU per call compares within the
+//! run; the report ends with a "Targets (issue 13)" table, each target judged on this
+//! run's figures.
 //!
 //! Each run gets a fresh gateway (and static responder), so memory one run leaves
 //! behind is not charged to the next. Other work on the machine (a build, someone
@@ -48,8 +61,9 @@ use bytes::Bytes;
 use load::{Call, HttpTarget, Target, Window, Workload, WsTarget};
 use procs::{CpuMeter, Monitor, Proc};
 use report::{
-    ACCESS_LEVELS, ACCESS_OFF, ACCESS_ROUNDS, BUILT_IN, BUSY_CORES, Idle, LevelRow, Measured,
-    Report, ScenarioRow, WRK,
+    ACCESS_LEVELS, ACCESS_OFF, ACCESS_ROUNDS, BUILT_IN, BUSY_CORES, IDLE_KEEP_ALIVE, IDLE_STREAMS,
+    IDLE_WEBSOCKETS, Idle, LevelRow, Measured, Report, ScenarioRow, WORKERS_2, WORKERS_LEVELS,
+    WORKERS_ROUNDS, WRK,
 };
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -69,6 +83,17 @@ const IDLE_CLIENTS: usize = 10_000;
 /// The gateway closes idle keep-alive connections after 60 s; every connection must
 /// be open and counted well before the first one opened reaches that.
 const IDLE_CONNECT_BUDGET: Duration = Duration::from_secs(35);
+/// WebSocket clients answer the gateway's pings and event streams get its keep-alive
+/// comments, so neither is closed as idle: more time to open them all.
+const KEPT_CONNECT_BUDGET: Duration = Duration::from_secs(60);
+/// A WebSocket client's read buffer in this bench: tungstenite's default (128 KiB,
+/// allocated up front) would cost 1.3 GB here for 10,000 clients.
+const WS_READ_BUFFER: usize = 4096;
+/// Descriptors this process and the gateway each need for the 10k-connection rows.
+const NOFILE_NEEDED: u64 = IDLE_CLIENTS as u64 + 1000;
+/// From this limit on, a gateway with the default `http.max_connections` (20,000) no
+/// longer warns that it could run out of descriptors (it asks for about 21,156).
+const GATEWAY_NOFILE_QUIET: u64 = 21_200;
 const IN_FLIGHT_CLIENTS: [usize; 2] = [500, 10_000];
 /// Upstream connections of the in-flight gateway, and calls each may carry: room for
 /// all 10,000 calls at once.
@@ -99,7 +124,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Before any child exists, so that they inherit it.
+    // Before any thread or child exists, so that they inherit it.
+    if let Some(pinning) = &settings.pinning {
+        let pinned = procs::set_pinning(pinning.clone()).and_then(|()| pinning.pin_self());
+        if let Err(e) = pinned {
+            eprintln!("gateway bench: RPCGATE_BENCH_CPUS: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let nofile = match procs::raise_nofile_limit() {
         Ok(n) => Some(n),
         Err(e) => {
@@ -139,6 +171,12 @@ struct Settings {
     /// Further tries of a run during which other work took a share of the CPU.
     busy_retries: usize,
     wrk: bool,
+    /// The `--workers 2` rows.
+    workers: bool,
+    /// The 10k idle WebSocket clients and event streams.
+    memory: bool,
+    /// `RPCGATE_BENCH_CPUS`.
+    pinning: Option<procs::Pinning>,
 }
 
 impl Settings {
@@ -188,6 +226,13 @@ impl Settings {
             capacity: !off("RPCGATE_BENCH_CAPACITY"),
             busy_retries: number("RPCGATE_BENCH_BUSY_RETRIES")?.unwrap_or(2),
             wrk: !off("RPCGATE_BENCH_WRK"),
+            workers: !off("RPCGATE_BENCH_WORKERS"),
+            memory: !off("RPCGATE_BENCH_MEMORY"),
+            pinning: var("RPCGATE_BENCH_CPUS")
+                .map(|v| {
+                    procs::Pinning::parse(&v).with_context(|| format!("RPCGATE_BENCH_CPUS={v}"))
+                })
+                .transpose()?,
         })
     }
 }
@@ -205,10 +250,24 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
     let out_dir = target_dir().join("bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut notes = Vec::new();
-    if nofile.is_some_and(|n| n < IDLE_CLIENTS as u64 + 1000) && settings.capacity {
-        notes.push(format!(
-            "RLIMIT_NOFILE is {}; the 10k-client runs need about 11,000 descriptors in the bench and in the gateway",
+    let mut settings = settings;
+    // Unknown counts as enough: the rows then say what failed.
+    if nofile.is_some_and(|n| n < NOFILE_NEEDED) && (settings.capacity || settings.memory) {
+        let why = format!(
+            "RLIMIT_NOFILE is {} (hard limit; `ulimit -Hn`); the 10k-connection rows need about {NOFILE_NEEDED} descriptors \
+             in the bench and in the gateway each, so they were skipped: raise it (e.g. `ulimit -n 21000`, \
+             or LimitNOFILE= / limits.conf) and run again",
             nofile.unwrap_or_default()
+        );
+        eprintln!("bench: {why}");
+        notes.push(why);
+        settings.capacity = false;
+        settings.memory = false;
+    } else if let Some(n) = nofile.filter(|&n| n < GATEWAY_NOFILE_QUIET) {
+        notes.push(format!(
+            "RLIMIT_NOFILE is {n}: enough for the 10k-connection rows (about {NOFILE_NEEDED} each in the bench and the gateway), \
+             but below what the gateway's default http.max_connections (20,000) plus its upstream sockets could use, \
+             so each gateway warns at startup; {GATEWAY_NOFILE_QUIET} or more silences it"
         ));
     }
 
@@ -272,7 +331,8 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
     let echo_work = Workload::only(echo_call());
     let echo_pid = Some(bench.echo.pid());
     let mut rows = Vec::new();
-    let mut access_repeats = Vec::new();
+    // The alternating comparisons' runs after their first pair.
+    let mut repeats = Vec::new();
     for &level in &bench.settings.levels {
         let row = |target: &str, generator, m| LevelRow {
             level,
@@ -312,11 +372,11 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
                 let m = bench
                     .quietest(&format!("{what}, round {round}"), defaults)
                     .await?;
-                access_repeats.push(row("rpcgate", BUILT_IN, m));
+                repeats.push(row("rpcgate", BUILT_IN, m));
                 let m = bench
                     .quietest(&format!("{what_off}, round {round}"), logging_off)
                     .await?;
-                access_repeats.push(row(ACCESS_OFF, BUILT_IN, m));
+                repeats.push(row(ACCESS_OFF, BUILT_IN, m));
             }
         }
         let m = bench
@@ -347,22 +407,52 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
         }
         if let Some(wrk) = &wrk {
             // A wrk failure costs its row, with a note, not the whole run.
-            let what = format!("{level} clients, rpcgate ({WRK})");
-            let m = bench
-                .quietest(&what, async || {
-                    let (gateway, _) = bench.gateway(None).await?;
+            let gateway_wrk = |extra: &'static [&'static str]| {
+                let bench = &bench;
+                async move || {
+                    let (gateway, _) = bench.gateway_with(None, extra).await?;
                     let m = bench
                         .measure_wrk(wrk, gateway.url(), level, gateway.pid(), echo_pid)
                         .await;
                     let lines = gateway.stop().await;
                     Ok(with_access_lines(m?, lines))
-                })
-                .await;
-            match m {
+                }
+            };
+            let what = format!("{level} clients, rpcgate ({WRK})");
+            match bench.quietest(&what, gateway_wrk(&[])).await {
                 Ok(m) => rows.push(row("rpcgate", WRK, m)),
                 Err(e) => {
                     eprintln!("bench: {what}: {e:#}");
                     notes.push(format!("{what}: {e:#}"));
+                }
+            }
+            // workers = 2 right after the defaults (workers = 1), in turns, so that
+            // their ratio is not the machine's.
+            if bench.settings.workers && WORKERS_LEVELS.contains(&level) {
+                let what_2 = format!("{level} clients, {WORKERS_2} ({WRK})");
+                for round in 1..=WORKERS_ROUNDS {
+                    if round > 1 {
+                        let what = format!("{what}, round {round}");
+                        match bench.quietest(&what, gateway_wrk(&[])).await {
+                            Ok(m) => repeats.push(row("rpcgate", WRK, m)),
+                            Err(e) => {
+                                eprintln!("bench: {what}: {e:#}");
+                                notes.push(format!("{what}: {e:#}"));
+                            }
+                        }
+                    }
+                    let what = format!("{what_2}, round {round}");
+                    match bench
+                        .quietest(&what, gateway_wrk(&["--workers", "2"]))
+                        .await
+                    {
+                        Ok(m) if round == 1 => rows.push(row(WORKERS_2, WRK, m)),
+                        Ok(m) => repeats.push(row(WORKERS_2, WRK, m)),
+                        Err(e) => {
+                            eprintln!("bench: {what}: {e:#}");
+                            notes.push(format!("{what}: {e:#}"));
+                        }
+                    }
                 }
             }
             let what = format!("{level} clients, static ({WRK})");
@@ -391,14 +481,17 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
     } else {
         None
     };
-    let (idle, in_flight) = if bench.settings.capacity {
-        (
-            Some(bench.idle_capacity().await?),
-            Some(bench.in_flight_capacity().await?),
-        )
+    let mut idle = Vec::new();
+    let in_flight = if bench.settings.capacity {
+        idle.push(bench.idle_capacity().await?);
+        Some(bench.in_flight_capacity().await?)
     } else {
-        (None, None)
+        None
     };
+    if bench.settings.memory {
+        idle.push(bench.idle_websockets().await?);
+        idle.push(bench.idle_event_streams().await?);
+    }
 
     let measured = || {
         rows.iter()
@@ -410,11 +503,17 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
                 };
                 (format!("{} clients, {}{by}", r.level, r.target), &r.m)
             })
-            .chain(
-                access_repeats
-                    .iter()
-                    .map(|r| (format!("{} clients, {}, repeat", r.level, r.target), &r.m)),
-            )
+            .chain(repeats.iter().map(|r| {
+                let by = if r.generator == BUILT_IN {
+                    String::new()
+                } else {
+                    format!(" ({})", r.generator)
+                };
+                (
+                    format!("{} clients, {}{by}, repeat", r.level, r.target),
+                    &r.m,
+                )
+            }))
             .chain(scenarios.iter().flatten().map(|s| (s.name.clone(), &s.m)))
             .chain(
                 in_flight
@@ -445,8 +544,10 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
             notes.push(format!("{what}: {} errors, first: {e}", m.errors));
         }
     }
-    if let Some(e) = idle.as_ref().and_then(|i| i.first_error.as_ref()) {
-        notes.push(format!("idle clients: first error: {e}"));
+    for i in &idle {
+        if let Some(e) = &i.first_error {
+            notes.push(format!("{}: {} errors, first: {e}", i.what, i.errors));
+        }
     }
     if in_flight.is_some() {
         notes.push(format!(
@@ -470,8 +571,18 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
         git: git_describe(),
         timestamp: utc_timestamp(SystemTime::now()),
         nofile,
+        pinning: bench
+            .settings
+            .pinning
+            .as_ref()
+            .map(procs::Pinning::describe),
+        gateway_own_cpus: bench
+            .settings
+            .pinning
+            .as_ref()
+            .map_or(0, procs::Pinning::gateway_own_cpus),
         rows,
-        access_repeats,
+        repeats,
         scenarios,
         idle,
         in_flight,
@@ -508,7 +619,16 @@ impl Bench {
     /// A fresh gateway in front of the echo backend, already answering. Each run gets
     /// its own, so that memory a run leaves behind is not counted in the next.
     async fn gateway(&self, config: Option<&Path>) -> Result<(Proc, HttpTarget)> {
-        let gateway = start_gateway(self.echo.url(), config).await?;
+        self.gateway_with(config, &[]).await
+    }
+
+    /// The same, with `extra` flags (e.g. `--workers 2`).
+    async fn gateway_with(
+        &self,
+        config: Option<&Path>,
+        extra: &[&str],
+    ) -> Result<(Proc, HttpTarget)> {
+        let gateway = start_gateway(self.echo.url(), config, extra).await?;
         let target = http_target(gateway.url()).await?;
         wait_ready(&target, &echo_call()).await?;
         Ok((gateway, target))
@@ -786,6 +906,8 @@ impl Bench {
         let still_open = held.conns.iter().filter(|c| c.is_open()).count();
         let secs = started.elapsed().as_secs_f64();
         let idle = Idle {
+            what: IDLE_KEEP_ALIVE,
+            how: "HTTP/1.1 keep-alive, one echo call",
             wanted: IDLE_CLIENTS,
             answered: held.conns.len(),
             held: still_open,
@@ -807,6 +929,103 @@ impl Bench {
         gateway.stop().await;
         tokio::time::sleep(SETTLE).await;
         Ok(idle)
+    }
+
+    /// 10,000 WebSocket clients of the gateway's JSON-RPC path that made one call each
+    /// and then sit idle (answering pings): what they cost the gateway in memory.
+    async fn idle_websockets(&self) -> Result<Idle> {
+        let (gateway, _) = self.gateway(None).await?;
+        let url = match gateway.url().strip_prefix("http://") {
+            Some(rest) => format!("ws://{rest}"),
+            None => bail!("gateway URL {} is not http://", gateway.url()),
+        };
+        let target = WsTarget::new(&url).with_read_buffer(WS_READ_BUFFER);
+        let call = echo_call();
+        let idle = self
+            .held_idle(
+                IDLE_WEBSOCKETS,
+                "WebSocket to the JSON-RPC path, one echo call, pings answered",
+                &gateway,
+                |_| load::ws_after_call(&target, &call),
+                load::ws_keep,
+            )
+            .await;
+        gateway.stop().await;
+        tokio::time::sleep(SETTLE).await;
+        Ok(idle)
+    }
+
+    /// 10,000 event streams (`GET /events?session=K`, a session each), nothing
+    /// subscribed: what they cost the gateway in memory.
+    async fn idle_event_streams(&self) -> Result<Idle> {
+        let (gateway, target) = self.gateway(None).await?;
+        let addr = target.addr();
+        let idle = self
+            .held_idle(
+                IDLE_STREAMS,
+                "`GET /events?session=K`, a session each, none subscribed",
+                &gateway,
+                |i| async move {
+                    load::open_event_stream(addr, "/events", &format!("bench-idle-{i}")).await
+                },
+                load::stream_keep,
+            )
+            .await;
+        gateway.stop().await;
+        tokio::time::sleep(SETTLE).await;
+        Ok(idle)
+    }
+
+    /// Opens `IDLE_CLIENTS` connections to `gateway` with `open`, each kept by `keep`,
+    /// and reads the gateway's memory with them all open.
+    async fn held_idle<C, O, K>(
+        &self,
+        what: &'static str,
+        how: &'static str,
+        gateway: &Proc,
+        open: impl Fn(usize) -> O,
+        keep: impl Fn(C) -> K,
+    ) -> Idle
+    where
+        O: Future<Output = Result<C, String>>,
+        K: Future<Output = ()> + Send + 'static,
+    {
+        let pid = gateway.pid();
+        let rss_before_kib = procs::status_kib(pid, "VmRSS").ok();
+        let started = Instant::now();
+        let deadline = started + KEPT_CONNECT_BUDGET;
+        let kept = load::open_kept(IDLE_CLIENTS, deadline, open, keep).await;
+        // Let the gateway finish whatever the burst left behind, so what is read is
+        // the idle state.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rss_kib = procs::status_kib(pid, "VmRSS").ok();
+        let hwm_kib = procs::status_kib(pid, "VmHWM").ok();
+        let fds = procs::open_fds(pid).ok();
+        let idle = Idle {
+            what,
+            how,
+            wanted: IDLE_CLIENTS,
+            answered: kept.opened,
+            held: kept.open_now(),
+            errors: kept.errors,
+            first_error: kept.first_error.clone(),
+            rss_before_kib,
+            rss_kib,
+            hwm_kib,
+            fds,
+            secs: started.elapsed().as_secs_f64(),
+        };
+        eprintln!(
+            "bench: {what}: {} held, gateway VmRSS {} KiB (peak {} KiB), {} errors; fds: gateway {}, bench {}",
+            idle.held,
+            idle.rss_kib.unwrap_or_default(),
+            idle.hwm_kib.unwrap_or_default(),
+            idle.errors,
+            idle.fds.unwrap_or_default(),
+            procs::open_fds(std::process::id()).unwrap_or_default(),
+        );
+        kept.close().await;
+        idle
     }
 
     /// The same slow call at 500 and at 10,000 clients: per-call CPU must not grow with
@@ -857,7 +1076,7 @@ async fn wait_for_quiet() {
 
 /// Starts a gateway in front of `upstream`, from a config file when the defaults will
 /// not do.
-async fn start_gateway(upstream: &str, config: Option<&Path>) -> Result<Proc> {
+async fn start_gateway(upstream: &str, config: Option<&Path>, extra: &[&str]) -> Result<Proc> {
     let mut args = vec![
         "--listen".to_owned(),
         "127.0.0.1:0".to_owned(),
@@ -870,6 +1089,7 @@ async fn start_gateway(upstream: &str, config: Option<&Path>) -> Result<Proc> {
         Some(file) => args.extend(["--config".to_owned(), file.display().to_string()]),
         None => args.extend(["--upstream".to_owned(), upstream.to_owned()]),
     }
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
     Proc::spawn(
         "rpcgate",
         rpcgate_bin(),

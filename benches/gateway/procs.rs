@@ -8,12 +8,17 @@
 //! Children get only the settings the bench gives them: `RUST_LOG` and every
 //! `RPCGATE_*` variable of the bench's own environment are removed, so that a
 //! gateway started without settings runs the shipped defaults.
+//!
+//! With CPU pinning set ([`set_pinning`], from `RPCGATE_BENCH_CPUS`), each child is
+//! started under `taskset -c LIST` by its role: rpcgate on the gateway's CPUs, the
+//! echo backend on its own, the static responder on the gateway's (it sits in the
+//! same seat) unless given its own, wrk on the generator's.
 
 use anyhow::{Context, Result, bail};
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt as _, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -42,6 +47,231 @@ fn ours() -> Vec<u32> {
     let mut pids = children().clone();
     pids.push(std::process::id());
     pids
+}
+
+/// Which CPUs each role runs on: `RPCGATE_BENCH_CPUS`, e.g. `gen:0-1,gw:2-3,echo:4`.
+#[derive(Clone, Debug)]
+pub struct Pinning {
+    /// (role, CPU list as taskset takes it), in the order given.
+    roles: Vec<(Role, String)>,
+}
+
+/// What a pinned process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The load generators: this bench's own process (the built-in generator) and wrk.
+    Gen,
+    /// rpcgate.
+    Gateway,
+    /// The echo backends.
+    Echo,
+    /// The static responder; the gateway's CPUs when not given.
+    Static,
+}
+
+impl Role {
+    fn key(self) -> &'static str {
+        match self {
+            Role::Gen => "gen",
+            Role::Gateway => "gw",
+            Role::Echo => "echo",
+            Role::Static => "static",
+        }
+    }
+
+    /// The role of a child, by the name it is started with.
+    fn of(name: &str) -> Option<Role> {
+        match name {
+            "rpcgate" => Some(Role::Gateway),
+            "echo-server" => Some(Role::Echo),
+            "static" => Some(Role::Static),
+            "wrk" => Some(Role::Gen),
+            _ => None,
+        }
+    }
+}
+
+impl Pinning {
+    /// Parses `ROLE:LIST[,ROLE:LIST...]`, where ROLE is gen, gw, echo or static and LIST
+    /// a taskset CPU list (`0-1`, `2,3`, `4`): a comma followed by no `ROLE:` continues
+    /// the previous role's list. Every CPU must be one this process may run on.
+    pub fn parse(text: &str) -> Result<Pinning> {
+        let allowed = allowed_cpus()?;
+        let mut roles: Vec<(Role, String)> = Vec::new();
+        for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            let list = match token.split_once(':') {
+                Some((key, list)) => {
+                    let role = [Role::Gen, Role::Gateway, Role::Echo, Role::Static]
+                        .into_iter()
+                        .find(|r| r.key() == key.trim())
+                        .with_context(|| format!("{key:?}: roles are gen, gw, echo and static"))?;
+                    if roles.iter().any(|(r, _)| *r == role) {
+                        bail!("{key} given twice");
+                    }
+                    roles.push((role, String::new()));
+                    list.trim()
+                }
+                None => token,
+            };
+            let Some((_, cpus)) = roles.last_mut() else {
+                bail!("{token:?}: a CPU list must follow a role, as in gw:2-3");
+            };
+            for cpu in expand(list)? {
+                if !allowed.contains(&cpu) {
+                    bail!("CPU {cpu} is not one this process may run on ({allowed:?})");
+                }
+            }
+            if !cpus.is_empty() {
+                cpus.push(',');
+            }
+            cpus.push_str(list);
+        }
+        for required in [Role::Gen, Role::Gateway, Role::Echo] {
+            if !roles.iter().any(|(r, _)| *r == required) {
+                bail!("no CPUs for {}", required.key());
+            }
+        }
+        Ok(Pinning { roles })
+    }
+
+    /// The taskset CPU list of `role`.
+    pub fn list(&self, role: Role) -> Option<&str> {
+        let own = self.roles.iter().find(|(r, _)| *r == role);
+        match (own, role) {
+            (Some((_, list)), _) => Some(list),
+            (None, Role::Static) => self.list(Role::Gateway),
+            (None, _) => None,
+        }
+    }
+
+    /// The CPUs of `role`, each once.
+    pub fn cpus(&self, role: Role) -> Vec<usize> {
+        let mut cpus = self
+            .list(role)
+            .map_or_else(Vec::new, |l| expand(l).unwrap_or_default());
+        cpus.sort_unstable();
+        cpus.dedup();
+        cpus
+    }
+
+    /// CPUs the gateway has that neither the generator nor the backend uses.
+    pub fn gateway_own_cpus(&self) -> usize {
+        let others: Vec<usize> = [Role::Gen, Role::Echo]
+            .into_iter()
+            .flat_map(|r| self.cpus(r))
+            .collect();
+        self.cpus(Role::Gateway)
+            .into_iter()
+            .filter(|c| !others.contains(c))
+            .count()
+    }
+
+    /// `gen 0-1, gw 2-3, echo 4`.
+    pub fn describe(&self) -> String {
+        self.roles
+            .iter()
+            .map(|(r, l)| format!("{} {l}", r.key()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Pins this process (the built-in generator) to the generator's CPUs. Before any
+    /// thread is started: threads and children inherit it (children that have a role
+    /// of their own get it from taskset).
+    pub fn pin_self(&self) -> Result<()> {
+        let cpus = self.cpus(Role::Gen);
+        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it for
+        // CPUs below CPU_SETSIZE, which `allowed_cpus` checked.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for cpu in cpus {
+                libc::CPU_SET(cpu, &mut set);
+            }
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error()).context("sched_setaffinity");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The CPUs of a taskset list such as `0-2,5`.
+fn expand(list: &str) -> Result<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim) {
+        let number = |s: &str| {
+            s.trim()
+                .parse::<usize>()
+                .with_context(|| format!("{list:?}: {s:?} is not a CPU number"))
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (number(a)?, number(b)?);
+                if a > b {
+                    bail!("{list:?}: range {part} runs backwards");
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(number(part)?),
+        }
+    }
+    Ok(cpus)
+}
+
+/// The CPUs this process may run on now.
+fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: sched_getaffinity fills the set it is given, of the size it is told.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+        }
+        let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+        Ok((0..max).filter(|&c| libc::CPU_ISSET(c, &set)).collect())
+    }
+}
+
+static PINNING: OnceLock<Pinning> = OnceLock::new();
+
+/// Starts every child with a role under `taskset -c` from now on. Checks first that
+/// taskset (util-linux) runs.
+pub fn set_pinning(pinning: Pinning) -> Result<()> {
+    let out = std::process::Command::new("taskset")
+        .arg("-V")
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => bail!("`taskset -V` failed ({})", o.status),
+        Err(e) => bail!("taskset (util-linux) cannot run: {e}"),
+    }
+    PINNING
+        .set(pinning)
+        .map_err(|_| anyhow::anyhow!("CPU pinning set twice"))
+}
+
+pub fn pinning() -> Option<&'static Pinning> {
+    PINNING.get()
+}
+
+/// `program args...`, or `taskset -c LIST program args...` when `name`'s role is pinned.
+/// taskset execs the program, so the child's pid is the program's.
+fn command_for<I, S>(name: &str, program: &OsStr, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let list = pinning().and_then(|p| p.list(Role::of(name)?));
+    let mut command = match list {
+        Some(list) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(list).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    command.args(args);
+    command
 }
 
 /// A running child that has announced its address.
@@ -81,8 +311,7 @@ impl Proc {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut command = Command::new(program);
-        command.args(args);
+        let mut command = command_for(name, program.as_os_str(), args);
         only_our_settings(&mut command);
         command
             .envs(envs.iter().copied())
@@ -247,8 +476,7 @@ impl Tool {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut command = Command::new(program);
-        command.args(args);
+        let mut command = command_for(program, OsStr::new(program), args);
         only_our_settings(&mut command);
         command
             .stdin(Stdio::null())

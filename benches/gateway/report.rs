@@ -22,6 +22,30 @@ pub const ACCESS_LEVELS: [usize; 2] = [32, 256];
 pub const ACCESS_ROUNDS: usize = 2;
 /// What the access log may cost per call, on over off, in gateway CPU µs.
 const ACCESS_BUDGET_US: f64 = 1.5;
+/// The gateway with two workers; "rpcgate" alone is the default, `runtime.workers = 1`.
+pub const WORKERS_2: &str = "rpcgate, --workers 2";
+/// Clients of the workers = 1 / workers = 2 comparison (wrk rows).
+pub const WORKERS_LEVELS: [usize; 2] = [32, 256];
+/// workers = 1 / workers = 2 pairs run back to back at each of those levels.
+pub const WORKERS_ROUNDS: usize = 2;
+/// The idle-connection memory rows.
+pub const IDLE_KEEP_ALIVE: &str = "idle keep-alive HTTP clients";
+pub const IDLE_WEBSOCKETS: &str = "idle WebSocket clients";
+pub const IDLE_STREAMS: &str = "idle event streams";
+
+/// Issue 13's thresholds.
+const CPU_OVER_STATIC: f64 = 1.25;
+const THROUGHPUT_OF_STATIC: f64 = 0.65;
+const P50_OVERHEAD_US: f64 = 40.0;
+const WORKERS_CPU_RATIO: f64 = 1.15;
+const BUSY_CLIENTS: usize = 2000;
+const BUSY_RSS_MB: f64 = 50.0;
+/// (row, RSS limit in MB) of the idle rows.
+const IDLE_RSS_MB: [(&str, f64); 3] = [
+    (IDLE_KEEP_ALIVE, 100.0),
+    (IDLE_STREAMS, 150.0),
+    (IDLE_WEBSOCKETS, 150.0),
+];
 
 /// Latency percentiles, µs.
 #[derive(Clone, Copy, Debug)]
@@ -234,10 +258,16 @@ pub struct ScenarioRow {
     pub m: Measured,
 }
 
-/// The 10,000 idle keep-alive clients.
+/// 10,000 idle connections of one kind: keep-alive HTTP clients, WebSocket clients
+/// or event streams.
 pub struct Idle {
+    /// [`IDLE_KEEP_ALIVE`], [`IDLE_WEBSOCKETS`] or [`IDLE_STREAMS`].
+    pub what: &'static str,
+    /// How each connection was set up.
+    pub how: &'static str,
     pub wanted: usize,
-    /// Connections whose one call succeeded.
+    /// Connections opened and ready (their one call answered, or their stream's head
+    /// read).
     pub answered: usize,
     /// Of those, still open when RSS was read.
     pub held: usize,
@@ -254,6 +284,8 @@ pub struct Idle {
 impl Idle {
     fn json(&self) -> Value {
         json!({
+            "what": self.what,
+            "how": self.how,
             "wanted": self.wanted,
             "answered": self.answered,
             "held": self.held,
@@ -276,11 +308,18 @@ pub struct Report {
     pub git: Option<String>,
     pub timestamp: String,
     pub nofile: Option<u64>,
+    /// `RPCGATE_BENCH_CPUS`, as the roles got it; `None` when unpinned.
+    pub pinning: Option<String>,
+    /// CPUs the gateway had to itself (none shared with the generator or the
+    /// backend): 0 when unpinned.
+    pub gateway_own_cpus: usize,
     pub rows: Vec<LevelRow>,
-    /// The access log comparison's runs after the first pair (which is in `rows`).
-    pub access_repeats: Vec<LevelRow>,
+    /// The runs of the alternating comparisons (access log on/off, workers 1/2) after
+    /// their first pair, which is in `rows`.
+    pub repeats: Vec<LevelRow>,
     pub scenarios: Option<Vec<ScenarioRow>>,
-    pub idle: Option<Idle>,
+    /// The idle-connection rows that ran, in the order run.
+    pub idle: Vec<Idle>,
     /// The in-flight runs, fewest clients first.
     pub in_flight: Option<Vec<Measured>>,
     pub notes: Vec<String>,
@@ -301,12 +340,42 @@ impl Report {
 
     /// Every built-in run of `target` at `level`, repeats included.
     fn runs(&self, level: usize, target: &str) -> Vec<&Measured> {
+        self.runs_of(level, target, BUILT_IN)
+    }
+
+    /// Every run of `target` at `level` by `generator`, repeats included.
+    fn runs_of(&self, level: usize, target: &str, generator: &str) -> Vec<&Measured> {
         self.rows
             .iter()
-            .chain(&self.access_repeats)
-            .filter(|r| r.level == level && r.target == target && r.generator == BUILT_IN)
+            .chain(&self.repeats)
+            .filter(|r| r.level == level && r.target == target && r.generator == generator)
             .map(|r| &r.m)
             .collect()
+    }
+
+    fn idle_row(&self, what: &str) -> Option<&Idle> {
+        self.idle.iter().find(|i| i.what == what)
+    }
+
+    /// workers = 1 and workers = 2 under wrk at `level`, each the mean of its runs:
+    /// CPU per call and req/s of each.
+    fn workers_pair(&self, level: usize) -> Option<WorkersPair> {
+        let one = self.runs_of(level, "rpcgate", WRK);
+        let two = self.runs_of(level, WORKERS_2, WRK);
+        if two.is_empty() {
+            return None;
+        }
+        Some(WorkersPair {
+            cpu: (
+                mean(one.iter().map(|m| m.cpu_per_call())),
+                mean(two.iter().map(|m| m.cpu_per_call())),
+            ),
+            rate: (
+                mean(one.iter().map(|m| Some(m.req_per_sec()))),
+                mean(two.iter().map(|m| Some(m.req_per_sec()))),
+            ),
+            runs: (one.len(), two.len()),
+        })
     }
 
     /// Gateway CPU per call with the access log on (the defaults) and off, each the
@@ -406,7 +475,7 @@ impl Report {
             rss.map(|k| (mb(k) <= 50.0, format!("{:.1} MB", mb(k)))),
             (errors, None),
         ));
-        let idle = self.idle.as_ref().and_then(|i| {
+        let idle = self.idle_row(IDLE_KEEP_ALIVE).and_then(|i| {
             let rss = i.rss_kib?;
             let all = i.held >= i.wanted;
             Some((
@@ -417,7 +486,7 @@ impl Report {
         checks.push(Check::new(
             "10k idle keep-alive clients: gateway RSS ≤ 100 MB".into(),
             idle,
-            (self.idle.as_ref().map_or(0, |i| i.errors), None),
+            (self.idle_row(IDLE_KEEP_ALIVE).map_or(0, |i| i.errors), None),
         ));
         let runs = self.in_flight.as_deref().unwrap_or_default();
         checks.push(Check::new(
@@ -427,6 +496,207 @@ impl Report {
             basis(runs.iter()),
         ));
         checks
+    }
+
+    /// Issue 13's targets, each with the figures it is judged on, all from this run.
+    pub fn goals(&self) -> Vec<Goal> {
+        let mut goals = Vec::new();
+        let us = |x: f64| format!("{x:.1} µs");
+        let runs_note = |n: usize| {
+            if n > 1 {
+                format!(" (mean of {n} runs)")
+            } else {
+                String::new()
+            }
+        };
+        for level in WORKERS_LEVELS {
+            let gw = self.runs_of(level, "rpcgate", WRK);
+            let st = self.row_of(level, "static", WRK);
+            let gw_cpu = mean(gw.iter().map(|m| m.cpu_per_call()));
+            let st_cpu = st.and_then(Measured::cpu_per_call);
+            let judged = gw_cpu.zip(st_cpu).map(|(g, s)| {
+                (
+                    g / s <= CPU_OVER_STATIC,
+                    format!("rpcgate {}{}, static {}", us(g), runs_note(gw.len()), us(s)),
+                    format!("{:.2}×", g / s),
+                )
+            });
+            goals.push(Goal::new(
+                1,
+                format!(
+                    "gateway CPU per call ≤ {CPU_OVER_STATIC}× static's at {level} clients ({WRK}; defaults, access log on)"
+                ),
+                judged,
+                basis(gw.iter().copied().chain(st)),
+            ));
+        }
+        for level in WORKERS_LEVELS {
+            let gw = self.runs_of(level, "rpcgate", WRK);
+            let st = self.row_of(level, "static", WRK);
+            let gw_rate = mean(gw.iter().map(|m| Some(m.req_per_sec())));
+            let judged = gw_rate.zip(st.map(|m| m.req_per_sec())).map(|(g, s)| {
+                (
+                    g / s >= THROUGHPUT_OF_STATIC,
+                    format!(
+                        "rpcgate {} req/s{}, static {} req/s",
+                        rate(g),
+                        runs_note(gw.len()),
+                        rate(s)
+                    ),
+                    format!("{:.0}%", g / s * 100.0),
+                )
+            });
+            goals.push(Goal::new(
+                2,
+                format!(
+                    "throughput ≥ {:.0}% of static's at {level} clients ({WRK})",
+                    THROUGHPUT_OF_STATIC * 100.0
+                ),
+                judged,
+                basis(gw.iter().copied().chain(st)),
+            ));
+        }
+        let (gw, ws) = (self.row(1, "rpcgate"), self.row(1, "ws-direct"));
+        let judged = gw
+            .and_then(|m| m.p(|l| l.p50))
+            .zip(ws.and_then(|m| m.p(|l| l.p50)))
+            .map(|(g, w)| {
+                (
+                    g - w <= P50_OVERHEAD_US,
+                    format!(
+                        "rpcgate p50 {}, ws-direct p50 {}",
+                        latency(Some(g)),
+                        latency(Some(w))
+                    ),
+                    format!("{:+.0} µs", g - w),
+                )
+            });
+        goals.push(Goal::new(
+            3,
+            format!(
+                "p50 overhead at 1 client ≤ {P50_OVERHEAD_US:.0} µs over ws-direct ({BUILT_IN})"
+            ),
+            judged,
+            basis(gw.into_iter().chain(ws)),
+        ));
+        let mut grows: Vec<(usize, f64, f64)> = Vec::new();
+        for level in WORKERS_LEVELS {
+            let pair = self.workers_pair(level);
+            if let Some(WorkersPair {
+                rate: (Some(a), Some(b)),
+                ..
+            }) = pair
+            {
+                grows.push((level, a, b));
+            }
+            let judged = pair.and_then(|p| {
+                let (one, two) = (p.cpu.0?, p.cpu.1?);
+                Some((
+                    two / one <= WORKERS_CPU_RATIO,
+                    format!(
+                        "workers = 2 {}, workers = 1 {} (alternating, {} + {} runs)",
+                        us(two),
+                        us(one),
+                        p.runs.1,
+                        p.runs.0
+                    ),
+                    format!("{:.2}×", two / one),
+                ))
+            });
+            goals.push(Goal::new(
+                4,
+                format!(
+                    "`workers = 2`: CPU per call ≤ {WORKERS_CPU_RATIO}× that of `workers = 1` at {level} clients ({WRK})"
+                ),
+                judged,
+                basis(
+                    self.runs_of(level, "rpcgate", WRK)
+                        .into_iter()
+                        .chain(self.runs_of(level, WORKERS_2, WRK)),
+                ),
+            ));
+        }
+        let figures = grows
+            .iter()
+            .map(|&(level, a, b)| format!("{level}: {} → {} req/s", rate(a), rate(b)))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let ratios = grows
+            .iter()
+            .map(|&(_, a, b)| format!("{:.2}×", b / a))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut goal = Goal::new(
+            4,
+            format!("with more cores, throughput grows with workers (1 → 2, {WRK})"),
+            (!grows.is_empty()).then(|| (grows.iter().all(|&(_, a, b)| b > a), figures, ratios)),
+            (0, None),
+        );
+        if self.gateway_own_cpus < 2 && !grows.is_empty() {
+            goal.verdict = Verdict::NotJudged;
+            goal.caveat = Some(format!(
+                "the gateway had {} CPUs of its own; it needs 2 or more apart from gen and echo (RPCGATE_BENCH_CPUS)",
+                self.gateway_own_cpus
+            ));
+        }
+        goals.push(goal);
+        for (what, limit) in IDLE_RSS_MB {
+            let row = self.idle_row(what);
+            let judged = row.and_then(|i| {
+                let held = i.rss_kib?;
+                let all = i.held >= i.wanted;
+                let peak = i
+                    .hwm_kib
+                    .map_or(String::new(), |k| format!(", peak {:.1} MB", mb(k)));
+                Some((
+                    all && mb(held) <= limit,
+                    format!(
+                        "held {:.1} MB{peak}; {} of {} held",
+                        mb(held),
+                        i.held,
+                        i.wanted
+                    ),
+                    format!("{:.1} MB", mb(held)),
+                ))
+            });
+            goals.push(Goal::new(
+                5,
+                format!(
+                    "{} {what}: gateway RSS ≤ {limit:.0} MB",
+                    rate(row.map_or(10_000, |i| i.wanted) as f64)
+                ),
+                judged,
+                (row.map_or(0, |i| i.errors), None),
+            ));
+        }
+        // Memory does not depend on CPU contention, so a busy window does not matter.
+        let busy_rows: Vec<(&str, &Measured)> = [BUILT_IN, WRK]
+            .into_iter()
+            .filter_map(|g| Some((g, self.row_of(BUSY_CLIENTS, "rpcgate", g)?)))
+            .collect();
+        let peaks: Vec<(&str, u64)> = busy_rows
+            .iter()
+            .filter_map(|&(g, m)| Some((g, m.server?.peak_rss_kib?)))
+            .collect();
+        let worst = peaks.iter().map(|&(_, k)| k).max();
+        let (errors, _) = basis(busy_rows.iter().map(|&(_, m)| m));
+        goals.push(Goal::new(
+            5,
+            format!(
+                "{} busy clients: gateway peak RSS ≤ {BUSY_RSS_MB:.0} MB",
+                rate(BUSY_CLIENTS as f64)
+            ),
+            worst.map(|k| {
+                let each = peaks
+                    .iter()
+                    .map(|&(g, k)| format!("{g} {:.1} MB", mb(k)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                (mb(k) <= BUSY_RSS_MB, each, format!("{:.1} MB", mb(k)))
+            }),
+            (errors, None),
+        ));
+        goals
     }
 
     /// Errors in, and the worst other work during, the rows a check is judged on.
@@ -442,12 +712,16 @@ impl Report {
         let _ = writeln!(out, "## rpcgate end-to-end benchmark\n");
         let _ = writeln!(
             out,
-            "{} s measured after {} s warmup per run; clients {}; git {}; {}.\n",
+            "{} s measured after {} s warmup per run; clients {}; git {}; {}; CPUs: {}.\n",
             self.secs,
             self.warmup_secs,
             join(&self.levels),
             self.git.as_deref().unwrap_or("unknown"),
             self.timestamp,
+            self.pinning.as_deref().map_or_else(
+                || "not pinned, all processes share the machine's".into(),
+                |p| format!("{p} (taskset)")
+            ),
         );
         self.echo_table(&mut out);
         self.ratio_table(&mut out);
@@ -455,8 +729,10 @@ impl Report {
         if let Some(rows) = &self.scenarios {
             scenario_table(&mut out, rows);
         }
+        self.workers_table(&mut out);
         self.capacity_tables(&mut out);
-        let _ = writeln!(out, "### Targets\n");
+        self.goals_table(&mut out);
+        let _ = writeln!(out, "### Earlier targets\n");
         for check in self.checklist() {
             let _ = writeln!(out, "{}", check.line());
         }
@@ -593,28 +869,115 @@ impl Report {
         out.push('\n');
     }
 
+    fn workers_table(&self, out: &mut String) {
+        let pairs: Vec<(usize, WorkersPair)> = WORKERS_LEVELS
+            .iter()
+            .filter_map(|&l| Some((l, self.workers_pair(l)?)))
+            .collect();
+        if pairs.is_empty() {
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "### Workers ({WRK} generator, same run)\n\n\
+             workers = 1 = the defaults (`rpcgate`); workers = 2 = `{WORKERS_2}`; the two \
+             alternate, each value the mean of the runs in brackets. The gateway had {} CPUs \
+             of its own.\n",
+            self.gateway_own_cpus
+        );
+        let _ = writeln!(
+            out,
+            "| clients | CPU/call, workers = 1 | workers = 2 | 2 ÷ 1 | req/s, workers = 1 | workers = 2 | 2 ÷ 1 |"
+        );
+        let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|");
+        for (level, p) in pairs {
+            let each = |target: &str| {
+                self.runs_of(level, target, WRK)
+                    .iter()
+                    .map(|m| cpu(m.server))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let cpu_of = |c: Option<f64>, target: &str| {
+                c.map_or("–".into(), |c| format!("{c:.1} µs ({})", each(target)))
+            };
+            let ratio = |a: Option<f64>, b: Option<f64>| {
+                a.zip(b)
+                    .map_or("–".into(), |(a, b)| format!("{:.2}×", b / a))
+            };
+            let _ = writeln!(
+                out,
+                "| {level} | {} | {} | {} | {} | {} | {} |",
+                cpu_of(p.cpu.0, "rpcgate"),
+                cpu_of(p.cpu.1, WORKERS_2),
+                ratio(p.cpu.0, p.cpu.1),
+                p.rate.0.map_or("–".into(), rate),
+                p.rate.1.map_or("–".into(), rate),
+                ratio(p.rate.0, p.rate.1),
+            );
+        }
+        out.push('\n');
+    }
+
+    fn goals_table(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "### Targets (issue 13)\n\n\
+             Every figure from this run; ratios of rows of this run (means where a pair \
+             alternated). RSS of the idle rows: held = read 1 s after the last connection \
+             was ready, peak = VmHWM.\n"
+        );
+        let _ = writeln!(out, "| # | target | measured | figure | result |");
+        let _ = writeln!(out, "|---:|---|---|---:|---|");
+        for g in self.goals() {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} |",
+                g.number,
+                g.name,
+                g.measured.as_deref().unwrap_or("not measured"),
+                g.figure.as_deref().unwrap_or("–"),
+                g.result(),
+            );
+        }
+        out.push('\n');
+    }
+
     fn capacity_tables(&self, out: &mut String) {
-        if let Some(i) = &self.idle {
-            let _ = writeln!(out, "### Capacity: idle keep-alive clients\n");
+        if !self.idle.is_empty() {
+            let _ = writeln!(out, "### Capacity: idle connections\n");
             let _ = writeln!(
                 out,
-                "| clients | answered | held open | errors | gateway RSS before | gateway RSS holding them | peak RSS | gateway fds | time |"
+                "| connections | each | wanted | ready | held open | errors | gateway RSS before | gateway RSS holding them | peak RSS | per connection | gateway fds | time |"
             );
-            let _ = writeln!(out, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            let _ = writeln!(
+                out,
+                "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
             let kib = |k: Option<u64>| k.map_or("–".into(), |k| format!("{:.1} MB", mb(k)));
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
-                i.wanted,
-                i.answered,
-                i.held,
-                i.errors,
-                kib(i.rss_before_kib),
-                kib(i.rss_kib),
-                kib(i.hwm_kib),
-                i.fds.map_or("–".into(), |f| f.to_string()),
-                i.secs,
-            );
+            for i in &self.idle {
+                let per = match (i.rss_before_kib, i.rss_kib) {
+                    (Some(b), Some(w)) if i.held > 0 => {
+                        format!("{:.1} KiB", w.saturating_sub(b) as f64 / i.held as f64)
+                    }
+                    _ => "–".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {per} | {} | {:.1} s |",
+                    i.what,
+                    i.how,
+                    i.wanted,
+                    i.answered,
+                    i.held,
+                    i.errors,
+                    kib(i.rss_before_kib),
+                    kib(i.rss_kib),
+                    kib(i.hwm_kib),
+                    i.fds.map_or("–".into(), |f| f.to_string()),
+                    i.secs,
+                );
+            }
             out.push('\n');
         }
         if let Some(runs) = &self.in_flight {
@@ -711,6 +1074,44 @@ impl Report {
             .in_flight
             .as_ref()
             .map(|runs| runs.iter().map(Measured::json).collect::<Vec<_>>());
+        let goals: Vec<Value> = self
+            .goals()
+            .iter()
+            .map(|g| {
+                json!({
+                    "item": g.number,
+                    "target": g.name,
+                    "result": g.verdict.met(),
+                    "measured": g.measured,
+                    "figure": g.figure,
+                    "errors": g.errors,
+                    "other_work_cores": g.busy,
+                    "caveat": g.caveat,
+                })
+            })
+            .collect();
+        let workers: Vec<Value> = WORKERS_LEVELS
+            .iter()
+            .filter_map(|&level| {
+                let p = self.workers_pair(level)?;
+                let runs = |target| {
+                    self.runs_of(level, target, WRK)
+                        .iter()
+                        .map(|m| m.json())
+                        .collect::<Vec<_>>()
+                };
+                Some(json!({
+                    "level": level,
+                    "generator": WRK,
+                    "cpu_us_per_call_workers_1": p.cpu.0,
+                    "cpu_us_per_call_workers_2": p.cpu.1,
+                    "req_per_sec_workers_1": p.rate.0,
+                    "req_per_sec_workers_2": p.rate.1,
+                    "runs_workers_1": runs("rpcgate"),
+                    "runs_workers_2": runs(WORKERS_2),
+                }))
+            })
+            .collect();
         let checklist: Vec<Value> = self
             .checklist()
             .iter()
@@ -731,15 +1132,19 @@ impl Report {
             "git_describe": self.git,
             "timestamp": self.timestamp,
             "nofile_limit": self.nofile,
+            "cpus": self.pinning,
+            "gateway_own_cpus": self.gateway_own_cpus,
             "echo": rows,
             "ratios": ratios,
             "access_log_cost": access_log_cost,
+            "workers": workers,
             "scenarios": scenarios,
             "capacity": {
-                "idle": self.idle.as_ref().map(Idle::json),
+                "idle": self.idle.iter().map(Idle::json).collect::<Vec<_>>(),
                 "in_flight": in_flight,
                 "in_flight_cpu_per_call_ratio": self.in_flight_ratio(),
             },
+            "targets_issue_13": goals,
             "checklist": checklist,
             "notes": self.notes,
         })
@@ -759,6 +1164,16 @@ fn basis<'a>(runs: impl Iterator<Item = &'a Measured>) -> (u64, Option<f64>) {
         }
     }
     (errors, busy)
+}
+
+#[derive(Clone, Copy)]
+struct WorkersPair {
+    /// Mean gateway CPU µs per call: (workers = 1, workers = 2).
+    cpu: (Option<f64>, Option<f64>),
+    /// Mean req/s: (workers = 1, workers = 2).
+    rate: (Option<f64>, Option<f64>),
+    /// Runs of each.
+    runs: (usize, usize),
 }
 
 struct Ratios {
@@ -801,10 +1216,13 @@ fn scenario_table(out: &mut String, rows: &[ScenarioRow]) {
     out.push('\n');
 }
 
+#[derive(Clone, Copy)]
 pub enum Verdict {
     Pass,
     Fail,
     NotRun,
+    /// Measured, but this run's setup cannot tell (e.g. too few cores).
+    NotJudged,
 }
 
 impl Verdict {
@@ -813,7 +1231,78 @@ impl Verdict {
             Verdict::Pass => "pass",
             Verdict::Fail => "fail",
             Verdict::NotRun => "not run",
+            Verdict::NotJudged => "not judged",
         }
+    }
+
+    fn met(&self) -> &'static str {
+        match self {
+            Verdict::Pass => "met",
+            Verdict::Fail => "not met",
+            Verdict::NotRun => "not measured",
+            Verdict::NotJudged => "not judged",
+        }
+    }
+}
+
+/// One of issue 13's targets, judged on this run.
+pub struct Goal {
+    /// The item of the issue's list.
+    number: usize,
+    name: String,
+    /// The figures it is judged on.
+    measured: Option<String>,
+    /// The ratio or value compared with the threshold.
+    figure: Option<String>,
+    verdict: Verdict,
+    errors: u64,
+    busy: Option<f64>,
+    caveat: Option<String>,
+}
+
+impl Goal {
+    fn new(
+        number: usize,
+        name: String,
+        result: Option<(bool, String, String)>,
+        (errors, busy): (u64, Option<f64>),
+    ) -> Goal {
+        let (verdict, measured, figure) = match result {
+            Some((met, measured, figure)) => (
+                if met { Verdict::Pass } else { Verdict::Fail },
+                Some(measured),
+                Some(figure),
+            ),
+            None => (Verdict::NotRun, None, None),
+        };
+        Goal {
+            number,
+            name,
+            measured,
+            figure,
+            verdict,
+            errors,
+            busy,
+            caveat: None,
+        }
+    }
+
+    fn result(&self) -> String {
+        let mut out = match self.verdict {
+            Verdict::Pass => "**met**".to_owned(),
+            Verdict::Fail => "**not met**".to_owned(),
+            other => other.met().to_owned(),
+        };
+        if let Some(c) = &self.caveat {
+            let _ = write!(out, "; {c}");
+        }
+        if self.errors > 0 {
+            let _ = write!(out, " ({} errors in those runs)", self.errors);
+        }
+        if let Some(c) = self.busy {
+            let _ = write!(out, " ⚠ other work took {c:.2} cores meanwhile");
+        }
+        out
     }
 }
 
@@ -851,6 +1340,7 @@ impl Check {
             Verdict::Pass => "[x] PASS",
             Verdict::Fail => "[ ] FAIL",
             Verdict::NotRun => "[ ] NOT RUN",
+            Verdict::NotJudged => "[ ] NOT JUDGED",
         };
         let value = self.value.as_deref().unwrap_or("not measured");
         let errors = if self.errors > 0 {

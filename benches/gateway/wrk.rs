@@ -63,9 +63,11 @@ impl Wrk {
     }
 
     /// Starts `connections` clients against `url` for `length` (whole seconds), on at
-    /// most two threads: this machine has two cores, shared with the gateway.
+    /// most two threads (the development machine has two cores, shared with the
+    /// gateway), or one per generator CPU when `RPCGATE_BENCH_CPUS` names them.
     pub fn start(&self, url: &str, connections: usize, length: Duration) -> Result<Tool> {
-        let threads = connections.clamp(1, 2);
+        let cpus = crate::procs::pinning().map_or(2, |p| p.cpus(crate::procs::Role::Gen).len());
+        let threads = connections.clamp(1, cpus.max(1));
         let args = [
             format!("-t{threads}"),
             format!("-c{connections}"),
