@@ -9,6 +9,7 @@ mod admin;
 mod answer;
 mod auth;
 mod body;
+mod connection;
 mod cors;
 mod demo;
 // Reached by lib.rs's `fuzzing` module too.
@@ -16,6 +17,7 @@ pub(crate) mod events;
 mod fdlimit;
 mod listener;
 mod per_address;
+mod prefixed;
 mod refuse;
 mod response;
 mod rpc;
