@@ -37,6 +37,7 @@ pub struct Metrics {
     pub memory_budget_used: IntGauge,
     pub memory_budget_limit: IntGauge,
     pub http_connections_open: IntGauge,
+    pub http_connections_parked: IntGauge,
     pub http_connections_refused: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
     pub tls_reloads: IntCounterVec,
@@ -337,6 +338,16 @@ impl Metrics {
                 IntGauge::new(
                     "rpcgate_http_connections_open",
                     "Client connections being served now (at most http.max_connections).",
+                )
+                .expect("valid metric definition"),
+            ),
+            http_connections_parked: reg(
+                &r,
+                IntGauge::new(
+                    "rpcgate_http_connections_parked",
+                    "HTTP/1 client connections idle between requests, holding no HTTP state \
+                     (their buffers are dropped until the client sends again); part of \
+                     rpcgate_http_connections_open.",
                 )
                 .expect("valid metric definition"),
             ),

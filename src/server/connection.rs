@@ -23,15 +23,23 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus::IntGauge;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
+
+/// How long an HTTP/1 connection stays idle before it is parked. A client in a
+/// closed loop sends its next request within microseconds of its answer: parking
+/// every gap would drop and rebuild hyper's buffers once per request. A connection
+/// quiet for this long is one of the many that sit idle.
+const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// The largest HTTP/2 flow-control window (RFC 9113, section 6.9.1).
 const H2_MAX_WINDOW: usize = (1 << 31) - 1;
@@ -118,6 +126,7 @@ pub async fn serve_connection(
         write_timeout: http.write_timeout,
     };
     let h2 = negotiated_h2(&io);
+    let metrics = state.metrics.clone();
     let service = {
         let activity = activity.clone();
         let info = Arc::new(ConnInfo {
@@ -188,7 +197,10 @@ pub async fn serve_connection(
             )
             .await;
         }
-        Protocol::Http1 => serve_h1(io, service, &builders.h1, watch, &shutdown).await,
+        Protocol::Http1 => {
+            let parked = &metrics.http_connections_parked;
+            serve_h1(io, service, &builders.h1, watch, &shutdown, parked).await;
+        }
     }
 }
 
@@ -199,6 +211,7 @@ async fn serve_h1<S, B>(
     builder: &http1::Builder,
     watch: Watch<'_>,
     shutdown: &CancellationToken,
+    parked_gauge: &IntGauge,
 ) where
     S: HttpService<Incoming, ResBody = B> + Unpin,
     S::Error: Into<Box<dyn StdError + Send + Sync>>,
@@ -253,7 +266,11 @@ async fn serve_h1<S, B>(
             // rustls empty); should it happen, hyper reads it at once.
             continue;
         }
-        match park(&io, watch, shutdown).await {
+        super::trim::connection_parked();
+        let counted = Counted::new(parked_gauge);
+        let parked = park(&io, watch, shutdown).await;
+        drop(counted);
+        match parked {
             Parked::Readable => {}
             Parked::Close => {
                 // As hyper closes an idle connection: TLS's close_notify, then FIN.
@@ -268,6 +285,23 @@ async fn serve_h1<S, B>(
             }
             Parked::Drop => return,
         }
+    }
+}
+
+/// Counts a connection in a gauge while it lives: however the wait ends, the
+/// connection's task aborted at the end of a drain included.
+struct Counted<'a>(&'a IntGauge);
+
+impl<'a> Counted<'a> {
+    fn new(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -343,6 +377,9 @@ where
     } = watch;
     // Set when the graceful close starts: it is bounded too (see `watch::closed_by`).
     let mut closing: Option<Instant> = None;
+    // Whether the connection has been parkable since `linger` was set to park it.
+    let mut lingering = false;
+    let mut linger = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
     loop {
         let close_bound = async {
             match closing {
@@ -352,12 +389,23 @@ where
         };
         // A closing connection is not parked: hyper finishes it.
         let may_park = park && closing.is_none();
-        let served = std::future::poll_fn(|cx| match conn.as_mut().poll(cx) {
-            Poll::Ready(result) => Poll::Ready(Some(result)),
+        let served = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Some(result));
+            }
             // Checked right after hyper's poll, when it has done all it can until the
             // client sends or reads more.
-            Poll::Pending if may_park && activity.parkable() => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            if !(may_park && activity.parkable()) {
+                lingering = false;
+                return Poll::Pending;
+            }
+            if !lingering {
+                lingering = true;
+                linger.as_mut().reset(Instant::now() + PARK_AFTER);
+            }
+            // Parkable at every poll since the timer was set: a request in between
+            // would have reset it.
+            linger.as_mut().poll(cx).map(|()| None)
         });
         tokio::select! {
             served = served => match served {
