@@ -1,8 +1,8 @@
 //! The client-facing HTTP server: accept loop, per-connection limits, graceful stop.
 //!
-//! HTTP/1.1 with keep-alive and HTTP/2 share one port through hyper-util's protocol
-//! detection: over TLS (`[tls]`, ALPN `h2` or `http/1.1`), or without it (h2c, prior
-//! knowledge).
+//! HTTP/1.1 with keep-alive and HTTP/2 share one port, told apart in `connection.rs`:
+//! over TLS (`[tls]`) by ALPN `h2` or `http/1.1`, or without it (h2c, prior knowledge)
+//! by the first bytes. Idle HTTP/1 connections are parked there between requests.
 
 mod accept;
 mod admin;
