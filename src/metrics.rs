@@ -40,6 +40,7 @@ pub struct Metrics {
     pub http_connections_open: IntGauge,
     /// Requests handed to the worker owning their session (`runtime.workers` > 1).
     pub worker_handovers: IntCounter,
+    pub http_connections_parked: IntGauge,
     pub http_connections_refused: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
     pub tls_reloads: IntCounterVec,
@@ -359,6 +360,16 @@ impl Metrics {
                 IntGauge::new(
                     "rpcgate_http_connections_open",
                     "Client connections being served now (at most http.max_connections).",
+                )
+                .expect("valid metric definition"),
+            ),
+            http_connections_parked: reg(
+                &r,
+                IntGauge::new(
+                    "rpcgate_http_connections_parked",
+                    "HTTP/1 client connections idle between requests, holding no HTTP state \
+                     (their buffers are dropped until the client sends again); part of \
+                     rpcgate_http_connections_open.",
                 )
                 .expect("valid metric definition"),
             ),

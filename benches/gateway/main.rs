@@ -17,6 +17,7 @@
 //! | `RPCGATE_BENCH_PEER_PID` | unset | its pid, for its CPU and RSS |
 //! | `RPCGATE_BENCH_SCENARIOS` | 1 | 0 skips the large-params, batch and slow-call scenarios |
 //! | `RPCGATE_BENCH_CAPACITY` | 1 | 0 skips the 10k-idle and 10k-in-flight runs |
+//! | `RPCGATE_BENCH_IN_FLIGHT` | 1 | 0 skips the in-flight runs only (the 10k-idle one stays) |
 //! | `RPCGATE_BENCH_BUSY_RETRIES` | 2 | tries again of a run during which other work used the CPU |
 //! | `RPCGATE_BENCH_WRK` | 1 | 0 skips the wrk rows (skipped anyway, with a note, when `wrk` is not installed) |
 //! | `RPCGATE_BENCH_WORKERS` | 1 | 0 skips the `--workers 2` wrk rows at 32 and 256 clients (and their repeat of the default's) |
@@ -168,6 +169,9 @@ struct Settings {
     peer_pid: Option<u32>,
     scenarios: bool,
     capacity: bool,
+    /// The in-flight capacity runs (with `capacity`): minutes of their own, which
+    /// measuring idle memory alone does not need.
+    in_flight: bool,
     /// Further tries of a run during which other work took a share of the CPU.
     busy_retries: usize,
     wrk: bool,
@@ -224,6 +228,7 @@ impl Settings {
             peer_pid,
             scenarios: !off("RPCGATE_BENCH_SCENARIOS"),
             capacity: !off("RPCGATE_BENCH_CAPACITY"),
+            in_flight: !off("RPCGATE_BENCH_IN_FLIGHT"),
             busy_retries: number("RPCGATE_BENCH_BUSY_RETRIES")?.unwrap_or(2),
             wrk: !off("RPCGATE_BENCH_WRK"),
             workers: !off("RPCGATE_BENCH_WORKERS"),
@@ -484,7 +489,10 @@ async fn run(settings: Settings, nofile: Option<u64>) -> Result<()> {
     let mut idle = Vec::new();
     let in_flight = if bench.settings.capacity {
         idle.push(bench.idle_capacity().await?);
-        Some(bench.in_flight_capacity().await?)
+        match bench.settings.in_flight {
+            true => Some(bench.in_flight_capacity().await?),
+            false => None,
+        }
     } else {
         None
     };

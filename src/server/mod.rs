@@ -1,14 +1,15 @@
 //! The client-facing HTTP server: accept loop, per-connection limits, graceful stop.
 //!
-//! HTTP/1.1 with keep-alive and HTTP/2 share one port through hyper-util's protocol
-//! detection: over TLS (`[tls]`, ALPN `h2` or `http/1.1`), or without it (h2c, prior
-//! knowledge).
+//! HTTP/1.1 with keep-alive and HTTP/2 share one port, told apart in `connection.rs`:
+//! over TLS (`[tls]`) by ALPN `h2` or `http/1.1`, or without it (h2c, prior knowledge)
+//! by the first bytes. Idle HTTP/1 connections are parked there between requests.
 
 mod accept;
 mod admin;
 mod answer;
 mod auth;
 mod body;
+mod connection;
 mod cors;
 mod demo;
 // Reached by lib.rs's `fuzzing` module too.
@@ -16,6 +17,7 @@ pub(crate) mod events;
 mod fdlimit;
 mod listener;
 mod per_address;
+mod prefixed;
 mod refuse;
 mod response;
 mod rpc;

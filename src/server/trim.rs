@@ -1,7 +1,8 @@
 //! Giving memory back to the system after a burst of client connections.
 //!
 //! glibc's allocator keeps what a burst freed (thousands of connections' buffers) in
-//! its arenas, so the process's RSS stays at its peak long after the clients left. A
+//! its arenas, so the process's RSS stays at its peak long after the clients left, or
+//! went idle: a parked connection frees hyper's buffers as a closed one does. A
 //! `malloc_trim` returns the free pages; it walks every arena, so it runs only when
 //! many connections closed since the last one, at most every few seconds, off the
 //! request path (a background task).
@@ -10,15 +11,20 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-/// Connections closed since the last trim.
+/// Connections closed or parked since the last trim.
 static CLOSED: AtomicUsize = AtomicUsize::new(0);
 
-/// Connections that must have closed before a trim is worth its cost.
+/// Connections that must have closed (or parked) before a trim is worth its cost.
 const WORTH_IT: usize = 256;
 const CHECK_EVERY: Duration = Duration::from_secs(5);
 
 /// Notes that a client connection closed.
 pub(super) fn connection_closed() {
+    CLOSED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Notes that a client connection was parked: its buffers were freed.
+pub(super) fn connection_parked() {
     CLOSED.fetch_add(1, Ordering::Relaxed);
 }
 

@@ -39,6 +39,10 @@ pub struct Activity {
     /// HTTP/2 reads frames (pings, window updates) all the time, which says nothing about
     /// a request head; only the idle limit applies to it.
     is_h2: AtomicBool,
+    /// The last read found nothing to read: the stream's wake-up is armed and nothing
+    /// is buffered below us (TLS: rustls had no plaintext). One of the conditions for
+    /// parking an HTTP/1 connection (see [`Activity::parkable`]).
+    read_waiting: AtomicBool,
     /// Wakes the watchdog when any of the above changes its deadline.
     changed: Notify,
 }
@@ -52,6 +56,7 @@ impl Activity {
             head_started_ms: AtomicU64::new(0),
             write_blocked_ms: AtomicU64::new(0),
             is_h2: AtomicBool::new(false),
+            read_waiting: AtomicBool::new(false),
             changed: Notify::new(),
         })
     }
@@ -74,6 +79,33 @@ impl Activity {
         self.active.load(Ordering::Acquire) > 0
     }
 
+    /// The connection turned out to speak HTTP/2: its reads say nothing about heads.
+    pub fn serving_h2(&self) {
+        self.is_h2.store(true, Ordering::Release);
+        // The preface's bytes, read to tell the protocol, started no head.
+        self.head_started_ms.store(0, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// Whether an HTTP/1 connection is between requests with nothing in flight either
+    /// way, so that hyper's state for it can be dropped: no request is being served
+    /// (each holds its guard until its answer's last byte is handed to hyper), no byte
+    /// of a next head has arrived, the last write went through (so hyper's write
+    /// buffer and TLS's are empty), and the last read found the stream empty.
+    pub fn parkable(&self) -> bool {
+        self.active.load(Ordering::Acquire) == 0
+            && self.head_started_ms.load(Ordering::Acquire) == 0
+            && self.write_blocked_ms.load(Ordering::Acquire) == 0
+            && self.read_waiting.load(Ordering::Acquire)
+    }
+
+    /// Bytes of a next head were read ahead (pipelined behind the last request), and
+    /// are given back to a new hyper connection: they start the head timeout, and keep
+    /// the connection from parking again until that request starts.
+    pub fn head_bytes_buffered(&self) {
+        self.bytes_read();
+    }
+
     fn write_blocked(&self) {
         if self.write_blocked_ms.load(Ordering::Relaxed) == 0 {
             self.write_blocked_ms
@@ -90,10 +122,7 @@ impl Activity {
         }
     }
 
-    fn bytes_read(&self, first: &[u8], first_read: bool) {
-        if first_read && first.starts_with(b"PRI * HTTP/2") {
-            self.is_h2.store(true, Ordering::Release);
-        }
+    fn bytes_read(&self) {
         if self.active.load(Ordering::Acquire) == 0
             && !self.is_h2.load(Ordering::Relaxed)
             && self.head_started_ms.load(Ordering::Acquire) == 0
@@ -221,16 +250,15 @@ pub async fn closed_by(activity: &Activity, since: Instant, write_timeout: Durat
 pub struct WatchedIo<I> {
     inner: I,
     activity: Arc<Activity>,
-    first_read: bool,
 }
 
 impl<I> WatchedIo<I> {
     pub fn new(inner: I, activity: Arc<Activity>) -> Self {
-        WatchedIo {
-            inner,
-            activity,
-            first_read: true,
-        }
+        WatchedIo { inner, activity }
+    }
+
+    pub fn get_ref(&self) -> &I {
+        &self.inner
     }
 }
 
@@ -242,12 +270,14 @@ impl<I: AsyncRead + Unpin> AsyncRead for WatchedIo<I> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let waiting = polled.is_pending();
+        if self.activity.read_waiting.load(Ordering::Relaxed) != waiting {
+            self.activity.read_waiting.store(waiting, Ordering::Release);
+        }
         if let Poll::Ready(Ok(())) = polled
             && buf.filled().len() > before
         {
-            let first_read = std::mem::replace(&mut self.first_read, false);
-            self.activity
-                .bytes_read(&buf.filled()[before..], first_read);
+            self.activity.bytes_read();
         }
         polled
     }
@@ -290,8 +320,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for WatchedIo<I> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.inner).poll_flush(cx);
-        if polled.is_pending() {
-            self.activity.write_blocked();
+        match polled {
+            Poll::Pending => self.activity.write_blocked(),
+            // Everything written is out of our buffers (TLS's too): nothing waits for
+            // the client to read, whatever the writes before said.
+            Poll::Ready(Ok(())) => self.activity.bytes_written(),
+            Poll::Ready(Err(_)) => {}
         }
         polled
     }
