@@ -41,6 +41,8 @@ pub struct Metrics {
     /// Requests handed to the worker owning their session (`runtime.workers` > 1).
     pub worker_handovers: IntCounter,
     pub http_connections_parked: IntGauge,
+    /// HTTP/1.1 event streams served without hyper once their head was sent.
+    pub event_streams_detached: IntGauge,
     pub http_connections_refused: IntCounterVec,
     pub tls_handshake_failures: IntCounter,
     pub tls_reloads: IntCounterVec,
@@ -360,6 +362,15 @@ impl Metrics {
                 IntGauge::new(
                     "rpcgate_http_connections_open",
                     "Client connections being served now (at most http.max_connections).",
+                )
+                .expect("valid metric definition"),
+            ),
+            event_streams_detached: reg(
+                &r,
+                IntGauge::new(
+                    "rpcgate_event_streams_detached",
+                    "HTTP/1.1 event streams written by rpcgate itself once their head was sent, \
+                     holding none of hyper's buffers.",
                 )
                 .expect("valid metric definition"),
             ),

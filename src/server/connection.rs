@@ -13,11 +13,13 @@
 //! its streams, and hyper has no way to take it apart.
 
 use super::AppState;
+use super::detach::{self, Detachable};
 use super::listener::{ClientIo, ConnInfo, Place};
 use super::prefixed::{self, Prefixed, Protocol};
 use super::stack;
 use super::tls::ClientIdentity;
 use super::watch::{self, Activity, Expiry, Limits, WatchedIo};
+use crate::metrics::Metrics;
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -110,6 +112,17 @@ struct Watch<'a> {
     activity: &'a Activity,
     limits: Limits,
     peer: SocketAddr,
+    /// HTTP/1.1: where an event stream offers itself to be served without hyper.
+    detach: Option<&'a Detachable>,
+}
+
+/// What serving HTTP/1 needs besides the connection's watch.
+struct H1<'a> {
+    builder: &'a http1::Builder,
+    activity: &'a Arc<Activity>,
+    metrics: &'a Metrics,
+    /// Bytes a client may send ahead while its event stream is served without hyper.
+    max_ahead: usize,
 }
 
 pub async fn serve_connection(
@@ -130,17 +143,19 @@ pub async fn serve_connection(
     };
     let h2 = negotiated_h2(&io);
     let metrics = state.metrics.clone();
+    let max_ahead = state.config.http.max_header_bytes;
+    let info = Arc::new(ConnInfo {
+        budgets: state.connection_budgets(),
+        peer,
+        identity,
+        place,
+        detach: Detachable::default(),
+    });
     let service = {
         let activity = activity.clone();
-        let info = Arc::new(ConnInfo {
-            budgets: state.connection_budgets(),
-            peer,
-            identity,
-            place,
-        });
         // Carried by the stack's services, not put in each request's extensions:
         // that would be three allocations per request.
-        let stack = stack::build(state, info);
+        let stack = stack::build(state, info.clone());
         hyper::service::service_fn(move |req: http::Request<Incoming>| {
             // A request in progress holds off the idle timeout (see `watch`).
             let guard = activity.request_started();
@@ -162,6 +177,7 @@ pub async fn serve_connection(
         activity: &activity,
         limits,
         peer,
+        detach: None,
     };
     let mut io = WatchedIo::new(io, activity.clone());
     let (protocol, read) = if h2 {
@@ -201,8 +217,17 @@ pub async fn serve_connection(
             .await;
         }
         Protocol::Http1 => {
-            let parked = &metrics.http_connections_parked;
-            serve_h1(io, service, &builders.h1, watch, &shutdown, parked).await;
+            let watch = Watch {
+                detach: Some(&info.detach),
+                ..watch
+            };
+            let h1 = H1 {
+                builder: &builders.h1,
+                activity: &activity,
+                metrics: &metrics,
+                max_ahead,
+            };
+            serve_h1(io, service, h1, watch, &shutdown).await;
         }
     }
 }
@@ -211,10 +236,9 @@ pub async fn serve_connection(
 async fn serve_h1<S, B>(
     mut io: Io,
     mut service: S,
-    builder: &http1::Builder,
+    h1: H1<'_>,
     watch: Watch<'_>,
     shutdown: &CancellationToken,
-    parked_gauge: &IntGauge,
 ) where
     S: HttpService<Incoming, ResBody = B> + Unpin,
     S::Error: Into<Box<dyn StdError + Send + Sync>>,
@@ -225,7 +249,7 @@ async fn serve_h1<S, B>(
         // With upgrades: a WebSocket client's 101 hands the socket to `ws`, through
         // `hyper::upgrade::on`. Boxed, so that a parked connection's task is small.
         let mut conn = Box::new(
-            builder
+            h1.builder
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades(),
         );
@@ -240,6 +264,7 @@ async fn serve_h1<S, B>(
         if let Driven::Ended = driven {
             return;
         }
+        let detaching = matches!(driven, Driven::Detach);
         // `None` only once upgraded, which ends the connection instead.
         let Some(parts) = conn.into_parts() else {
             return;
@@ -252,6 +277,41 @@ async fn serve_h1<S, B>(
         } = parts;
         io = parked.into_inner();
         service = kept;
+        if detaching {
+            let Some(events) = watch.detach.and_then(Detachable::take) else {
+                io = io.with_prefix(read_buf);
+                continue;
+            };
+            let ahead = read_buf.to_vec();
+            drop(read_buf);
+            let detached = Counted::new(&h1.metrics.event_streams_detached);
+            let limits = watch.limits;
+            let ended = detach::serve(
+                &mut io,
+                events,
+                ahead,
+                h1.max_ahead,
+                limits.write_timeout,
+                h1.activity,
+                shutdown,
+            )
+            .await;
+            drop(detached);
+            match ended {
+                detach::Ended::KeepAlive(ahead) => {
+                    if !ahead.is_empty() {
+                        watch.activity.head_bytes_buffered();
+                        io = io.with_prefix(ahead);
+                    }
+                    continue;
+                }
+                detach::Ended::Close => {
+                    let _ = tokio::time::timeout(limits.write_timeout, io.shutdown()).await;
+                    return;
+                }
+                detach::Ended::Drop => return,
+            }
+        }
         if !read_buf.is_empty() {
             // The start of a pipelined request, read with the last one: a new hyper
             // connection reads it first. Not parked again until that request starts.
@@ -270,7 +330,7 @@ async fn serve_h1<S, B>(
             continue;
         }
         super::trim::connection_parked();
-        let counted = Counted::new(parked_gauge);
+        let counted = Counted::new(&h1.metrics.http_connections_parked);
         let parked = park(&io, watch, shutdown).await;
         drop(counted);
         match parked {
@@ -359,6 +419,9 @@ enum Driven {
     Ended,
     /// Idle (see [`Activity::parkable`]): its parts may be taken.
     Idle,
+    /// An event stream's head and all it was given so far went out, and the stream
+    /// offered itself to be served without hyper (`detach.rs`).
+    Detach,
 }
 
 /// Drives `conn` under the connection's timeouts until it ends, or, with `park`,
@@ -377,6 +440,7 @@ where
         activity,
         limits,
         peer,
+        detach,
     } = watch;
     // Set when the graceful close starts: it is bounded too (see `watch::closed_by`).
     let mut closing: Option<Instant> = None;
@@ -396,7 +460,11 @@ where
         let may_park = park && closing.is_none();
         let served = std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = conn.as_mut().poll(cx) {
-                return Poll::Ready(Some(result));
+                return Poll::Ready(Ok(result));
+            }
+            // hyper waits for the stream's next chunk with nothing left to write.
+            if may_park && activity.output_flushed() && detach.is_some_and(Detachable::is_offered) {
+                return Poll::Ready(Err(Driven::Detach));
             }
             // Checked right after hyper's poll, when it has done all it can until the
             // client sends or reads more.
@@ -412,17 +480,18 @@ where
             }
             // Parkable at every poll since the timer was set: a request in between
             // would have reset it.
-            timer.as_mut().poll(cx).map(|()| None)
+            timer.as_mut().poll(cx).map(|()| Err(Driven::Idle))
         });
         tokio::select! {
             served = served => match served {
-                Some(result) => {
+                Ok(result) => {
                     if let Err(e) = result {
                         tracing::debug!(%peer, error = %e, "client connection ended with an error");
                     }
                     return Driven::Ended;
                 }
-                None => return Driven::Idle,
+                // Idle, or detaching: the caller takes the connection apart.
+                Err(step) => return step,
             },
             expiry = watch::expired(activity, limits, closing.is_some()) => match expiry {
                 // Half a head has nothing to answer, and hyper's graceful close

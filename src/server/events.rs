@@ -6,6 +6,7 @@
 //! again and gets what it missed, or an explicit gap when that is gone.
 
 use super::AppState;
+use super::detach::Detachable;
 use super::listener::ConnInfo;
 use super::response::{self, HttpResponse};
 use super::session_key::{query_param, session_of};
@@ -13,7 +14,7 @@ use crate::error::Error;
 use crate::push::{Consumer, Event, Read};
 use bytes::Bytes;
 use http::header::{ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_TYPE};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +58,17 @@ pub async fn handle<B>(req: Request<B>, state: &Arc<AppState>, conn: &ConnInfo) 
     let after = last_event_id(&req, push.delivered());
     let consumer = state.hub.attach(&push);
     if wants_stream(&req) {
-        stream(state.clone(), consumer, after, session.key, session.shown)
+        // HTTP/1.1's chunked framing is what `detach` continues; HTTP/2 streams stay
+        // with hyper, and HTTP/1.0 has no chunks.
+        let detach = (req.version() == Version::HTTP_11).then_some(&conn.detach);
+        stream(
+            state.clone(),
+            consumer,
+            after,
+            session.key,
+            session.shown,
+            detach,
+        )
     } else {
         let wait = query_param(req.uri().query(), "wait")
             .and_then(|w| w.parse::<f64>().ok())
@@ -109,6 +120,7 @@ fn stream(
     after: Option<u64>,
     key: String,
     shown: String,
+    detach: Option<&Detachable>,
 ) -> HttpResponse {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     let heartbeat = state.hub.config().heartbeat;
@@ -153,7 +165,15 @@ fn stream(
             }
         }
     });
-    let mut resp = Response::new(response::Body::streaming(rx));
+    let body = match detach {
+        Some(detach) => {
+            let events = Arc::new(parking_lot::Mutex::new(Some(rx)));
+            detach.offer(events.clone());
+            response::Body::detachable(events)
+        }
+        None => response::Body::streaming(rx),
+    };
+    let mut resp = Response::new(body);
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));

@@ -42,6 +42,8 @@ pub struct ConnInfo {
     pub identity: Option<ClientIdentity>,
     /// The connection's place among `max_connections`.
     pub place: Place,
+    /// An HTTP/1.1 event stream's chunks, which the connection may serve without hyper.
+    pub detach: super::detach::Detachable,
 }
 
 /// A connection's place among `max_connections`, which a WebSocket client takes over

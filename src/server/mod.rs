@@ -12,6 +12,7 @@ mod body;
 mod connection;
 mod cors;
 mod demo;
+mod detach;
 // Reached by lib.rs's `fuzzing` module too.
 pub(crate) mod events;
 mod fdlimit;

@@ -34,6 +34,8 @@ pub struct Body {
     data: Option<Bytes>,
     charge: Option<Charge>,
     stream: Option<tokio::sync::mpsc::Receiver<Bytes>>,
+    /// A stream whose receiver the connection may take over (`detach.rs`).
+    shared: Option<super::detach::Events>,
     /// What the access log says of this answer: carried in the body, not in the
     /// response's extensions, which would cost a map and a box per request.
     pub notes: Notes,
@@ -67,6 +69,15 @@ impl Body {
         }
     }
 
+    /// A stream, read through `events` until the connection takes it over and serves
+    /// the rest itself (`detach.rs`); this body then ends.
+    pub fn detachable(events: super::detach::Events) -> Body {
+        Body {
+            shared: Some(events),
+            ..Body::default()
+        }
+    }
+
     /// Bytes in the answer.
     pub fn len(&self) -> usize {
         self.data.as_ref().map_or(0, Bytes::len)
@@ -91,6 +102,15 @@ impl http_body::Body for Body {
                 .poll_recv(cx)
                 .map(|chunk| chunk.map(|c| Ok(Frame::data(c))));
         }
+        if let Some(events) = self.shared.as_ref() {
+            return match events.lock().as_mut() {
+                Some(rx) => rx
+                    .poll_recv(cx)
+                    .map(|chunk| chunk.map(|c| Ok(Frame::data(c)))),
+                // Taken over: the connection writes the rest, this body is dropped.
+                None => Poll::Ready(None),
+            };
+        }
         let chunk = match self.data.as_mut() {
             None => return Poll::Ready(None),
             Some(data) if data.len() > CHUNK => data.split_to(CHUNK),
@@ -105,13 +125,13 @@ impl http_body::Body for Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.stream.is_none()
+        self.data.is_none() && self.stream.is_none() && self.shared.is_none()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        match self.stream {
-            Some(_) => http_body::SizeHint::default(),
-            None => http_body::SizeHint::with_exact(self.len() as u64),
+        match (&self.stream, &self.shared) {
+            (None, None) => http_body::SizeHint::with_exact(self.len() as u64),
+            _ => http_body::SizeHint::default(),
         }
     }
 }

@@ -99,6 +99,11 @@ impl Activity {
             && self.read_waiting.load(Ordering::Acquire)
     }
 
+    /// Everything written so far went out: hyper's write buffer (and TLS's) is empty.
+    pub fn output_flushed(&self) -> bool {
+        self.write_blocked_ms.load(Ordering::Acquire) == 0
+    }
+
     /// Bytes of a next head were read ahead (pipelined behind the last request), and
     /// are given back to a new hyper connection: they start the head timeout, and keep
     /// the connection from parking again until that request starts.
