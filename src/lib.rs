@@ -10,7 +10,7 @@
 //! | step | file |
 //! |---|---|
 //! | accepted (by one of the shared-nothing workers), TLS handshake, connection limits and timeouts | `server/workers.rs`, `server/listener.rs`, `server/tls.rs`, `server/per_address.rs`, `server/watch.rs` |
-//! | HTTP/1 or HTTP/2, idle connections parked between requests | `server/connection.rs`, `server/prefixed.rs` |
+//! | HTTP/1 or HTTP/2, idle connections parked between requests, event streams served without hyper | `server/connection.rs`, `server/prefixed.rs`, `server/detach.rs` |
 //! | access log, HTTP metrics, panics, path/method/type/length checks | `server/stack.rs` (tower layers) |
 //! | body read, parsed into borrowed calls | `server/rpc.rs`, `jsonrpc/request.rs` |
 //! | route decided once (any / sticky / the session's own socket) | `server/rpc.rs`, `dispatch/route.rs` |

@@ -2,7 +2,8 @@
 //!
 //! HTTP/1.1 with keep-alive and HTTP/2 share one port, told apart in `connection.rs`:
 //! over TLS (`[tls]`) by ALPN `h2` or `http/1.1`, or without it (h2c, prior knowledge)
-//! by the first bytes. Idle HTTP/1 connections are parked there between requests.
+//! by the first bytes. Idle HTTP/1 connections are parked there between requests, and
+//! HTTP/1.1 event streams are served without hyper once their head is out (`detach.rs`).
 
 mod accept;
 mod admin;
