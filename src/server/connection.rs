@@ -264,6 +264,11 @@ async fn serve_h1<S, B>(
         if let Driven::Ended = driven {
             return;
         }
+        // Taken while hyper's connection still holds the stream's body.
+        let detached_events = match driven {
+            Driven::Detach => watch.detach.and_then(Detachable::take),
+            _ => None,
+        };
         let detaching = matches!(driven, Driven::Detach);
         // `None` only once upgraded, which ends the connection instead.
         let Some(parts) = conn.into_parts() else {
@@ -278,7 +283,7 @@ async fn serve_h1<S, B>(
         io = parked.into_inner();
         service = kept;
         if detaching {
-            let Some(events) = watch.detach.and_then(Detachable::take) else {
+            let Some(events) = detached_events else {
                 io = io.with_prefix(read_buf);
                 continue;
             };

@@ -14,7 +14,8 @@ use super::watch::Activity;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::io::Write as _;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::Receiver;
@@ -25,22 +26,41 @@ use tokio_util::sync::CancellationToken;
 pub type Events = Arc<Mutex<Option<Receiver<Bytes>>>>;
 
 /// The event stream a connection's current response may hand over.
+///
+/// Held weakly: the response body holds the stream, so an offer whose body hyper has
+/// dropped (the stream ended, or never left hyper) is no offer, and a later request
+/// on the connection is never taken for it.
 #[derive(Default)]
-pub struct Detachable(Mutex<Option<Events>>);
+pub struct Detachable {
+    /// Checked after each of hyper's polls: one atomic load unless a stream was offered.
+    offered: AtomicBool,
+    events: Mutex<Weak<Mutex<Option<Receiver<Bytes>>>>>,
+}
 
 impl Detachable {
     /// Offers `events` (read by the response being sent now) to be served here.
-    pub fn offer(&self, events: Events) {
-        *self.0.lock() = Some(events);
+    pub fn offer(&self, events: &Events) {
+        *self.events.lock() = Arc::downgrade(events);
+        self.offered.store(true, Ordering::Release);
     }
 
     pub fn is_offered(&self) -> bool {
-        self.0.lock().is_some()
+        if !self.offered.load(Ordering::Acquire) {
+            return false;
+        }
+        let alive = self.events.lock().strong_count() > 0;
+        if !alive {
+            self.offered.store(false, Ordering::Release);
+        }
+        alive
     }
 
-    /// Takes the offered stream's receiver away from its response body.
+    /// Takes the offered stream's receiver away from its response body, which must
+    /// still be alive (taken before hyper's connection, and the body, are dropped).
     pub fn take(&self) -> Option<Receiver<Bytes>> {
-        self.0.lock().take()?.lock().take()
+        self.offered.store(false, Ordering::Release);
+        let events = std::mem::take(&mut *self.events.lock()).upgrade()?;
+        events.lock().take()
     }
 }
 

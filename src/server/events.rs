@@ -168,7 +168,7 @@ fn stream(
     let body = match detach {
         Some(detach) => {
             let events = Arc::new(parking_lot::Mutex::new(Some(rx)));
-            detach.offer(events.clone());
+            detach.offer(&events);
             response::Body::detachable(events)
         }
         None => response::Body::streaming(rx),
