@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -91,8 +92,9 @@ fn free_port() -> u16 {
 }
 
 /// Waits for a line containing `needle` on the child's stdout (its stderr is merged
-/// in), failing with what it printed if it exits first.
-async fn wait_for_line(child: &mut Child, needle: &str) {
+/// in), failing with what it printed if it exits first. The lines after it come on
+/// the returned channel (the first 64 that were not read; later ones are dropped).
+async fn wait_for_line(child: &mut Child, needle: &str) -> mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
     let mut seen = Vec::new();
@@ -119,12 +121,20 @@ async fn wait_for_line(child: &mut Child, needle: &str) {
         "no {needle:?} line; last output:\n{tail}"
     );
     // Keep draining, so that a chatty child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.try_send(line);
+        }
+    });
+    rx
 }
 
 struct Router {
     _node: Group,
     _component: Group,
+    /// What the component prints after `ready` (`canceled N` when a call is interrupted).
+    component_lines: mpsc::Receiver<String>,
     port: u16,
     auth_port: u16,
     _dir: TempDir,
@@ -165,7 +175,7 @@ async fn start_router() -> Router {
         .process_group(0)
         .spawn()
         .expect("start crossbar");
-    wait_for_line(&mut node, "NODE_BOOT_COMPLETE").await;
+    let _ = wait_for_line(&mut node, "NODE_BOOT_COMPLETE").await;
     let node = Group(node);
 
     let mut component = Command::new("sh")
@@ -179,10 +189,11 @@ async fn start_router() -> Router {
         .process_group(0)
         .spawn()
         .expect("start the Autobahn component");
-    wait_for_line(&mut component, "ready").await;
+    let component_lines = wait_for_line(&mut component, "ready").await;
     Router {
         _node: node,
         _component: Group(component),
+        component_lines,
         port,
         auth_port,
         _dir: dir,
@@ -234,6 +245,16 @@ async fn next(ws: &mut Ws) -> String {
     }
 }
 
+/// The next frame that is not an EVENT: ticks arrive every 100 ms while subscribed.
+async fn next_not_event(ws: &mut Ws) -> String {
+    loop {
+        let frame = next(ws).await;
+        if !matches!(wamp::parse(&frame), Ok(Message::Event { .. })) {
+            return frame;
+        }
+    }
+}
+
 fn raw(s: &str) -> &RawValue {
     serde_json::from_str(s).expect("JSON")
 }
@@ -265,8 +286,8 @@ async fn join_cra(ws: &mut Ws, authid: &str, secret: &str) -> String {
 }
 
 #[tokio::test]
-async fn draft_the_wamp_codec_joins_calls_and_authenticates_against_crossbar() {
-    let router = start_router().await;
+async fn draft_the_wamp_codec_speaks_to_a_real_crossbar_router() {
+    let mut router = start_router().await;
 
     // Anonymous HELLO, WELCOME, CALL add2(2, 3), RESULT [5].
     let mut ws = open(router.port).await;
@@ -342,13 +363,137 @@ async fn draft_the_wamp_codec_joins_calls_and_authenticates_against_crossbar() {
     assert_eq!(object["message"], "com.example.error.fail: it broke");
     assert_eq!(object["data"]["args"], serde_json::json!(["it broke"]));
 
-    // GOODBYE is answered with GOODBYE.
+    // A timed-out call: CANCEL (killnowait) gets the caller its ERROR at once.
+    let mut out = String::new();
+    wamp::write_call(
+        &mut out,
+        4,
+        None,
+        r#""com.example.slow""#,
+        Payload {
+            args: Some(raw("[30]")),
+            kwargs: None,
+        },
+    );
+    send(&mut ws, out).await;
+    let mut out = String::new();
+    wamp::write_cancel(&mut out, 4, wamp::CancelMode::KillNoWait);
+    send(&mut ws, out).await;
+    let frame = next(&mut ws).await;
+    let Ok(Message::Error {
+        request_type: wamp::code::CALL,
+        request: 4,
+        error,
+        ..
+    }) = wamp::parse(&frame)
+    else {
+        panic!("{frame}")
+    };
+    assert_eq!(error, "wamp.error.canceled");
+    // ... and the callee was interrupted (Autobahn also logs the `fail` call's error).
+    let canceled = timeout(STEP, async {
+        while let Some(line) = router.component_lines.recv().await {
+            if line == "canceled 30" {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(
+        matches!(canceled.await, Ok(true)),
+        "the callee did not print `canceled 30`"
+    );
+
+    // SUBSCRIBE, EVENTs from the component's ticks, PUBLISH acknowledged, UNSUBSCRIBE.
+    let mut out = String::new();
+    wamp::write_subscribe(&mut out, 5, None, r#""com.example.tick""#);
+    send(&mut ws, out).await;
+    let frame = next(&mut ws).await;
+    let Ok(Message::Subscribed {
+        request: 5,
+        subscription,
+    }) = wamp::parse(&frame)
+    else {
+        panic!("{frame}")
+    };
+    let frame = next(&mut ws).await;
+    let Ok(Message::Event {
+        subscription: s,
+        payload,
+        ..
+    }) = wamp::parse(&frame)
+    else {
+        panic!("{frame}")
+    };
+    assert_eq!(s, subscription);
+    // The component publishes `[n]` and `{"n": n}`: both kinds, so both are kept.
+    let event: serde_json::Value = serde_json::from_str(&wamp::result_json(payload)).expect("JSON");
+    assert_eq!(event["args"][0], event["kwargs"]["n"], "{frame}");
+
+    let mut out = String::new();
+    wamp::write_publish(
+        &mut out,
+        6,
+        true,
+        r#""com.example.other""#,
+        Payload {
+            args: Some(raw("[1]")),
+            kwargs: None,
+        },
+    );
+    send(&mut ws, out).await;
+    let frame = next_not_event(&mut ws).await;
+    assert!(
+        matches!(
+            wamp::parse(&frame),
+            Ok(Message::Published { request: 6, .. })
+        ),
+        "{frame}"
+    );
+
+    let mut out = String::new();
+    wamp::write_unsubscribe(&mut out, 7, subscription);
+    send(&mut ws, out).await;
+    let frame = next_not_event(&mut ws).await;
+    assert!(
+        matches!(
+            wamp::parse(&frame),
+            Ok(Message::Unsubscribed { request: 7 })
+        ),
+        "{frame}"
+    );
+
+    // GOODBYE is answered with GOODBYE (an EVENT sent before the UNSUBSCRIBE took
+    // effect may still come first).
     let mut out = String::new();
     wamp::write_goodbye(&mut out, wamp::CLOSE_SHUTDOWN);
     send(&mut ws, out).await;
-    let frame = next(&mut ws).await;
+    let frame = next_not_event(&mut ws).await;
     assert!(
         matches!(wamp::parse(&frame), Ok(Message::Goodbye { .. })),
+        "{frame}"
+    );
+
+    // A ticket.
+    let mut ws = open(router.auth_port).await;
+    let mut out = String::new();
+    let auth = HelloAuth {
+        methods: &["ticket"],
+        authid: Some("ticket-user"),
+    };
+    wamp::write_hello(&mut out, "realm1", auth);
+    send(&mut ws, out).await;
+    let frame = next(&mut ws).await;
+    let Ok(Message::Challenge { authmethod, .. }) = wamp::parse(&frame) else {
+        panic!("{frame}")
+    };
+    assert_eq!(authmethod, "ticket");
+    let mut out = String::new();
+    wamp::write_authenticate(&mut out, "ticket-secret");
+    send(&mut ws, out).await;
+    let frame = next(&mut ws).await;
+    assert!(
+        matches!(wamp::parse(&frame), Ok(Message::Welcome { .. })),
         "{frame}"
     );
 
