@@ -39,13 +39,13 @@ fn venv() -> PathBuf {
     let lock = std::fs::File::create(target.join("wamp-venv.lock")).expect("lock file");
     lock.lock().expect("lock the venv");
     let python = venv.join("bin/python");
+    // A bjdata built against NumPy 1.x imports "successfully" with a traceback on
+    // stderr: only a silent import counts.
     let has = |p: &Path| {
         std::process::Command::new(p)
-            .args(["-c", "import crossbar, autobahn, bjdata"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+            .args(["-c", "import crossbar, autobahn.wamp.serializer"])
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stderr.is_empty())
     };
     if !has(&python) {
         let run = |cmd: &mut std::process::Command| {
@@ -67,6 +67,7 @@ fn venv() -> PathBuf {
             "--force-reinstall",
             "--no-deps",
             "--no-build-isolation",
+            "--no-cache-dir",
             "bjdata==0.6.6",
         ]));
     }
