@@ -431,25 +431,38 @@ async fn draft_the_wamp_codec_speaks_to_a_real_crossbar_router() {
     let event: serde_json::Value = serde_json::from_str(&wamp::result_json(payload)).expect("JSON");
     assert_eq!(event["args"][0], event["kwargs"]["n"], "{frame}");
 
+    // Our own PUBLISH is acknowledged, and reaches our own subscription too: one
+    // upstream session carries many clients, so the codec asks for `exclude_me: false`.
     let mut out = String::new();
     wamp::write_publish(
         &mut out,
         6,
         true,
-        r#""com.example.other""#,
+        r#""com.example.tick""#,
         Payload {
-            args: Some(raw("[1]")),
+            args: Some(raw(r#"["mine"]"#)),
             kwargs: None,
         },
     );
     send(&mut ws, out).await;
-    let frame = next_not_event(&mut ws).await;
+    // Ticks keep coming, so `next`'s own timeout never fires here: bound the whole wait.
+    let (mut published, mut mine) = (false, false);
+    let waited = timeout(STEP, async {
+        while !(published && mine) {
+            let frame = next(&mut ws).await;
+            match wamp::parse(&frame) {
+                Ok(Message::Published { request: 6, .. }) => published = true,
+                Ok(Message::Event { payload, .. }) => {
+                    mine |= payload.args.is_some_and(|a| a.get() == r#"["mine"]"#)
+                }
+                _ => panic!("{frame}"),
+            }
+        }
+    })
+    .await;
     assert!(
-        matches!(
-            wamp::parse(&frame),
-            Ok(Message::Published { request: 6, .. })
-        ),
-        "{frame}"
+        waited.is_ok(),
+        "PUBLISHED: {published}, our own EVENT: {mine}"
     );
 
     let mut out = String::new();

@@ -555,7 +555,9 @@ pub fn write_unsubscribe(out: &mut String, request: u64, subscription: u64) {
 }
 
 /// PUBLISH; with `acknowledge` the router answers PUBLISHED (or ERROR), without it
-/// nothing at all.
+/// nothing at all. Always with `exclude_me: false`: WAMP's default leaves the
+/// publishing session out, but a gateway's session carries many clients, and one of
+/// them may be subscribed to what another publishes.
 pub fn write_publish(
     out: &mut String,
     request: u64,
@@ -566,9 +568,9 @@ pub fn write_publish(
     out.push_str("[16,");
     push_id(out, request);
     out.push_str(if acknowledge {
-        r#",{"acknowledge":true},"#
+        r#",{"acknowledge":true,"exclude_me":false},"#
     } else {
-        ",{},"
+        r#",{"exclude_me":false},"#
     });
     out.push_str(topic);
     push_payload(out, payload);
@@ -1033,11 +1035,11 @@ mod tests {
         };
         assert_eq!(
             written(|o| write_publish(o, 3, true, r#""t""#, p)),
-            r#"[16,3,{"acknowledge":true},"t",[1]]"#
+            r#"[16,3,{"acknowledge":true,"exclude_me":false},"t",[1]]"#
         );
         assert_eq!(
             written(|o| write_publish(o, 3, false, r#""t""#, Payload::default())),
-            r#"[16,3,{},"t"]"#
+            r#"[16,3,{"exclude_me":false},"t"]"#
         );
     }
 
