@@ -13,6 +13,7 @@
 //! - `balance`: power of two choices and rendezvous hashing (pure).
 //! - `sessions`: `affinity = "connection"`, a connection per session, with replay.
 //! - `discovery`: DNS discovery behind a `Resolver` trait.
+//! - `wamp`: WAMP v2 messages and their JSON-RPC mapping (pure; not wired in yet, issue 14).
 
 mod backoff;
 pub mod balance;
@@ -26,6 +27,7 @@ mod reconnect;
 pub mod sessions;
 mod set;
 mod socket;
+pub mod wamp;
 
 pub use backoff::Backoff;
 pub(crate) use conn::{Conn, ConnState, PoolSignals, PreludeCall, PushSink};
