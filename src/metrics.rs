@@ -26,6 +26,7 @@ pub struct Metrics {
     pub upstream_connections: IntGaugeVec,
     pub upstream_healthy: IntGaugeVec,
     pub reconnects: IntCounterVec,
+    pub connect_failures: IntCounterVec,
     pub unmatched: IntCounterVec,
     pub queue_wait: Histogram,
     pub sessions_active: IntGauge,
@@ -185,6 +186,12 @@ impl Metrics {
                 "rpcgate_upstream_reconnects_total",
                 "Upstream connections lost and reopened, by upstream.",
                 &["upstream"],
+            ),
+            connect_failures: counter_vec(
+                &r,
+                "rpcgate_upstream_connect_failures_total",
+                "Upstream connect attempts that failed, by upstream and reason (connect, timeout, wamp_abort, wamp_auth, wamp_protocol).",
+                &["upstream", "reason"],
             ),
             unmatched: counter_vec(
                 &r,

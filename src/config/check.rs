@@ -72,6 +72,7 @@ impl Config {
                     ));
                 }
             }
+            super::wamp::check_upstream(i, up, &mut p);
             if let Some(proto) = &up.subprotocol
                 && (proto.is_empty() || http::HeaderValue::from_str(proto).is_err())
             {

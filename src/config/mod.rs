@@ -10,6 +10,7 @@
 //! - `check.rs`: [`Config::check`], the relations between settings.
 //! - `redact.rs`: upstream URLs without their credentials, for everything shown.
 //! - `tls.rs`: `[tls]`, and the check that every certificate file named loads.
+//! - `wamp.rs`: an upstream's `protocol`, realm and `wamp_auth`, and `[wamp]`.
 
 mod access;
 mod admin_listen;
@@ -23,6 +24,7 @@ mod redact;
 mod sections;
 mod tls;
 mod types;
+mod wamp;
 
 pub use access::{
     AuthConfig, CertificateConfig, JwtConfig, KeyConfig, MethodRules, key_hash, parse_key_hash,
@@ -42,3 +44,4 @@ pub use types::{
     BalanceConfig, CallConfig, Config, DiscoveryConfig, HttpConfig, LimitsConfig, LogConfig,
     PreludeCall, RuntimeConfig, SessionConfig, ShutdownConfig, UpstreamConfig, WebSocketConfig,
 };
+pub use wamp::{Protocol, WampAuth, WampAuthMethod, WampConfig};

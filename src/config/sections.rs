@@ -114,6 +114,9 @@ pub(super) fn read_config(table: &Table, p: &mut Vec<String>) -> Config {
     if let Some(t) = root.table("push", p) {
         super::push::read_push(t, &mut c.push, p);
     }
+    if let Some(t) = root.table("wamp", p) {
+        super::wamp::read_wamp(t, &mut c.wamp, p);
+    }
     if let Some(v) = root.get("subscriptions") {
         c.subscriptions = super::push::read_subscriptions(v, p);
     }
@@ -272,6 +275,14 @@ fn read_upstream(t: &Table, i: usize, p: &mut Vec<String>) -> UpstreamConfig {
     up.ca_file = s.string("ca_file", p).map(PathBuf::from);
     up.client_cert = s.string("client_cert", p).map(PathBuf::from);
     up.client_key = s.string("client_key", p).map(PathBuf::from);
+    s.parsed("protocol", &mut up.protocol, p);
+    up.realm = s.string("realm", p);
+    if let Some(prefix) = s.string("procedure_prefix", p) {
+        up.procedure_prefix = prefix;
+    }
+    if let Some(t) = s.table("wamp_auth", p) {
+        up.wamp_auth = super::wamp::read_wamp_auth(t, i, p);
+    }
     if let Some(headers) = s.table("headers", p) {
         for (name, value) in headers {
             match value {

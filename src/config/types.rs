@@ -55,6 +55,8 @@ pub struct Config {
     pub rate_limits: Vec<RateLimitConfig>,
     /// TLS on the listener; `None`: plain HTTP (and h2c).
     pub tls: Option<TlsConfig>,
+    /// The methods that stand for WAMP's PubSub.
+    pub wamp: super::WampConfig,
 }
 
 /// The memory budget (see `budget.rs`): bytes of request bodies, answers and queued
@@ -113,6 +115,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             rate_limits: Vec::new(),
             tls: None,
+            wamp: super::WampConfig::default(),
         }
     }
 }
@@ -257,6 +260,14 @@ pub struct UpstreamConfig {
     pub client_key: Option<PathBuf>,
     /// Share of plain calls and of sessions relative to the other upstreams.
     pub weight: u32,
+    /// What it speaks: JSON-RPC, or WAMP through a router.
+    pub protocol: super::Protocol,
+    /// WAMP only: the realm each connection's session joins.
+    pub realm: Option<String>,
+    /// WAMP only: put before a method name to make its procedure URI.
+    pub procedure_prefix: String,
+    /// WAMP only: how the session authenticates; `None`: anonymously.
+    pub wamp_auth: Option<super::WampAuth>,
 }
 
 impl UpstreamConfig {
@@ -281,6 +292,10 @@ impl UpstreamConfig {
             client_cert: None,
             client_key: None,
             weight: 1,
+            protocol: super::Protocol::JsonRpc,
+            realm: None,
+            procedure_prefix: String::new(),
+            wamp_auth: None,
         }
     }
 }

@@ -110,13 +110,16 @@ fn route(req: &Request<Incoming>, state: &Arc<AppState>) -> Response<Full<Bytes>
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: shutting down\n",
                 )
-            } else if !workers.iter().all(|w| w.upstreams.any_usable()) {
+            } else if let Some(w) = workers.iter().find(|w| !w.upstreams.any_usable()) {
                 // With several workers, one without a usable upstream would fail
-                // the calls the kernel gives it.
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: no usable upstream\n",
-                )
+                // the calls the kernel gives it. Why the upstreams are down (a WAMP
+                // router refusing our realm or credentials) saves a trip to the logs.
+                let mut body = String::from("not ready: no usable upstream\n");
+                for error in w.upstreams.connect_errors().iter().take(16) {
+                    body.push_str(error);
+                    body.push('\n');
+                }
+                text(StatusCode::SERVICE_UNAVAILABLE, body)
             } else if listener::at_capacity(state) {
                 // New clients would only be refused here: send them elsewhere.
                 text(
@@ -144,8 +147,8 @@ fn workers(state: &Arc<AppState>) -> Vec<Arc<AppState>> {
     }
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,

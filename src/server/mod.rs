@@ -222,7 +222,7 @@ impl Gateway {
         let hub = Hub::start(
             HubConfig {
                 push: config.push.clone(),
-                rules: config.subscriptions.clone(),
+                rules: config.subscription_rules(),
                 request_timeout: config.calls.request_timeout,
                 reconnect_base: config.websocket.reconnect_base,
                 reconnect_max: config.websocket.reconnect_max,

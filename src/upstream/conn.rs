@@ -7,6 +7,7 @@
 
 use super::mux::{Closed, Delivery, Frame, FrameIds, Mux, Phase, Refused, ReplySenders};
 use super::pending::CallId;
+use super::wamp::{Bridge, Link};
 use crate::budget::Budgets;
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -126,6 +127,10 @@ pub struct Conn {
     replay: Option<Mutex<ReplayLog>>,
     /// The address the current (or last) socket went to.
     pub upstream: Mutex<Option<String>>,
+    /// A WAMP upstream's session state; `None` for JSON-RPC.
+    pub(super) bridge: Mutex<Option<Bridge>>,
+    /// Why the last connect attempt failed, until a socket opens: what `/readyz` says.
+    last_error: Mutex<Option<String>>,
 }
 
 impl Conn {
@@ -153,6 +158,8 @@ impl Conn {
             cookies: Mutex::new(Vec::new()),
             replay: None,
             upstream: Mutex::new(None),
+            bridge: Mutex::new(None),
+            last_error: Mutex::new(None),
         }
     }
 
@@ -220,12 +227,41 @@ impl Conn {
         Ok(ids)
     }
 
-    /// A caller gave up (timeout, client gone): forget its calls.
+    /// A caller gave up (timeout, client gone): forget its calls. A WAMP router is
+    /// told to CANCEL them, so the callee stops working for nobody.
     pub fn forget(&self, ids: &[CallId]) {
-        let mut mux = self.mux.lock();
-        for &id in ids {
-            mux.forget(id);
+        {
+            let mut mux = self.mux.lock();
+            for &id in ids {
+                mux.forget(id);
+            }
         }
+        let mut bridge = self.bridge.lock();
+        if let Some(bridge) = bridge.as_mut() {
+            for &id in ids {
+                bridge.forget(id);
+            }
+            if bridge.has_outbox() {
+                self.wake.notify_one();
+            }
+        }
+    }
+
+    /// A fresh socket to an upstream that speaks WAMP (`link`) or JSON-RPC (`None`).
+    /// Local subscription ids keep growing across sockets, like call ids.
+    pub(super) fn begin_socket(&self, link: Option<&Arc<Link>>) {
+        let mut bridge = self.bridge.lock();
+        let next = bridge.as_ref().map(Bridge::next_local);
+        *bridge = link.map(|l| Bridge::new(l.clone(), next.unwrap_or(1)));
+    }
+
+    /// Why the last connect attempt failed (`None`: it did not).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().clone()
+    }
+
+    pub(super) fn set_last_error(&self, error: Option<String>) {
+        *self.last_error.lock() = error;
     }
 
     /// Calls waiting for a reply on this connection right now.
@@ -245,6 +281,7 @@ impl Conn {
 
     /// The socket is ready for every call.
     pub(super) fn opened(&self) {
+        self.set_last_error(None);
         self.mux.lock().set_phase(Phase::Open);
         self.set_state(ConnState::Open);
         self.signals.open_connections.fetch_add(1, Ordering::AcqRel);
@@ -308,6 +345,16 @@ impl Conn {
             m.unmatched.with_label_values(&["garbage"]).inc_by(n);
             tracing::debug!(conn = %self.label, "upstream sent a frame that is not JSON-RPC; ignored");
         }
+    }
+
+    /// Counts frames from the upstream that are no message it should send.
+    pub(super) fn count_garbage(&self, n: u64) {
+        self.signals.garbage.fetch_add(n, Ordering::Relaxed);
+        self.signals
+            .metrics
+            .unmatched
+            .with_label_values(&["garbage"])
+            .inc_by(n);
     }
 
     /// Counts a pushed message that belongs to nobody.

@@ -1,7 +1,7 @@
 //! Opening one upstream WebSocket: TCP (with `TCP_NODELAY`), TLS via rustls with the
 //! ring provider for `wss://`, then the WebSocket handshake with the configured headers.
 
-use crate::config::{UpstreamConfig, WebSocketConfig};
+use crate::config::{Protocol, UpstreamConfig, WampConfig, WebSocketConfig};
 use http::{HeaderName, HeaderValue, Uri};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
@@ -53,6 +53,8 @@ pub struct Target {
     authority: String,
     headers: Vec<(HeaderName, HeaderValue)>,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// `protocol = "wamp"`: the session each socket joins, and how calls map.
+    pub wamp: Option<Arc<crate::upstream::wamp::Link>>,
 }
 
 impl Target {
@@ -95,7 +97,20 @@ impl Target {
                 basic_auth(info).map_err(url_err)?,
             ));
         }
-        if let Some(proto) = &up.subprotocol {
+        let wamp = (up.protocol == Protocol::Wamp).then(|| {
+            Arc::new(crate::upstream::wamp::Link {
+                realm: up.realm.clone().unwrap_or_default(),
+                procedures: crate::upstream::wamp::Procedures::new(&up.procedure_prefix),
+                auth: up.wamp_auth.clone(),
+                auth_at: format!("upstream {}: wamp_auth", up.shown_name()),
+                methods: WampConfig::default(),
+            })
+        });
+        let subprotocol = match wamp {
+            Some(_) => Some(crate::upstream::wamp::SUBPROTOCOL),
+            None => up.subprotocol.as_deref(),
+        };
+        if let Some(proto) = subprotocol {
             let value =
                 HeaderValue::from_str(proto).map_err(|e| url_err(format!("subprotocol: {e}")))?;
             headers.push((http::header::SEC_WEBSOCKET_PROTOCOL, value));
@@ -111,7 +126,16 @@ impl Target {
             authority,
             headers,
             tls,
+            wamp,
         })
+    }
+
+    /// The same target, with `[wamp]`'s method names for a WAMP upstream.
+    pub fn with_wamp_methods(mut self, methods: &WampConfig) -> Target {
+        if let Some(link) = &mut self.wamp {
+            Arc::make_mut(link).methods = methods.clone();
+        }
+        self
     }
 
     /// The same upstream, dialled at `addr` instead of by host name.

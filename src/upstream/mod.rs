@@ -13,7 +13,7 @@
 //! - `balance`: power of two choices and rendezvous hashing (pure).
 //! - `sessions`: `affinity = "connection"`, a connection per session, with replay.
 //! - `discovery`: DNS discovery behind a `Resolver` trait.
-//! - `wamp`: WAMP v2 messages and their JSON-RPC mapping (pure; not wired in yet, issue 14).
+//! - `wamp`: WAMP upstreams: the codec, joining a realm, and the JSON-RPC bridge.
 
 mod backoff;
 pub mod balance;

@@ -17,6 +17,7 @@ use super::conn::{Conn, ConnState, PreludeCall};
 use super::connect::{ConnectError, Target, WsStream};
 use super::set::Upstreams;
 use super::socket;
+use super::wamp;
 use crate::config::WebSocketConfig;
 use crate::dispatch::{self, Outbound, Prelude, Route, Sent};
 use crate::error::Error;
@@ -50,6 +51,28 @@ enum PrepareError {
     NoAnswer { method: String, error: Error },
     #[error("the gateway is stopping")]
     Gone,
+}
+
+/// Why a connect attempt gave no usable socket.
+#[derive(Debug, thiserror::Error)]
+enum Failed {
+    #[error("{0}")]
+    Connect(ConnectError),
+    #[error("{0}")]
+    Join(wamp::JoinError),
+    #[error("handshake timed out after {0:?}")]
+    Timeout(Duration),
+}
+
+impl Failed {
+    /// The `reason` label of `rpcgate_upstream_connect_failures_total`.
+    fn kind(&self) -> &'static str {
+        match self {
+            Failed::Connect(_) => "connect",
+            Failed::Join(e) => e.kind(),
+            Failed::Timeout(_) => "timeout",
+        }
+    }
 }
 
 /// Everything a connection task needs besides its handle.
@@ -110,37 +133,58 @@ impl Task {
             }
         }
         let cookies = conn.cookie_header();
+        let open = async {
+            let (mut socket, set_cookies) = target
+                .connect(&self.ws, cookies.as_deref())
+                .await
+                .map_err(Failed::Connect)?;
+            // A WAMP upstream's socket is of use only once its session has joined.
+            if let Some(link) = &target.wamp {
+                let session = wamp::join(&mut socket, link).await.map_err(Failed::Join)?;
+                tracing::debug!(conn = %conn.label, session, realm = %link.realm, "WAMP session joined");
+            }
+            Ok::<_, Failed>((socket, set_cookies))
+        };
         let attempt = tokio::select! {
-            r = tokio::time::timeout(self.ws.handshake_timeout, target.connect(&self.ws, cookies.as_deref())) => r,
+            r = tokio::time::timeout(self.ws.handshake_timeout, open) => r,
             _ = self.shutdown.cancelled() => return State::Stopped,
         };
-        match attempt {
+        let failed = match attempt {
             Ok(Ok((socket, set_cookies))) => {
                 conn.keep_cookies(set_cookies);
-                State::Serving(Box::new(socket), target)
+                return State::Serving(Box::new(socket), target);
             }
-            Ok(Err(e)) => {
-                let e: ConnectError = e;
-                tracing::warn!(conn = %conn.label, upstream = %target.authority(), error = %e, "upstream connect failed");
-                State::Backoff
-            }
-            Err(_) => {
-                tracing::warn!(conn = %conn.label, upstream = %target.authority(), timeout = ?self.ws.handshake_timeout, "upstream handshake timed out");
-                State::Backoff
-            }
-        }
+            Ok(Err(e)) => e,
+            Err(_) => Failed::Timeout(self.ws.handshake_timeout),
+        };
+        tracing::warn!(conn = %conn.label, upstream = %target.authority(), error = %failed, "upstream connect failed");
+        conn.signals
+            .metrics
+            .connect_failures
+            .with_label_values(&[conn.metric_label(), failed.kind()])
+            .inc();
+        conn.set_last_error(Some(failed.to_string()));
+        State::Backoff
     }
 
     /// Prepares the socket while already serving it, then serves it until it ends.
     async fn serve(&self, socket: WsStream, target: &Target) -> State {
         let conn = &self.conn;
+        conn.begin_socket(target.wamp.as_ref());
         conn.preparing();
         // Stops this socket alone: a failed prelude closes it without stopping the task.
         let stop = self.shutdown.child_token();
         let mut unsent = Vec::new();
         // `None`: the prelude failed and the socket was closed on purpose.
         let end = {
-            let serving = socket::serve(socket, conn, &mut unsent, &self.ws, &stop);
+            let serving = socket::serve(
+                socket,
+                conn,
+                &mut unsent,
+                &self.ws,
+                &stop,
+                target.wamp.is_some(),
+            );
             tokio::pin!(serving);
             let deadline = Instant::now() + self.ws.handshake_timeout;
             let prepared = tokio::select! {

@@ -116,7 +116,10 @@ impl Upstreams {
     pub fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Arc<Self>, TargetError> {
         let mut sources = Vec::new();
         for up in &config.upstreams {
-            sources.push((up.clone(), Arc::new(Target::new(up)?)));
+            sources.push((
+                up.clone(),
+                Arc::new(Target::new(up)?.with_wamp_methods(&config.wamp)),
+            ));
         }
         let on_connect = config
             .on_connect
@@ -329,6 +332,19 @@ impl Upstreams {
     /// Whether any upstream can take a call now (readiness).
     pub fn any_usable(&self) -> bool {
         self.snapshot().iter().any(|u| u.usable())
+    }
+
+    /// `upstream: why` for each upstream whose last connect attempt failed, for
+    /// `/readyz` (a refused WAMP join names the router's reason there).
+    pub fn connect_errors(&self) -> Vec<String> {
+        self.snapshot()
+            .iter()
+            .filter(|u| !u.usable())
+            .filter_map(|u| {
+                let error = u.conns.iter().find_map(|c| c.last_error())?;
+                Some(format!("{}: {error}", u.label))
+            })
+            .collect()
     }
 
     /// Sets the per-upstream gauges from the current sets (at scrape time): one per

@@ -43,16 +43,20 @@ pub(super) enum End {
     WriteStalled,
     #[error("{0}")]
     Error(tokio_tungstenite::tungstenite::Error),
+    #[error("{0}")]
+    Wamp(super::wamp::Ended),
 }
 
 /// Serves `socket` until it ends. Frames the writer took but did not write are left
-/// in `unsent`, for [`Conn::closed`] to hand back as not sent.
+/// in `unsent`, for [`Conn::closed`] to hand back as not sent. With `wamp`, frames go
+/// through the connection's WAMP bridge both ways.
 pub(super) async fn serve(
     socket: WsStream,
     conn: &Arc<Conn>,
     unsent: &mut Vec<Frame>,
     ws: &WebSocketConfig,
     stop: &CancellationToken,
+    wamp: bool,
 ) -> End {
     let (mut sink, mut stream) = socket.split();
     let epoch = Instant::now();
@@ -70,10 +74,15 @@ pub(super) async fn serve(
         let mut ping = tokio::time::interval_at(start, ws.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let batch = unsent;
+        // WAMP only: one queued frame's messages, and the replies answered locally.
+        let (mut messages, mut local) = (Vec::new(), Vec::new());
         loop {
             // Checked every round too: under constant load the select below never runs.
             if stop.is_cancelled() {
-                return go_away(&mut sink, ws.handshake_timeout).await;
+                return go_away(&mut sink, ws.handshake_timeout, wamp).await;
+            }
+            if wamp && let Err(e) = write_outbox(conn, &mut sink, &mut messages).await {
+                return End::Error(e);
             }
             let due = if conn.take(batch, WRITE_BATCH, WRITE_BATCH_BYTES) > 0 {
                 // Under constant load the queue is never empty: look at the ping
@@ -82,7 +91,7 @@ pub(super) async fn serve(
             } else {
                 tokio::select! {
                     biased;
-                    _ = stop.cancelled() => return go_away(&mut sink, ws.handshake_timeout).await,
+                    _ = stop.cancelled() => return go_away(&mut sink, ws.handshake_timeout, wamp).await,
                     _ = conn.wake.notified() => continue,
                     _ = ping.tick() => true,
                 }
@@ -110,8 +119,22 @@ pub(super) async fn serve(
             // Written front to back; what is left on an error was never sent.
             batch.reverse();
             while let Some(frame) = batch.pop() {
-                if let Err(e) = sink.feed(Message::text(frame.text)).await {
-                    return End::Error(e);
+                if !wamp {
+                    if let Err(e) = sink.feed(Message::text(frame.text)).await {
+                        return End::Error(e);
+                    }
+                    continue;
+                }
+                if let Some(bridge) = conn.bridge.lock().as_mut() {
+                    bridge.outbound(&frame.text, &mut messages, &mut local);
+                }
+                for text in messages.drain(..) {
+                    if let Err(e) = sink.feed(Message::text(text)).await {
+                        return End::Error(e);
+                    }
+                }
+                for reply in local.drain(..) {
+                    conn.deliver(reply);
                 }
             }
             if let Err(e) = sink.flush().await {
@@ -143,9 +166,17 @@ pub(super) async fn serve(
     };
 
     let reader = async {
+        let mut translated = Vec::new();
         while let Some(message) = stream.next().await {
             match message {
+                Ok(Message::Text(text)) if wamp => {
+                    if let Err(ended) = from_router(conn, text.as_str(), &mut translated) {
+                        return End::Wamp(ended);
+                    }
+                }
                 Ok(Message::Text(text)) => conn.deliver(Bytes::from(text)),
+                // wamp.2.json is text only.
+                Ok(Message::Binary(_)) if wamp => conn.count_garbage(1),
                 Ok(Message::Binary(data)) => conn.deliver(data),
                 Ok(Message::Pong(_)) => ping_sent.store(0, Ordering::Release),
                 Ok(Message::Close(frame)) => return End::ClosedByPeer(frame),
@@ -163,12 +194,69 @@ pub(super) async fn serve(
     }
 }
 
-/// Says goodbye (1001) to an upstream we are leaving, waiting at most `limit`.
-async fn go_away(sink: &mut SplitSink<WsStream, Message>, limit: Duration) -> End {
+/// Says goodbye (1001) to an upstream we are leaving, waiting at most `limit`; a WAMP
+/// session is closed with GOODBYE first, so the router knows it was meant.
+async fn go_away(sink: &mut SplitSink<WsStream, Message>, limit: Duration, wamp: bool) -> End {
     let close = CloseFrame {
         code: CloseCode::Away,
         reason: "rpcgate shutting down".into(),
     };
-    let _ = timeout(limit, sink.send(Message::Close(Some(close)))).await;
+    let _ = timeout(limit, async {
+        if wamp {
+            let mut text = String::with_capacity(48);
+            super::wamp::write_goodbye(&mut text, super::wamp::CLOSE_SHUTDOWN);
+            sink.send(Message::text(text)).await?;
+        }
+        sink.send(Message::Close(Some(close))).await
+    })
+    .await;
     End::Shutdown
+}
+
+/// Writes what the WAMP bridge queued on its own (CANCELs, UNSUBSCRIBEs of
+/// subscriptions nobody waits for).
+async fn write_outbox(
+    conn: &Conn,
+    sink: &mut SplitSink<WsStream, Message>,
+    scratch: &mut Vec<String>,
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    if let Some(bridge) = conn.bridge.lock().as_mut() {
+        bridge.take_outbox(scratch);
+    }
+    if scratch.is_empty() {
+        return Ok(());
+    }
+    for text in scratch.drain(..) {
+        sink.feed(Message::text(text)).await?;
+    }
+    sink.flush().await
+}
+
+/// One router frame through the bridge, then what it became into the multiplexer
+/// (outside the bridge's lock: delivering reaches the push hub).
+fn from_router(
+    conn: &Arc<Conn>,
+    text: &str,
+    translated: &mut Vec<Bytes>,
+) -> Result<(), super::wamp::Ended> {
+    let (read, wake) = {
+        let mut bridge = conn.bridge.lock();
+        let Some(bridge) = bridge.as_mut() else {
+            return Ok(());
+        };
+        let read = bridge.inbound(text, translated);
+        (read, bridge.has_outbox())
+    };
+    if wake {
+        conn.wake.notify_one();
+    }
+    match read {
+        Ok(true) => {}
+        Ok(false) => conn.count_garbage(1),
+        Err(ended) => return Err(ended),
+    }
+    for frame in translated.drain(..) {
+        conn.deliver(frame);
+    }
+    Ok(())
 }

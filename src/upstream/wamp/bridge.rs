@@ -1,0 +1,533 @@
+//! One WAMP session seen as a JSON-RPC upstream: the frames the multiplexer queues
+//! (JSON-RPC, with our ids) become WAMP messages, and the router's answers become the
+//! JSON-RPC replies and notifications the multiplexer and the push hub already know.
+//!
+//! Translating at the socket keeps everything above it (ids, admission, failover,
+//! batches, sessions, subscriptions) protocol-blind: a WAMP request id *is* our call
+//! id, so a RESULT is matched exactly like a JSON-RPC reply.
+//!
+//! WAMP has one subscription per topic and session, and a gateway's session carries
+//! many clients; so each subscribe call gets a **local** subscription id of its own,
+//! events fan out to every local id of the router's subscription, and the router's
+//! subscription is dropped only with its last local one. To the push hub, this looks
+//! like a JSON-RPC node that hands out a fresh id per subscribe call.
+//!
+//! Plain data, no I/O: the socket task (`socket.rs`) feeds it frames and writes what it
+//! gives back. It lives in the connection (`Conn`), so that a caller giving up
+//! ([`Bridge::forget`]) can queue the CANCEL for the writer.
+
+use super::codec::{self, CancelMode, Message, Payload, Procedures};
+use crate::config::WampConfig;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+/// Request ids of notifications (calls whose result is discarded) start here: above
+/// every call id a connection will hand out, below WAMP's 2^53.
+const DISCARD_BASE: u64 = 1 << 52;
+
+/// What a WAMP upstream is told and asked for: fixed per upstream.
+#[derive(Debug, Clone)]
+pub struct Link {
+    pub realm: String,
+    pub procedures: Procedures,
+    pub auth: Option<crate::config::WampAuth>,
+    /// Where `auth` is configured, for messages (`upstreams[0].wamp_auth`).
+    pub auth_at: String,
+    pub methods: WampConfig,
+}
+
+/// Why the router ended the session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Ended {
+    #[error("WAMP router said GOODBYE ({0})")]
+    Goodbye(String),
+    #[error("WAMP router aborted the session ({0})")]
+    Abort(String),
+}
+
+/// A router subscription and the local ids that share it.
+#[derive(Debug)]
+struct RouterSub {
+    /// The topic as a JSON string, for the notifications.
+    topic: String,
+    locals: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct Subscribing {
+    topic: String,
+    /// Its caller gave up: what the router opens is closed at once.
+    orphan: bool,
+}
+
+/// The translation state of one connection's WAMP session.
+#[derive(Debug)]
+pub struct Bridge {
+    link: Arc<Link>,
+    /// CALLs written and not answered: what a caller giving up may CANCEL.
+    calls: HashSet<u64>,
+    subscribing: HashMap<u64, Subscribing>,
+    /// UNSUBSCRIBE request → (local id, router id).
+    unsubscribing: HashMap<u64, (u64, u64)>,
+    subs: HashMap<u64, RouterSub>,
+    /// Local subscription id → the router's.
+    local: HashMap<u64, u64>,
+    /// Grows across sockets: a local id never names two subscriptions of one connection.
+    next_local: u64,
+    next_discard: u64,
+    /// Messages the writer sends next: CANCELs, UNSUBSCRIBEs of orphans.
+    outbox: Vec<String>,
+}
+
+/// One element of a JSON-RPC frame the multiplexer queued.
+#[derive(Deserialize)]
+struct Outgoing<'a> {
+    #[serde(borrow)]
+    method: &'a RawValue,
+    #[serde(borrow, default)]
+    params: Option<&'a RawValue>,
+    #[serde(default)]
+    id: Option<u64>,
+}
+
+/// `{"topic": .., "options": {..}, "args": [..], "kwargs": {..}}`: the object form of
+/// subscribe and publish params.
+#[derive(Deserialize)]
+struct Named<'a> {
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
+    #[serde(borrow, default)]
+    options: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    args: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    kwargs: Option<&'a RawValue>,
+    #[serde(default)]
+    subscription: Option<u64>,
+}
+
+impl Bridge {
+    /// A session's state; local subscription ids start at `next_local`.
+    pub fn new(link: Arc<Link>, next_local: u64) -> Bridge {
+        Bridge {
+            link,
+            calls: HashSet::new(),
+            subscribing: HashMap::new(),
+            unsubscribing: HashMap::new(),
+            subs: HashMap::new(),
+            local: HashMap::new(),
+            next_local,
+            next_discard: DISCARD_BASE,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// The local id the next subscription gets.
+    pub fn next_local(&self) -> u64 {
+        self.next_local
+    }
+
+    /// Subscriptions the router holds for this session now.
+    #[cfg(test)]
+    pub fn router_subscriptions(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// Turns one queued JSON-RPC frame (a call, a notification or a batch) into WAMP
+    /// messages (`out`), and answers at once what needs no router (`local`: JSON-RPC
+    /// replies, e.g. to params WAMP cannot carry).
+    pub fn outbound(&mut self, frame: &str, out: &mut Vec<String>, local: &mut Vec<Bytes>) {
+        let batch = frame.trim_start().starts_with('[');
+        if batch {
+            match serde_json::from_str::<Vec<Outgoing<'_>>>(frame) {
+                Ok(calls) => {
+                    for call in &calls {
+                        self.one(call, out, local);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "a queued batch is not JSON-RPC; dropped"),
+            }
+        } else {
+            match serde_json::from_str::<Outgoing<'_>>(frame) {
+                Ok(call) => self.one(&call, out, local),
+                Err(e) => tracing::error!(error = %e, "a queued frame is not JSON-RPC; dropped"),
+            }
+        }
+    }
+
+    fn one(&mut self, call: &Outgoing<'_>, out: &mut Vec<String>, local: &mut Vec<Bytes>) {
+        let method = codec::json_str(call.method).unwrap_or(Cow::Borrowed(""));
+        let request = match call.id {
+            Some(id) => id,
+            None => {
+                self.next_discard += 1;
+                if self.next_discard > codec::MAX_ID {
+                    self.next_discard = DISCARD_BASE + 1;
+                }
+                self.next_discard
+            }
+        };
+        let refuse = |local: &mut Vec<Bytes>, message: String| {
+            if let Some(id) = call.id {
+                local.push(error_reply(id, -32602, &message));
+            }
+        };
+        let methods = &self.link.methods;
+        let mut text = String::with_capacity(64 + call.params.map_or(0, |p| p.get().len()));
+        if *method == methods.subscribe_method {
+            let Some((topic, options)) = topic_and_options(call.params) else {
+                return refuse(
+                    local,
+                    format!(
+                        "{method}: params must be [topic] or [topic, options] or {{\"topic\": .., \"options\": {{..}}}}"
+                    ),
+                );
+            };
+            let topic = quoted(&topic);
+            codec::write_subscribe(&mut text, request, options.map(RawValue::get), &topic);
+            self.subscribing.insert(
+                request,
+                Subscribing {
+                    topic,
+                    orphan: call.id.is_none(),
+                },
+            );
+        } else if *method == methods.unsubscribe_method {
+            let held =
+                subscription_param(call.params).and_then(|l| Some((l, *self.local.get(&l)?)));
+            let Some((local_id, router)) = held else {
+                return refuse(local, format!("{method}: no such subscription"));
+            };
+            let shared = self.subs.get(&router).is_some_and(|s| s.locals.len() > 1);
+            if shared {
+                // Other clients still read this topic: only this local id goes.
+                self.drop_local(local_id, router);
+                if let Some(id) = call.id {
+                    local.push(result_reply(id, "true"));
+                }
+                return;
+            }
+            codec::write_unsubscribe(&mut text, request, router);
+            self.unsubscribing.insert(request, (local_id, router));
+        } else if *method == methods.publish_method {
+            let Some((topic, payload)) = publication(call.params) else {
+                return refuse(
+                    local,
+                    format!(
+                        "{method}: params must be [topic, args..] or {{\"topic\": .., \"args\": [..], \"kwargs\": {{..}}}}"
+                    ),
+                );
+            };
+            let payload = Payload {
+                args: payload.0.as_deref(),
+                kwargs: payload.1,
+            };
+            // Acknowledged when the client waits for an answer, not when it notified.
+            codec::write_publish(
+                &mut text,
+                request,
+                call.id.is_some(),
+                &quoted(&topic),
+                payload,
+            );
+        } else {
+            let Ok(payload) = codec::split_params(call.params) else {
+                return refuse(local, "params must be an array or an object".into());
+            };
+            let mut procedure = String::with_capacity(method.len() + 16);
+            if !self.link.procedures.write(&mut procedure, call.method) {
+                return refuse(local, "method must be a string".into());
+            }
+            codec::write_call(&mut text, request, None, &procedure, payload);
+            if call.id.is_some() {
+                self.calls.insert(request);
+            }
+        }
+        out.push(text);
+    }
+
+    /// A caller stopped waiting for `request` (timeout, client gone): a CALL still
+    /// running is canceled, and a subscription still opening is closed once open.
+    pub fn forget(&mut self, request: u64) {
+        if self.calls.remove(&request) {
+            let mut text = String::with_capacity(40);
+            codec::write_cancel(&mut text, request, CancelMode::KillNoWait);
+            self.outbox.push(text);
+        } else if let Some(s) = self.subscribing.get_mut(&request) {
+            s.orphan = true;
+        }
+    }
+
+    /// Moves what the writer should send next into `out`.
+    pub fn take_outbox(&mut self, out: &mut Vec<String>) {
+        out.append(&mut self.outbox);
+    }
+
+    pub fn has_outbox(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// Turns one router frame into JSON-RPC frames for the multiplexer (`out`).
+    /// `Ok(false)`: the frame was no WAMP message a caller's session expects.
+    pub fn inbound(&mut self, frame: &str, out: &mut Vec<Bytes>) -> Result<bool, Ended> {
+        let message = match codec::parse(frame) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "WAMP router sent a message we do not read; ignored");
+                return Ok(false);
+            }
+        };
+        match message {
+            Message::Result {
+                request, payload, ..
+            } => {
+                self.calls.remove(&request);
+                // A call we canceled, or whose caller left, is still answered: the
+                // multiplexer counts it as unmatched. A notification's is dropped.
+                if request < DISCARD_BASE {
+                    out.push(result_reply(request, &codec::result_json(payload)));
+                }
+            }
+            Message::Error {
+                request,
+                error,
+                payload,
+                ..
+            } => {
+                self.calls.remove(&request);
+                self.subscribing.remove(&request);
+                if let Some((local, router)) = self.unsubscribing.remove(&request) {
+                    // The router no longer knows it either way.
+                    self.drop_local(local, router);
+                }
+                if request < DISCARD_BASE {
+                    let mut text = String::with_capacity(96 + error.len());
+                    codec::write_error_object(&mut text, &error, payload);
+                    out.push(reply(request, "error", &text));
+                }
+            }
+            Message::Subscribed {
+                request,
+                subscription,
+            } => {
+                let Some(s) = self.subscribing.remove(&request) else {
+                    return Ok(false);
+                };
+                let local = self.next_local;
+                self.next_local += 1;
+                let sub = self.subs.entry(subscription).or_insert_with(|| RouterSub {
+                    topic: s.topic,
+                    locals: Vec::new(),
+                });
+                sub.locals.push(local);
+                self.local.insert(local, subscription);
+                if s.orphan {
+                    self.close_local(local);
+                } else {
+                    out.push(result_reply(request, itoa::Buffer::new().format(local)));
+                }
+            }
+            Message::Unsubscribed { request } => {
+                if let Some((local, router)) = self.unsubscribing.remove(&request) {
+                    self.drop_local(local, router);
+                    out.push(result_reply(request, "true"));
+                }
+            }
+            Message::Published {
+                request,
+                publication,
+            } => out.push(result_reply(
+                request,
+                itoa::Buffer::new().format(publication),
+            )),
+            Message::Event {
+                subscription,
+                publication,
+                details,
+                payload,
+            } => {
+                let Some(sub) = self.subs.get(&subscription) else {
+                    return Ok(false);
+                };
+                let result = codec::result_json(payload);
+                // A pattern subscription's events name the topic they were published to.
+                let topic = event_topic(details);
+                let topic = topic.as_deref().unwrap_or(&sub.topic);
+                for &local in &sub.locals {
+                    out.push(self.event(local, topic, publication, &result));
+                }
+            }
+            Message::Goodbye { reason, details } => {
+                return Err(Ended::Goodbye(explain(&reason, details)));
+            }
+            Message::Abort { reason, details } => {
+                return Err(Ended::Abort(explain(&reason, details)));
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The notification one EVENT is for one local subscription.
+    fn event(&self, local: u64, topic: &str, publication: u64, result: &str) -> Bytes {
+        let method = quoted(&self.link.methods.event_method);
+        let mut text = String::with_capacity(96 + method.len() + topic.len() + result.len());
+        let _ = write!(
+            text,
+            r#"{{"jsonrpc":"2.0","method":{method},"params":{{"subscription":{local},"topic":{topic},"publication":{publication},"result":{result}}}}}"#
+        );
+        Bytes::from(text)
+    }
+
+    /// Forgets a local id; the router's subscription goes with its last one (the
+    /// caller has sent, or is sending, the UNSUBSCRIBE).
+    fn drop_local(&mut self, local: u64, router: u64) {
+        self.local.remove(&local);
+        if let Some(sub) = self.subs.get_mut(&router) {
+            sub.locals.retain(|&l| l != local);
+            if sub.locals.is_empty() {
+                self.subs.remove(&router);
+            }
+        }
+    }
+
+    /// Closes a local id nobody will ever read: UNSUBSCRIBE when it was the last one.
+    fn close_local(&mut self, local: u64) {
+        let Some(router) = self.local.get(&local).copied() else {
+            return;
+        };
+        let last = self.subs.get(&router).is_some_and(|s| s.locals.len() == 1);
+        self.drop_local(local, router);
+        if last {
+            self.next_discard += 1;
+            let mut text = String::with_capacity(40);
+            codec::write_unsubscribe(&mut text, self.next_discard, router);
+            self.outbox.push(text);
+        }
+    }
+}
+
+fn quoted(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn reply(id: u64, key: &str, value: &str) -> Bytes {
+    let mut text = String::with_capacity(40 + value.len());
+    let _ = write!(text, r#"{{"jsonrpc":"2.0","id":{id},"{key}":{value}}}"#);
+    Bytes::from(text)
+}
+
+fn result_reply(id: u64, result: &str) -> Bytes {
+    reply(id, "result", result)
+}
+
+fn error_reply(id: u64, code: i32, message: &str) -> Bytes {
+    let text = format!(r#"{{"code":{code},"message":{}}}"#, quoted(message));
+    reply(id, "error", &text)
+}
+
+/// `reason: message` from an ABORT or GOODBYE.
+fn explain(reason: &str, details: &RawValue) -> String {
+    match codec::details_message(details) {
+        Some(m) if !m.is_empty() => format!("{reason}: {m}"),
+        _ => reason.to_string(),
+    }
+}
+
+/// The topic an EVENT's details name (pattern subscriptions), as a JSON string.
+fn event_topic(details: &RawValue) -> Option<String> {
+    if !details.get().contains("\"topic\"") {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct Details<'a> {
+        #[serde(borrow)]
+        topic: Option<Cow<'a, str>>,
+    }
+    let d: Details<'_> = serde_json::from_str(details.get()).ok()?;
+    d.topic.map(|t| quoted(&t))
+}
+
+/// Subscribe params: `[topic]`, `[topic, options]` or `{"topic", "options"}`.
+fn topic_and_options(params: Option<&RawValue>) -> Option<(Cow<'_, str>, Option<&RawValue>)> {
+    let p = params?;
+    let (topic, options) = if p.get().starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(p.get()).ok()?;
+        if items.is_empty() || items.len() > 2 {
+            return None;
+        }
+        (codec::json_str(items[0])?, items.get(1).copied())
+    } else {
+        let named: Named<'_> = serde_json::from_str(p.get()).ok()?;
+        (named.topic, named.options)
+    };
+    if topic.is_empty() || options.is_some_and(|o| !o.get().starts_with('{')) {
+        return None;
+    }
+    Some((topic, options))
+}
+
+/// Unsubscribe params: `[id]` or `{"subscription": id}`; the id a number or a string
+/// of digits (the push hub keeps ids as the client saw them).
+fn subscription_param(params: Option<&RawValue>) -> Option<u64> {
+    let p = params?;
+    if p.get().starts_with('{') {
+        return serde_json::from_str::<Named<'_>>(p.get())
+            .ok()?
+            .subscription;
+    }
+    let items: Vec<&RawValue> = serde_json::from_str(p.get()).ok()?;
+    let first = items.first()?;
+    first
+        .get()
+        .parse::<u64>()
+        .ok()
+        .or_else(|| codec::json_str(first)?.parse().ok())
+}
+
+/// Publish params: `[topic, args..]` or `{"topic", "args", "kwargs"}`. The args of the
+/// array form are rebuilt as an array of the elements after the topic.
+type Publication<'a> = (
+    Cow<'a, str>,
+    (Option<Cow<'a, RawValue>>, Option<&'a RawValue>),
+);
+
+fn publication(params: Option<&RawValue>) -> Option<Publication<'_>> {
+    let p = params?;
+    if p.get().starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(p.get()).ok()?;
+        let (topic, rest) = items.split_first()?;
+        let topic = codec::json_str(topic)?;
+        let args = match rest.is_empty() {
+            true => None,
+            false => {
+                let mut text = String::from("[");
+                for (i, item) in rest.iter().enumerate() {
+                    if i > 0 {
+                        text.push(',');
+                    }
+                    text.push_str(item.get());
+                }
+                text.push(']');
+                Some(Cow::Owned(RawValue::from_string(text).ok()?))
+            }
+        };
+        return (!topic.is_empty()).then_some((topic, (args, None)));
+    }
+    let named: Named<'_> = serde_json::from_str(p.get()).ok()?;
+    if named.topic.is_empty()
+        || named.args.is_some_and(|a| !a.get().starts_with('['))
+        || named.kwargs.is_some_and(|k| !k.get().starts_with('{'))
+    {
+        return None;
+    }
+    Some((named.topic, (named.args.map(Cow::Borrowed), named.kwargs)))
+}
+
+#[cfg(test)]
+mod tests;
