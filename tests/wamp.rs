@@ -359,6 +359,28 @@ async fn a_session_subscribed_to_a_topic_gets_its_events_on_its_event_stream() {
 }
 
 #[tokio::test]
+async fn a_prefix_subscription_gets_events_naming_the_topic_they_were_published_to() {
+    let s = setup_with("", "").await;
+    let addr = s.gw.addr;
+    // SUBSCRIBE's options ride along: `[topic, options]` and `{"topic", "options"}`.
+    for (session, params) in [
+        ("array", json!(["com.example.", {"match": "prefix"}])),
+        (
+            "object",
+            json!({"topic": "com.example.", "options": {"match": "prefix"}}),
+        ),
+    ] {
+        let mut sse = stream_of(addr, session).await;
+        let subscription = result(call_in(addr, session, "wamp.subscribe", params).await);
+        assert!(subscription.is_u64(), "{subscription}");
+        // The ticks' topic, not the prefix: a client subscribed to many topics must tell them
+        // apart.
+        let event = next_wamp_event(&mut sse).await;
+        tick_n(&event, &subscription);
+    }
+}
+
+#[tokio::test]
 async fn two_sessions_share_a_topic_and_one_unsubscribing_leaves_the_other_subscribed() {
     // One upstream connection: one WAMP session, so the router gives both clients' SUBSCRIBEs
     // the same subscription and every event reaches the gateway in one order.
@@ -483,8 +505,18 @@ async fn publish_as_a_call_returns_the_publication_id_and_reaches_subscribers() 
     );
 }
 
-#[tokio::test]
-async fn after_a_router_restart_calls_work_and_subscriptions_resume_under_the_same_id() {
+/// How the router goes away in [`router_restart`].
+#[derive(Clone, Copy)]
+enum Outage {
+    /// SIGTERM: Crossbar closes its sessions with GOODBYE.
+    Stop,
+    /// SIGKILL: the sockets just die.
+    Crash,
+}
+
+/// Calls and a subscription made before the router goes work again once it is back on the
+/// same port: the gateway rejoins, subscribes again, and the client keeps its id.
+async fn router_restart(outage: Outage) {
     let Setup {
         mut router,
         component,
@@ -495,8 +527,14 @@ async fn after_a_router_restart_calls_work_and_subscriptions_resume_under_the_sa
     let subscription = subscribe(addr, "survivor", "com.example.tick").await;
     let before = tick_n(&next_wamp_event(&mut sse).await, &subscription);
 
-    // A graceful stop (the router says GOODBYE to the gateway) and a start on the same ports.
     drop(component);
+    match outage {
+        Outage::Stop => router.stop().await,
+        Outage::Crash => router.kill().await,
+    }
+    // While it is down a call gets rpcgate's own answer, not a hang.
+    let answer = call(addr, "com.example.add2", Some(json!([2, 3]))).await;
+    assert_eq!(answer["error"]["data"]["source"], "rpcgate", "{answer}");
     router.restart().await;
     let _component = Component::start(&router).await;
 
@@ -524,6 +562,88 @@ async fn after_a_router_restart_calls_work_and_subscriptions_resume_under_the_sa
     })
     .await;
     drop(gw);
+}
+
+#[tokio::test]
+async fn after_a_router_restart_calls_work_and_subscriptions_resume_under_the_same_id() {
+    router_restart(Outage::Stop).await;
+}
+
+#[tokio::test]
+async fn after_a_router_crash_calls_work_and_subscriptions_resume_under_the_same_id() {
+    router_restart(Outage::Crash).await;
+}
+
+#[tokio::test]
+async fn the_pubsub_method_names_can_be_changed() {
+    let s = setup_with(
+        "",
+        "[wamp]\nsubscribe_method = \"topic_subscribe\"\nunsubscribe_method = \"topic_unsubscribe\"\npublish_method = \"topic_publish\"\nevent_method = \"topic_event\"\n",
+    )
+    .await;
+    let addr = s.gw.addr;
+    let mut sse = stream_of(addr, "renamed").await;
+    let subscription = result(
+        call_in(
+            addr,
+            "renamed",
+            "topic_subscribe",
+            json!(["com.example.news"]),
+        )
+        .await,
+    );
+    assert!(subscription.is_u64(), "{subscription}");
+    let publication = result(
+        call(
+            addr,
+            "topic_publish",
+            Some(json!(["com.example.news", "hi"])),
+        )
+        .await,
+    );
+    let event = with_timeout_of(Duration::from_secs(20), async {
+        loop {
+            let event = sse.event().await;
+            if !event.is_gap() {
+                return event.json();
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        event,
+        json!({
+            "jsonrpc": "2.0",
+            "method": "topic_event",
+            "params": {
+                "subscription": subscription,
+                "topic": "com.example.news",
+                "publication": publication,
+                "result": "hi"
+            }
+        })
+    );
+    assert_eq!(
+        result(call_in(addr, "renamed", "topic_unsubscribe", json!([subscription])).await),
+        true
+    );
+    // The default names are now ordinary procedure names: nobody registered that one.
+    let answer = call(addr, "wamp.publish", Some(json!(["com.example.news", "x"]))).await;
+    assert_eq!(answer["error"]["code"], -32601, "{answer}");
+}
+
+#[tokio::test]
+async fn a_subscribe_with_no_session_is_refused_saying_how_to_get_events() {
+    // docs/push.md: a subscribe call whose events would have nowhere to go is refused
+    // (NoPushTarget) rather than answered with a subscription nobody can read.
+    let s = setup_with("", "").await;
+    let resp = post(
+        s.gw.addr,
+        r#"{"jsonrpc":"2.0","id":1,"method":"wamp.subscribe","params":["com.example.tick"]}"#,
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::BAD_REQUEST, "{}", resp.text());
+    assert_eq!(resp.json()["error"]["code"], -32088, "{}", resp.text());
 }
 
 /// Sum of `name{...}` samples whose labels contain every one of `labels`.
@@ -589,11 +709,19 @@ secret_env = "RPCGATE_TEST_CRA_SECRET"
     .expect("write the config");
     let mut child = support::binary::rpcgate(
         &["--config", &file.display().to_string()],
-        std::process::Stdio::inherit(),
+        std::process::Stdio::piped(),
     )
     .env("RPCGATE_TEST_CRA_SECRET", "cra-secret")
     .spawn()
     .expect("start rpcgate");
+    // Its log through eprintln!, which the test harness captures and shows only on failure.
+    let stderr = child.stderr.take().expect("piped stderr");
+    tokio::spawn(async move {
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("rpcgate: {line}");
+        }
+    });
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
     let (mut admin, mut listen) = (None, None);
@@ -603,7 +731,7 @@ secret_env = "RPCGATE_TEST_CRA_SECRET"
                 .next_line()
                 .await
                 .expect("read rpcgate's stdout")
-                .expect("rpcgate exited before listening (its stderr is above)");
+                .expect("rpcgate exited before listening (its log is above)");
             let addr_in = |prefix: &str| {
                 let rest = line.trim().strip_prefix(prefix)?.trim();
                 let rest = rest.trim_start_matches("http://");
@@ -627,11 +755,29 @@ secret_env = "RPCGATE_TEST_CRA_SECRET"
 
 #[tokio::test]
 async fn a_ticket_from_a_file_joins_the_auth_transport() {
-    let secret = SecretFile::new("ticket", "ticket-secret");
+    // As `echo ticket-secret > file` writes it: the newline is not part of the secret.
+    let secret = SecretFile::new("ticket", "ticket-secret\n");
     let path = secret.path();
     let s = setup(|r| {
         let upstream = format!(
             "[upstreams.wamp_auth]\nmethod = \"ticket\"\nauthid = \"ticket-user\"\nsecret_file = \"{path}\"\n"
+        );
+        config(&r.auth_url(), &upstream, "")
+    })
+    .await;
+    assert_eq!(
+        result(call(s.gw.addr, "com.example.add2", Some(json!([2, 3]))).await),
+        5
+    );
+}
+
+#[tokio::test]
+async fn salted_wamp_cra_from_a_file_joins_the_auth_transport() {
+    let secret = SecretFile::new("salted", "cra-salted-secret");
+    let path = secret.path();
+    let s = setup(|r| {
+        let upstream = format!(
+            "[upstreams.wamp_auth]\nmethod = \"wampcra\"\nauthid = \"cra-salted\"\nsecret_file = \"{path}\"\n"
         );
         config(&r.auth_url(), &upstream, "")
     })
@@ -660,7 +806,8 @@ async fn refused(
     let gw = start_gateway(config).await;
     let admin = gw.admin;
     let series = "rpcgate_upstream_connect_failures_total";
-    let labels = [r#"reason="wamp_abort""#];
+    let upstream_label = format!("upstream=\"{url}\"");
+    let labels = [upstream_label.as_str(), r#"reason="wamp_abort""#];
     // Every attempt is refused, so the failures keep counting (the backoff tops out at 200 ms).
     eventually(async || samples(&get(admin, "/metrics").await.text(), series, &labels) >= 2.0)
         .await;
@@ -702,12 +849,20 @@ async fn a_wrong_secret_leaves_the_gateway_not_ready_and_says_why() {
         "[upstreams.wamp_auth]\nmethod = \"wampcra\"\nauthid = \"cra-user\"\nsecret_file = \"{}\"\n",
         secret.path()
     );
-    let (_s, why) = refused(|r| r.auth_url(), &upstream, "realm1").await;
+    let (s, why) = refused(|r| r.auth_url(), &upstream, "realm1").await;
     assert!(
         ["wamp.error", "not_authorized", "authentication"]
             .iter()
             .any(|word| why.contains(word)),
         "/readyz should name the refusal: {why:?}"
+    );
+    // The file is read on every attempt: once it holds the right secret, the gateway joins
+    // without a restart.
+    std::fs::write(&secret.0, "cra-secret").expect("rewrite the secret file");
+    wait_ready(&s.gw).await;
+    assert_eq!(
+        result(call(s.gw.addr, "com.example.add2", Some(json!([2, 3]))).await),
+        5
     );
 }
 

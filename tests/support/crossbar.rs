@@ -28,6 +28,7 @@ use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -231,10 +232,10 @@ impl Output {
         }
     }
 
-    /// How many lines have come so far: a `from` for lines still to come.
-    fn count(&self) -> usize {
+    /// Line number `n` (counting from the child's first), if still kept.
+    fn line(&self, n: usize) -> Option<String> {
         let l = self.0.0.lock().expect("output lock");
-        l.dropped + l.recent.len()
+        l.recent.get(n.checked_sub(l.dropped)?).cloned()
     }
 
     fn tail(&self, n: usize) -> String {
@@ -331,15 +332,21 @@ impl Drop for Group {
     }
 }
 
-/// Runs Crossbar in the background with its output on ours and says its controller's pid, then
-/// waits for our stdin to close (the Router dropped, or the test process gone) and kills the
-/// whole group. The shell's own stdout goes to /dev/null so that our pipe ends when Crossbar's
-/// processes end.
-const ROUTER_SCRIPT: &str = r#""$0" start --loglevel info --color false --cbdir "$1" </dev/null 2>&1 &
-echo "controller pid $!"
-exec >/dev/null 2>&1
-cat
-kill -KILL 0"#;
+/// Runs Crossbar with its output on ours, says its controller's pid, and says when it exited
+/// and how ([`EXITED`]). Beside it, a watcher waits for our end of the shell's stdin to close
+/// (the Router dropped, or the test process gone without running `Drop`) and then kills the
+/// whole group.
+const ROUTER_SCRIPT: &str = r#"exec 3<&0 </dev/null
+"$0" start --loglevel info --color false --cbdir "$1" 2>&1 &
+crossbar=$!
+echo "controller pid $crossbar"
+(cat <&3; kill -KILL 0) >/dev/null 2>&1 &
+exec 3<&-
+wait "$crossbar"
+echo "crossbar exited with status $?""#;
+
+/// The line [`ROUTER_SCRIPT`] prints when Crossbar's controller has exited.
+const EXITED: &str = "crossbar exited with status ";
 
 /// A Crossbar.io node on two loopback ports, from `tests/wamp/router.json.template`: realm
 /// [`REALM`]; [`Router::url`] takes anonymous sessions (the component joins there), and
@@ -359,7 +366,7 @@ impl Router {
         let mut lost_races = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
             let (port, auth_port) = free_ports();
-            let dir = TempDir::new(&format!("crossbar-{port}"));
+            let dir = TempDir::new("crossbar");
             let mut router = Router {
                 node: None,
                 port,
@@ -400,8 +407,24 @@ impl Router {
         );
         let booted = node
             .output
-            .wait_for(0, BOOT_TIMEOUT, |l| l.contains("NODE_BOOT_COMPLETE"))
+            .wait_for(0, BOOT_TIMEOUT, |l| {
+                l.contains("NODE_BOOT_COMPLETE") || l.starts_with(EXITED)
+            })
             .await;
+        let booted = booted.and_then(|line| {
+            if node
+                .output
+                .line(line)
+                .is_some_and(|l| l.starts_with(EXITED))
+            {
+                Err(format!(
+                    "it exited; its last lines:\n{}",
+                    node.output.tail(40)
+                ))
+            } else {
+                Ok(())
+            }
+        });
         if let Err(why) = booted {
             node.kill().await;
             return Err(why);
@@ -454,10 +477,10 @@ impl Router {
         // To the controller alone: signalled directly, the worker would die without the
         // controller shutting it down in order.
         node.signal_controller(libc::SIGTERM);
-        // Its output ends when the controller and worker have exited.
+        // Then the worker goes too; whatever is left when the controller is gone is killed.
         let _ = node
             .output
-            .wait_for(node.output.count(), STOP_TIMEOUT, |_| false)
+            .wait_for(0, STOP_TIMEOUT, |l| l.starts_with(EXITED))
             .await;
         node.kill().await;
         self.wait_ports_closed().await;
@@ -591,7 +614,11 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("rpcgate-{}-{name}", std::process::id()));
+        // Numbered, not named after a port: two tests picking ports at the same moment can be
+        // handed the same one (it is free again once closed), and must not share a cbdir.
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("rpcgate-{}-{n}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
         TempDir(dir)
