@@ -16,6 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+#[path = "cli/demo.rs"]
+mod demo;
+
 /// HTTP JSON-RPC 2.0 gateway to WebSocket-only JSON-RPC services.
 #[derive(Parser, Debug)]
 #[command(version, args_conflicts_with_subcommands = true)]
@@ -155,6 +158,19 @@ enum Command {
         /// Echo backend address; any free port by default.
         #[arg(long, default_value = "127.0.0.1:0")]
         upstream_listen: SocketAddr,
+        /// A WAMP router's WebSocket URL (`ws://127.0.0.1:8080/ws`): a second gateway
+        /// fronts it, on port 8081 if free.
+        #[arg(long)]
+        wamp: Option<String>,
+        /// The realm the WAMP gateway's sessions join.
+        #[arg(long, default_value = "realm1", requires = "wamp")]
+        wamp_realm: String,
+        /// Put before method names to make procedure URIs (`com.example.`).
+        #[arg(long, default_value = "", requires = "wamp")]
+        wamp_prefix: String,
+        /// The WAMP gateway's address.
+        #[arg(long, requires = "wamp")]
+        wamp_listen: Option<SocketAddr>,
     },
 }
 
@@ -192,9 +208,19 @@ fn start() -> Result<()> {
         Some(Command::Demo {
             listen,
             upstream_listen,
+            wamp,
+            wamp_realm,
+            wamp_prefix,
+            wamp_listen,
         }) => {
             let _logs = logging::init(LogFormat::Text, "info");
-            runtime(0)?.block_on(demo(listen, upstream_listen))
+            let wamp = wamp.map(|url| demo::WampDemo {
+                url,
+                realm: wamp_realm,
+                prefix: wamp_prefix,
+                listen: wamp_listen,
+            });
+            runtime(0)?.block_on(demo::demo(listen, upstream_listen, wamp))
         }
         None => {
             let format = cli.run.log_format;
@@ -520,72 +546,5 @@ async fn echo_server(listen: SocketAddr, name: String) -> Result<()> {
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone(), None)?;
     rpcgate_echo::serve(listener, Arc::from(name), shutdown).await?;
-    Ok(())
-}
-
-async fn demo(listen: Option<SocketAddr>, upstream_listen: SocketAddr) -> Result<()> {
-    let backend = TcpListener::bind(upstream_listen)
-        .await
-        .with_context(|| format!("cannot listen on {upstream_listen}"))?;
-    let backend_addr = backend.local_addr()?;
-    let listener = match listen {
-        Some(addr) => TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?,
-        None => match TcpListener::bind(("127.0.0.1", 8080)).await {
-            Ok(l) => l,
-            Err(_) => TcpListener::bind(("127.0.0.1", 0)).await?,
-        },
-    };
-    let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
-    watch_signals(shutdown.clone(), None)?;
-    // The backend outlives the gateway's drain, so calls still open at Ctrl-C finish.
-    let backend_shutdown = CancellationToken::new();
-    let echo_task = tokio::spawn(rpcgate_echo::serve(
-        backend,
-        Arc::from("demo-echo"),
-        backend_shutdown.clone(),
-    ));
-
-    let mut config = Config {
-        listen: addr,
-        ..Config::default()
-    };
-    // Nothing routes to the demo through a load balancer: Ctrl-C stops at once.
-    config.shutdown.delay = std::time::Duration::ZERO;
-    // The backend's `ticks_subscribe` follows jsonrpsee's naming.
-    config.subscriptions = SubscriptionRule::preset("substrate").into_iter().collect();
-    // A session (the demo page's) gets its own upstream socket, so what the backend
-    // pushes on it (`notify_me`, `ask`) reaches that session; calls without a session
-    // key share the pool as usual.
-    config.sessions.affinity = Affinity::Connection;
-    config
-        .upstreams
-        .push(UpstreamConfig::new(format!("ws://{backend_addr}/")));
-    let gateway = Gateway::from_listener(listener, config)?.with_demo_page();
-    println!("rpcgate demo: http://{addr}/ -> echo backend ws://{backend_addr}/");
-    println!(
-        "In a browser: http://{addr}/demo/ (the JavaScript client, WebSocket first, HTTP fallback)"
-    );
-    println!("Try:");
-    println!(
-        "  curl -s http://{addr}/ -H 'Content-Type: application/json' -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"echo\",\"params\":[\"hello\"]}}'"
-    );
-    println!(
-        "  curl -s http://{addr}/ -H 'Content-Type: application/json' -d '[{{\"jsonrpc\":\"2.0\",\"id\":\"a\",\"method\":\"sum\",\"params\":[1,2,3]}},{{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"whoami\"}}]'"
-    );
-    println!("Push: open an event stream for session `demo`, then subscribe to ticks in it:");
-    println!("  curl -N 'http://{addr}/events?session=demo' -H 'Accept: text/event-stream'");
-    println!(
-        "  curl -s http://{addr}/ -H 'Content-Type: application/json' -H 'rpcgate-session: demo' -d '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ticks_subscribe\",\"params\":[1000]}}'"
-    );
-    println!("WebSocket clients connect to ws://{addr}/ (e.g. websocat ws://{addr}/).");
-    println!(
-        "Methods: echo, sum, sleep [ms], whoami, fail, notify, notify_me [value], ticks_subscribe [ms], ticks_unsubscribe [id], ask [question]. Ctrl-C to stop."
-    );
-    gateway.run(shutdown).await;
-    backend_shutdown.cancel();
-    echo_task.await.context("echo backend task")??;
     Ok(())
 }

@@ -253,3 +253,6 @@ pub(super) fn check_upstream(i: usize, up: &super::UpstreamConfig, p: &mut Vec<S
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
