@@ -284,6 +284,24 @@ async fn a_call_past_the_request_timeout_is_answered_by_rpcgate_and_canceled_at_
 }
 
 #[tokio::test]
+async fn a_client_leaving_during_a_call_cancels_it_at_the_callee() {
+    let s = setup_with("", "").await;
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"com.example.slow","params":[25]}"#;
+    let mut client = support::raw_tcp(s.gw.addr).await;
+    client
+        .write(format!(
+            "POST / HTTP/1.1\r\nhost: rpcgate\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await
+        .expect("send the call");
+    s.component.wait_for_line("slow 25").await;
+    // Nobody is left to answer: the callee should not work on for 25 s.
+    drop(client);
+    s.component.wait_for_line("canceled 25").await;
+}
+
+#[tokio::test]
 async fn a_batch_gets_every_answer_with_the_clients_ids_and_a_notification_gets_204() {
     let s = setup_with("", "").await;
     let resp = post(
@@ -503,6 +521,17 @@ async fn publish_as_a_call_returns_the_publication_id_and_reaches_subscribers() 
         json!({"args": ["x"], "kwargs": {"k": 1}}),
         "{event}"
     );
+
+    // As a notification: nothing to answer (204), and still published.
+    let resp = post(
+        addr,
+        r#"{"jsonrpc":"2.0","method":"wamp.publish","params":["com.example.news","unacknowledged"]}"#,
+    )
+    .await;
+    assert_eq!(resp.status, StatusCode::NO_CONTENT, "{}", resp.text());
+    let event = next_event_on(&mut sse, "com.example.news").await;
+    assert_eq!(event["result"], "unacknowledged", "{event}");
+    assert!(event["publication"].is_u64(), "{event}");
 }
 
 /// How the router goes away in [`router_restart`].
