@@ -1,9 +1,10 @@
 //! Micro-benchmarks of the per-call work that does not touch a socket: rewriting a
-//! request, restoring a reply, the pending map under churn, batch split and reassembly.
+//! request, restoring a reply, the pending map under churn, batch split and reassembly,
+//! and a WAMP upstream's translation both ways.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rpcgate::jsonrpc::{self, Body};
-use rpcgate::upstream::PendingMap;
+use rpcgate::upstream::{PendingMap, WampBridge};
 use std::hint::black_box;
 
 /// A request whose params are a string of about `size` bytes.
@@ -143,11 +144,32 @@ fn batch_split_and_reassemble(c: &mut Criterion) {
     group.finish();
 }
 
+/// What a WAMP upstream adds per call on top of `rewrite_request` and `restore_reply`:
+/// the queued JSON-RPC frame read again and written as CALL, and the RESULT written as
+/// the JSON-RPC reply the multiplexer then reads like any other.
+fn wamp_bridge(c: &mut Criterion) {
+    let mut group = c.benchmark_group("wamp_bridge");
+    for (size, label) in sizes() {
+        let frame = format!(
+            r#"{{"jsonrpc":"2.0","method":"echo","params":["{}"],"id":42}}"#,
+            "x".repeat(size)
+        );
+        let result = format!(r#"[50,42,{{}},["{}"]]"#, "y".repeat(size));
+        group.throughput(Throughput::Bytes((frame.len() + result.len()) as u64));
+        group.bench_function(BenchmarkId::from_parameter(label), |b| {
+            let mut bridge = WampBridge::new("");
+            b.iter(|| black_box(bridge.round_trip(&frame, &result)))
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     rewrite_request,
     restore_reply,
     pending_churn,
-    batch_split_and_reassemble
+    batch_split_and_reassemble,
+    wamp_bridge
 );
 criterion_main!(benches);

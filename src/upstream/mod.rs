@@ -42,3 +42,6 @@ pub use set::{Upstream, Upstreams, prefix_for};
 /// The pending map, for `benches/micro.rs` only: not part of the API.
 #[doc(hidden)]
 pub use pending::PendingMap;
+/// The WAMP bridge's per-call work, for `benches/micro.rs` only: not part of the API.
+#[doc(hidden)]
+pub use wamp::BenchBridge as WampBridge;

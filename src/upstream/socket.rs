@@ -187,11 +187,22 @@ pub(super) async fn serve(
         End::Eof
     };
 
-    tokio::select! {
+    let end = tokio::select! {
         end = writer => end,
         end = reader => end,
         end = liveness => end,
+    };
+    if let End::Wamp(super::wamp::Ended::Goodbye(_)) = &end {
+        // A router closing our session waits for our GOODBYE before it closes the socket.
+        let _ = timeout(ws.handshake_timeout, async {
+            let mut text = String::with_capacity(48);
+            super::wamp::write_goodbye(&mut text, super::wamp::CLOSE_GOODBYE_AND_OUT);
+            sink.send(Message::text(text)).await?;
+            sink.close().await
+        })
+        .await;
     }
+    end
 }
 
 /// Says goodbye (1001) to an upstream we are leaving, waiting at most `limit`; a WAMP
