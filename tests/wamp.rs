@@ -398,6 +398,76 @@ async fn a_prefix_subscription_gets_events_naming_the_topic_they_were_published_
     }
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next JSON text message on a WebSocket client of the gateway.
+async fn ws_next(ws: &mut Ws) -> Value {
+    use futures_util::StreamExt;
+    loop {
+        let message = support::with_timeout(ws.next())
+            .await
+            .expect("the gateway closed the WebSocket")
+            .expect("read the WebSocket");
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            return serde_json::from_str(text.as_str()).expect("JSON");
+        }
+    }
+}
+
+/// The router's subscription to `topic`, by Crossbar's meta API through the gateway: a number
+/// while anyone subscribes, null once nobody does.
+async fn router_subscription(addr: SocketAddr, topic: &str) -> Value {
+    result(call(addr, "wamp.subscription.lookup", Some(json!([topic]))).await)
+}
+
+#[tokio::test]
+async fn a_websocket_client_gets_its_events_on_its_socket_and_closing_it_unsubscribes_upstream() {
+    use futures_util::SinkExt;
+    let s = setup_with("", "").await;
+    let addr = s.gw.addr;
+    assert_eq!(
+        router_subscription(addr, "com.example.tick").await,
+        Value::Null
+    );
+    let (mut ws, _) =
+        support::with_timeout(tokio_tungstenite::connect_async(format!("ws://{addr}/")))
+            .await
+            .expect("a WebSocket to the gateway");
+    let subscribe = json!({"jsonrpc": "2.0", "id": "s", "method": "wamp.subscribe", "params": ["com.example.tick"]});
+    support::with_timeout(ws.send(tokio_tungstenite::tungstenite::Message::text(
+        subscribe.to_string(),
+    )))
+    .await
+    .expect("send");
+    let answer = ws_next(&mut ws).await;
+    assert_eq!(answer["id"], "s", "{answer}");
+    let subscription = answer["result"].clone();
+    assert!(subscription.is_u64(), "{answer}");
+    // Ticks on the same socket, as notifications.
+    with_timeout_of(Duration::from_secs(20), async {
+        for _ in 0..2 {
+            let message = ws_next(&mut ws).await;
+            assert_eq!(message["method"], "wamp.event", "{message}");
+            tick_n(&message["params"], &subscription);
+        }
+    })
+    .await;
+    assert!(
+        router_subscription(addr, "com.example.tick").await.is_u64(),
+        "the router holds a subscription while the client does"
+    );
+    // A socket's own session ends with it, and its subscriptions with it (docs/push.md): the
+    // router's subscription goes, since nobody else holds one.
+    drop(ws);
+    eventually(async || {
+        router_subscription(addr, "com.example.tick")
+            .await
+            .is_null()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn two_sessions_share_a_topic_and_one_unsubscribing_leaves_the_other_subscribed() {
     // One upstream connection: one WAMP session, so the router gives both clients' SUBSCRIBEs
@@ -472,6 +542,17 @@ async fn two_sessions_share_a_topic_and_one_unsubscribing_leaves_the_other_subsc
                 );
             }
         }
+    })
+    .await;
+
+    // The router's subscription lasted while session two held it, and goes with the last.
+    assert!(router_subscription(addr, "com.example.tick").await.is_u64());
+    let unsubscribed = call_in(addr, "two", "wamp.unsubscribe", json!([tick_two])).await;
+    assert_eq!(result(unsubscribed), true);
+    eventually(async || {
+        router_subscription(addr, "com.example.tick")
+            .await
+            .is_null()
     })
     .await;
 }
