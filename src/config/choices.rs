@@ -220,3 +220,34 @@ mod tests {
         assert_eq!(or_list(&["a", "b", "c"]), r#""a", "b" or "c""#);
     }
 }
+
+/// What an upstream speaks over its WebSocket (`upstreams[].protocol`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    /// JSON-RPC 2.0: frames pass through with their ids rewritten.
+    #[default]
+    JsonRpc,
+    /// WAMP v2 (`wamp.2.json`) through a router: calls become CALLs, subscriptions
+    /// SUBSCRIBEs.
+    Wamp,
+}
+
+spelled!(Protocol {
+    JsonRpc = "jsonrpc",
+    Wamp = "wamp",
+});
+
+/// How a WAMP session proves who it is (`upstreams[].wamp_auth.method`); the names
+/// are also what HELLO's `authmethods` and CHALLENGE say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WampAuthMethod {
+    /// The secret is sent as it is (use `wss://`).
+    Ticket,
+    /// WAMP-CRA: the router's challenge is signed with the secret, which never travels.
+    WampCra,
+}
+
+spelled!(WampAuthMethod {
+    Ticket = "ticket",
+    WampCra = "wampcra",
+});

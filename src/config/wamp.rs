@@ -1,81 +1,12 @@
 //! WAMP upstreams: an upstream's `protocol`, its realm, procedure prefix and
 //! `[upstreams.wamp_auth]`, and the method names of WAMP's PubSub (`[wamp]`).
 
-use super::choices::UnknownName;
 use super::file::Section;
 use super::push::SubscriptionRule;
-use std::fmt;
 use std::path::PathBuf;
 use toml::Table;
 
-/// What an upstream speaks over its WebSocket (`upstreams[].protocol`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Protocol {
-    /// JSON-RPC 2.0: frames pass through with their ids rewritten.
-    #[default]
-    JsonRpc,
-    /// WAMP v2 (`wamp.2.json`) through a router: calls become CALLs, subscriptions
-    /// SUBSCRIBEs.
-    Wamp,
-}
-
-impl std::str::FromStr for Protocol {
-    type Err = UnknownName;
-
-    fn from_str(text: &str) -> Result<Self, UnknownName> {
-        match text {
-            "jsonrpc" => Ok(Protocol::JsonRpc),
-            "wamp" => Ok(Protocol::Wamp),
-            _ => Err(UnknownName {
-                value: text.into(),
-                accepted: &["jsonrpc", "wamp"],
-            }),
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::JsonRpc => "jsonrpc",
-            Protocol::Wamp => "wamp",
-        })
-    }
-}
-
-/// How a WAMP session proves who it is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WampAuthMethod {
-    /// The secret is sent as it is (use `wss://`).
-    Ticket,
-    /// WAMP-CRA: the router's challenge is signed with the secret, which never travels.
-    WampCra,
-}
-
-impl std::str::FromStr for WampAuthMethod {
-    type Err = UnknownName;
-
-    fn from_str(text: &str) -> Result<Self, UnknownName> {
-        match text {
-            "ticket" => Ok(WampAuthMethod::Ticket),
-            "wampcra" => Ok(WampAuthMethod::WampCra),
-            _ => Err(UnknownName {
-                value: text.into(),
-                accepted: &["ticket", "wampcra"],
-            }),
-        }
-    }
-}
-
-impl WampAuthMethod {
-    /// The name HELLO's `authmethods` and CHALLENGE use.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WampAuthMethod::Ticket => "ticket",
-            WampAuthMethod::WampCra => "wampcra",
-        }
-    }
-}
+pub use super::choices::{Protocol, WampAuthMethod};
 
 /// `[upstreams.wamp_auth]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
