@@ -9,6 +9,9 @@
 //!   test, so the test decides when and how the upstream answers.
 //! - `ganache`: [`ganache::Ganache`], a real Ethereum node (npm `ganache`) for `eth_subscribe`
 //!   pushes; `.ci/run` installs it.
+//! - `crossbar`: [`crossbar::Router`], a real WAMP router (Crossbar.io) on free loopback ports
+//!   that can be stopped and restarted on the same ports, and [`crossbar::Component`], the
+//!   Autobahn callee and publisher `tests/wamp/component.py`; `.ci/run` installs them.
 //! - `echo`: [`echo::Echo`], the real demo backend in-process on a loopback port.
 //! - `tls`: throwaway CAs and certificates (rcgen), PEM files that can be rewritten, and TLS
 //!   clients (HTTP/1.1, HTTP/2, WebSocket) for the gateway's TLS listener.
@@ -22,6 +25,7 @@
 pub mod admin;
 pub mod binary;
 pub mod browser;
+pub mod crossbar;
 pub mod echo;
 pub mod fake_upstream;
 pub mod ganache;

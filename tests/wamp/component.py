@@ -7,8 +7,9 @@ Autobahn|Python on asyncio. Joins REALM at URL (anonymously), then registers:
 - com.example.kw(a, b)   -> CallResult(sum=.., diff=..) keyword results only
 - com.example.echo(*args, **kwargs) -> the same args and kwargs back
 - com.example.fail(*args) raises ApplicationError("com.example.error.fail", *args)
-- com.example.slow(seconds) sleeps, then returns "done"; a CANCEL that reaches the
-  callee (mode kill/killnowait) cancels the sleep and prints "canceled <seconds>"
+- com.example.slow(seconds) prints "slow <seconds>", sleeps, then returns "done"; a
+  CANCEL that reaches the callee (mode kill/killnowait) cancels the sleep and prints
+  "canceled <seconds>"
 
 and publishes a counter to com.example.tick every 100 ms (`[n]`, `{"n": n}`).
 
@@ -45,6 +46,9 @@ class Component(ApplicationSession):
             raise ApplicationError("com.example.error.fail", *args)
 
         async def slow(seconds):
+            # Tells a test that the call has reached the callee, so that what it does next
+            # (a client leaving, say) happens while the call is running.
+            print(f"slow {seconds}", flush=True)
             try:
                 await asyncio.sleep(seconds)
             except asyncio.CancelledError:
