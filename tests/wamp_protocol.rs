@@ -194,3 +194,40 @@ async fn a_router_that_answers_hello_with_something_else_fails_the_connect_sayin
     let again = up.next_frame().await;
     assert_eq!((again.conn, again.json[0].clone()), (1, json!(1)));
 }
+
+#[tokio::test]
+async fn a_stranger_s_unsubscribe_notification_leaves_another_session_s_subscription_alone() {
+    let up = FakeUpstream::start().await;
+    let gw = gateway(&up, |_| {}).await;
+    let hello = welcome(&up).await;
+    gw.wait_open(1).await;
+    let addr = gw.addr;
+    let pending = tokio::spawn(async move {
+        post_as(
+            addr,
+            Some("alice"),
+            call_body(1, "wamp.subscribe", json!(["t"])),
+        )
+        .await
+    });
+    let sub = up.next_frame().await;
+    assert_eq!(sub.json[0], 32, "{}", sub.text);
+    sub.reply_text(json!([33, sub.json[1], 900]).to_string());
+    let local = result_of(&with_timeout(pending).await.unwrap());
+    // Local ids are small numbers; a notification would skip the hub's ownership check,
+    // so neither it nor a call from another session may reach the router.
+    let note = json!({"jsonrpc":"2.0","method":"wamp.unsubscribe","params":[local]});
+    assert_eq!(post_as(addr, None, note.to_string()).await.status, 204);
+    let call = call_body(2, "wamp.unsubscribe", json!([local]));
+    assert_eq!(
+        result_of(&post_as(addr, Some("mallory"), call).await),
+        json!(false)
+    );
+    // The next frame the router sees is this call, not an UNSUBSCRIBE.
+    let pending = tokio::spawn(async move {
+        post_as(addr, None, call_body(3, "com.example.add2", json!([1, 2]))).await
+    });
+    answer_call(&up, json!([3])).await;
+    assert_eq!(result_of(&with_timeout(pending).await.unwrap()), json!(3));
+    drop(hello);
+}

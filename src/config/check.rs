@@ -89,6 +89,7 @@ impl Config {
                 ));
             }
         }
+        super::wamp::check_methods(&self.wamp, &mut p);
         self.cors.check(&mut p);
         self.auth.check(&self.rate_limits, &mut p);
         super::tls::check_tls(self, &mut p);

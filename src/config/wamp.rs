@@ -51,7 +51,8 @@ impl WampAuth {
 /// procedure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WampConfig {
-    /// `params: ["topic"]` or `{"topic": .., "match": "prefix"}` → SUBSCRIBE.
+    /// `params: ["topic"]`, `["topic", {options}]` or `{"topic": .., "options": {..}}`
+    /// → SUBSCRIBE.
     pub subscribe_method: String,
     /// `params: [subscription]` → UNSUBSCRIBE.
     pub unsubscribe_method: String,
@@ -146,6 +147,24 @@ pub(super) fn read_wamp_auth(t: &Table, i: usize, p: &mut Vec<String>) -> Option
         secret_env,
         secret_file,
     })
+}
+
+/// `[wamp]`'s method names: each given, and four different ones.
+pub(super) fn check_methods(c: &WampConfig, p: &mut Vec<String>) {
+    let names = [
+        ("subscribe_method", &c.subscribe_method),
+        ("unsubscribe_method", &c.unsubscribe_method),
+        ("publish_method", &c.publish_method),
+        ("event_method", &c.event_method),
+    ];
+    for (i, (key, name)) in names.iter().enumerate() {
+        if name.is_empty() {
+            p.push(format!("wamp.{key}: empty"));
+        }
+        if let Some((other, _)) = names[..i].iter().find(|(_, n)| n == name) {
+            p.push(format!("wamp.{key}: {name:?} is also wamp.{other}"));
+        }
+    }
 }
 
 /// The relations between an upstream's WAMP keys.

@@ -308,6 +308,15 @@ impl Via<'_> {
 
     async fn notify(&self, call: &Call<'_>, deadline: Instant) -> Result<(), Error> {
         self.admit(&call.method_name())?;
+        if !matches!(self.route, Route::Own(_))
+            && self.state.hub.kind_of(&call.method_name()).is_some()
+        {
+            // On shared sockets a subscription's id is only unique per socket, and the
+            // hub checks an unsubscribe against the caller's own: a notification skips
+            // that check, and nobody would learn what a subscribe opened.
+            tracing::debug!(method = %call.method_name(), "a subscribe or unsubscribe sent as a notification is not forwarded");
+            return Ok(());
+        }
         self.send(Outbound::Notification(call), deadline)
             .await
             .map(|_| ())

@@ -7,7 +7,7 @@
 
 use super::mux::{Closed, Delivery, Frame, FrameIds, Mux, Phase, Refused, ReplySenders};
 use super::pending::CallId;
-use super::wamp::{Bridge, Link};
+use super::wamp::{Bridge, Joined, Link};
 use crate::budget::Budgets;
 use crate::metrics::Metrics;
 use bytes::Bytes;
@@ -247,12 +247,14 @@ impl Conn {
         }
     }
 
-    /// A fresh socket to an upstream that speaks WAMP (`link`) or JSON-RPC (`None`).
-    /// Local subscription ids keep growing across sockets, like call ids.
-    pub(super) fn begin_socket(&self, link: Option<&Arc<Link>>) {
+    /// A fresh socket to an upstream that speaks WAMP (`link`, with what its router's
+    /// WELCOME said) or JSON-RPC (`None`). Local subscription ids keep growing across
+    /// sockets, like call ids.
+    pub(super) fn begin_socket(&self, link: Option<(&Arc<Link>, Joined)>) {
         let mut bridge = self.bridge.lock();
         let next = bridge.as_ref().map(Bridge::next_local);
-        *bridge = link.map(|l| Bridge::new(l.clone(), next.unwrap_or(1)));
+        *bridge = link
+            .map(|(l, joined)| Bridge::new(l.clone(), next.unwrap_or(1), joined.call_canceling));
     }
 
     /// Why the last connect attempt failed (`None`: it did not).

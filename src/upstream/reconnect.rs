@@ -139,19 +139,22 @@ impl Task {
                 .await
                 .map_err(Failed::Connect)?;
             // A WAMP upstream's socket is of use only once its session has joined.
+            let mut joined = None;
             if let Some(link) = &target.wamp {
-                let session = wamp::join(&mut socket, link).await.map_err(Failed::Join)?;
-                tracing::debug!(conn = %conn.label, session, realm = %link.realm, "WAMP session joined");
+                let welcome = wamp::join(&mut socket, link).await.map_err(Failed::Join)?;
+                tracing::debug!(conn = %conn.label, session = welcome.session, realm = %link.realm, call_canceling = welcome.call_canceling, "WAMP session joined");
+                joined = Some((link, welcome));
             }
-            Ok::<_, Failed>((socket, set_cookies))
+            Ok::<_, Failed>((socket, set_cookies, joined))
         };
         let attempt = tokio::select! {
             r = tokio::time::timeout(self.ws.handshake_timeout, open) => r,
             _ = self.shutdown.cancelled() => return State::Stopped,
         };
         let failed = match attempt {
-            Ok(Ok((socket, set_cookies))) => {
+            Ok(Ok((socket, set_cookies, joined))) => {
                 conn.keep_cookies(set_cookies);
+                conn.begin_socket(joined);
                 return State::Serving(Box::new(socket), target);
             }
             Ok(Err(e)) => e,
@@ -170,7 +173,6 @@ impl Task {
     /// Prepares the socket while already serving it, then serves it until it ends.
     async fn serve(&self, socket: WsStream, target: &Target) -> State {
         let conn = &self.conn;
-        conn.begin_socket(target.wamp.as_ref());
         conn.preparing();
         // Stops this socket alone: a failed prelude closes it without stopping the task.
         let stop = self.shutdown.child_token();
@@ -200,6 +202,7 @@ impl Task {
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(conn = %conn.label, upstream = %target.authority(), error = %e, "upstream connect failed");
+                    conn.set_last_error(Some(e.to_string()));
                     stop.cancel();
                     serving.await;
                     None

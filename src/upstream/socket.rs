@@ -81,8 +81,14 @@ pub(super) async fn serve(
             if stop.is_cancelled() {
                 return go_away(&mut sink, ws.handshake_timeout, wamp).await;
             }
-            if wamp && let Err(e) = write_outbox(conn, &mut sink, &mut messages).await {
-                return End::Error(e);
+            if wamp {
+                // Timed like any write: a router that stopped reading must not hold
+                // the writer here unseen by the liveness check.
+                write_began.store(ms(Instant::now()), Ordering::Release);
+                if let Err(e) = write_outbox(conn, &mut sink, &mut messages).await {
+                    return End::Error(e);
+                }
+                write_began.store(0, Ordering::Release);
             }
             let due = if conn.take(batch, WRITE_BATCH, WRITE_BATCH_BYTES) > 0 {
                 // Under constant load the queue is never empty: look at the ping

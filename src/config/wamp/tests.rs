@@ -104,6 +104,13 @@ fn wamp_keys_are_checked_with_the_setting_at_fault_named() {
         "{up}protocol = \"wamp\"\nrealm = \"r\"\n[upstreams.wamp_auth]\nmethod = \"cryptosign\"\nauthid = \"a\"\nsecret_env = \"A\"\n"
     ));
     assert!(method.contains("\"ticket\" or \"wampcra\""), "{method}");
+    let same = problems(&format!("{up}[wamp]\nevent_method = \"wamp.subscribe\"\n"));
+    assert!(
+        same.contains("wamp.event_method: \"wamp.subscribe\" is also wamp.subscribe_method"),
+        "{same}"
+    );
+    let empty = problems(&format!("{up}[wamp]\npublish_method = \"\"\n"));
+    assert!(empty.contains("wamp.publish_method: empty"), "{empty}");
 }
 
 #[test]

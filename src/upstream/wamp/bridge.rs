@@ -50,9 +50,13 @@ pub enum Ended {
     Abort(String),
 }
 
-/// A router subscription and the local ids that share it.
+/// A router subscription and the local ids that share it. Kept with no local id only
+/// while a SUBSCRIBE of the same topic is on its way, which the router answers with
+/// this same subscription: UNSUBSCRIBE then would leave that caller with a dead one.
 #[derive(Debug)]
 struct RouterSub {
+    /// Topic and options: what the router keys a session's subscription by.
+    key: String,
     /// The topic as a JSON string, for the notifications.
     topic: String,
     locals: Vec<u64>,
@@ -60,6 +64,7 @@ struct RouterSub {
 
 #[derive(Debug)]
 struct Subscribing {
+    key: String,
     topic: String,
     /// Its caller gave up: what the router opens is closed at once.
     orphan: bool,
@@ -82,6 +87,15 @@ pub struct Bridge {
     next_discard: u64,
     /// Messages the writer sends next: CANCELs, UNSUBSCRIBEs of orphans.
     outbox: Vec<String>,
+    /// Whether the router announced call canceling: a CANCEL to one that did not is a
+    /// protocol violation that would cost every call on the session.
+    cancel: bool,
+    /// The highest call id written so far. Ids reach the writer in increasing order
+    /// (the multiplexer allocates and queues them in one critical section), so a
+    /// caller giving up on a higher one gave up on a frame still queued.
+    written: u64,
+    /// Those ids: their CALL or SUBSCRIBE is not sent at all.
+    forgotten: HashSet<u64>,
 }
 
 /// One element of a JSON-RPC frame the multiplexer queued.
@@ -112,8 +126,9 @@ struct Named<'a> {
 }
 
 impl Bridge {
-    /// A session's state; local subscription ids start at `next_local`.
-    pub fn new(link: Arc<Link>, next_local: u64) -> Bridge {
+    /// A session's state; local subscription ids start at `next_local`. `cancel`: the
+    /// router's WELCOME announced call canceling.
+    pub fn new(link: Arc<Link>, next_local: u64, cancel: bool) -> Bridge {
         Bridge {
             link,
             calls: HashSet::new(),
@@ -124,7 +139,19 @@ impl Bridge {
             next_local,
             next_discard: DISCARD_BASE,
             outbox: Vec::new(),
+            cancel,
+            written: 0,
+            forgotten: HashSet::new(),
         }
+    }
+
+    /// An id for a request nobody waits on.
+    fn discard_id(&mut self) -> u64 {
+        self.next_discard += 1;
+        if self.next_discard > codec::MAX_ID {
+            self.next_discard = DISCARD_BASE + 1;
+        }
+        self.next_discard
     }
 
     /// The local id the next subscription gets.
@@ -169,14 +196,27 @@ impl Bridge {
                 tracing::error!(id, "a queued call's id is outside WAMP's range; dropped");
                 return;
             }
-            None => {
-                self.next_discard += 1;
-                if self.next_discard > codec::MAX_ID {
-                    self.next_discard = DISCARD_BASE + 1;
-                }
-                self.next_discard
-            }
+            None => self.discard_id(),
         };
+        let methods = &self.link.methods;
+        let subscribing = *method == methods.subscribe_method;
+        if call.id.is_none() && (subscribing || *method == methods.unsubscribe_method) {
+            // Nobody would learn the subscription's id, and an unsubscribe must come
+            // through the push hub, which checks the id is the caller's own.
+            tracing::debug!(%method, "a subscribe or unsubscribe notification is not sent");
+            return;
+        }
+        if call.id.is_some() {
+            self.written = self.written.max(request);
+            let forgotten = self.forgotten.remove(&request);
+            if !self.forgotten.is_empty() {
+                self.forgotten.retain(|&id| id > request);
+            }
+            if forgotten && (subscribing || !self.is_pubsub(&method)) {
+                // Its caller left while it was queued: nobody waits for what it opens.
+                return;
+            }
+        }
         let refuse = |local: &mut Vec<Bytes>, message: String| {
             if let Some(id) = call.id {
                 local.push(error_reply(id, -32602, &message));
@@ -184,7 +224,7 @@ impl Bridge {
         };
         let methods = &self.link.methods;
         let mut text = String::with_capacity(64 + call.params.map_or(0, |p| p.get().len()));
-        if *method == methods.subscribe_method {
+        if subscribing {
             let Some((topic, options)) = topic_and_options(call.params) else {
                 return refuse(
                     local,
@@ -194,12 +234,14 @@ impl Bridge {
                 );
             };
             let topic = quoted(&topic);
-            codec::write_subscribe(&mut text, request, options.map(RawValue::get), &topic);
+            let options = options.map(RawValue::get);
+            codec::write_subscribe(&mut text, request, options, &topic);
             self.subscribing.insert(
                 request,
                 Subscribing {
+                    key: format!("{topic}\u{0}{}", options.unwrap_or("{}")),
                     topic,
-                    orphan: call.id.is_none(),
+                    orphan: false,
                 },
             );
         } else if *method == methods.unsubscribe_method {
@@ -208,9 +250,12 @@ impl Bridge {
             let Some((local_id, router)) = held else {
                 return refuse(local, format!("{method}: no such subscription"));
             };
-            let shared = self.subs.get(&router).is_some_and(|s| s.locals.len() > 1);
+            let shared = self.subs.get(&router).is_some_and(|s| {
+                s.locals.len() > 1 || self.subscribing.values().any(|p| p.key == s.key)
+            });
             if shared {
-                // Other clients still read this topic: only this local id goes.
+                // Other clients still read this topic, or are about to: only this
+                // local id goes.
                 self.drop_local(local_id, router);
                 if let Some(id) = call.id {
                     local.push(result_reply(id, "true"));
@@ -256,15 +301,25 @@ impl Bridge {
         out.push(text);
     }
 
+    fn is_pubsub(&self, method: &str) -> bool {
+        let m = &self.link.methods;
+        method == m.subscribe_method || method == m.unsubscribe_method || method == m.publish_method
+    }
+
     /// A caller stopped waiting for `request` (timeout, client gone): a CALL still
-    /// running is canceled, and a subscription still opening is closed once open.
+    /// running is canceled, a subscription still opening is closed once open, and a
+    /// CALL or SUBSCRIBE still queued is not sent.
     pub fn forget(&mut self, request: u64) {
         if self.calls.remove(&request) {
-            let mut text = String::with_capacity(40);
-            codec::write_cancel(&mut text, request, CancelMode::KillNoWait);
-            self.outbox.push(text);
+            if self.cancel {
+                let mut text = String::with_capacity(40);
+                codec::write_cancel(&mut text, request, CancelMode::KillNoWait);
+                self.outbox.push(text);
+            }
         } else if let Some(s) = self.subscribing.get_mut(&request) {
             s.orphan = true;
+        } else if request > self.written && request < DISCARD_BASE {
+            self.forgotten.insert(request);
         }
     }
 
@@ -305,7 +360,9 @@ impl Bridge {
                 ..
             } => {
                 self.calls.remove(&request);
-                self.subscribing.remove(&request);
+                if self.subscribing.remove(&request).is_some() {
+                    self.collect();
+                }
                 if let Some((local, router)) = self.unsubscribing.remove(&request) {
                     // The router no longer knows it either way.
                     self.drop_local(local, router);
@@ -326,16 +383,20 @@ impl Bridge {
                 let local = self.next_local;
                 self.next_local += 1;
                 let sub = self.subs.entry(subscription).or_insert_with(|| RouterSub {
+                    key: s.key,
                     topic: s.topic,
                     locals: Vec::new(),
                 });
                 sub.locals.push(local);
                 self.local.insert(local, subscription);
                 if s.orphan {
-                    self.close_local(local);
+                    // Left for `collect` to close, unless another caller holds it.
+                    self.local.remove(&local);
+                    sub.locals.retain(|&l| l != local);
                 } else {
                     out.push(result_reply(request, itoa::Buffer::new().format(local)));
                 }
+                self.collect();
             }
             Message::Unsubscribed { request } => {
                 if let Some((local, router)) = self.unsubscribing.remove(&request) {
@@ -346,10 +407,11 @@ impl Bridge {
             Message::Published {
                 request,
                 publication,
-            } => out.push(result_reply(
+            } if request < DISCARD_BASE => out.push(result_reply(
                 request,
                 itoa::Buffer::new().format(publication),
             )),
+            Message::Published { .. } => {}
             Message::Event {
                 subscription,
                 publication,
@@ -390,28 +452,36 @@ impl Bridge {
     }
 
     /// Forgets a local id; the router's subscription goes with its last one (the
-    /// caller has sent, or is sending, the UNSUBSCRIBE).
+    /// caller has sent, or is sending, the UNSUBSCRIBE), unless a SUBSCRIBE of its
+    /// topic is on its way (see [`RouterSub`]).
     fn drop_local(&mut self, local: u64, router: u64) {
         self.local.remove(&local);
         if let Some(sub) = self.subs.get_mut(&router) {
             sub.locals.retain(|&l| l != local);
-            if sub.locals.is_empty() {
+            let awaited = self.subscribing.values().any(|p| p.key == sub.key);
+            if sub.locals.is_empty() && !awaited {
                 self.subs.remove(&router);
             }
         }
     }
 
-    /// Closes a local id nobody will ever read: UNSUBSCRIBE when it was the last one.
-    fn close_local(&mut self, local: u64) {
-        let Some(router) = self.local.get(&local).copied() else {
-            return;
-        };
-        let last = self.subs.get(&router).is_some_and(|s| s.locals.len() == 1);
-        self.drop_local(local, router);
-        if last {
-            self.next_discard += 1;
+    /// UNSUBSCRIBEs every router subscription that nobody holds and no SUBSCRIBE on its
+    /// way will claim: one kept for a SUBSCRIBE that was answered with another
+    /// subscription or failed, or one whose caller left.
+    fn collect(&mut self) {
+        let idle: Vec<u64> = self
+            .subs
+            .iter()
+            .filter(|(_, sub)| {
+                sub.locals.is_empty() && !self.subscribing.values().any(|p| p.key == sub.key)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for router in idle {
+            self.subs.remove(&router);
+            let request = self.discard_id();
             let mut text = String::with_capacity(40);
-            codec::write_unsubscribe(&mut text, self.next_discard, router);
+            codec::write_unsubscribe(&mut text, request, router);
             self.outbox.push(text);
         }
     }

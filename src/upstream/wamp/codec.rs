@@ -384,7 +384,7 @@ pub fn write_hello(out: &mut String, realm: &str, auth: HelloAuth<'_>) {
     out.push_str("[1,");
     push_json_str(out, realm);
     out.push_str(
-        r#",{"agent":"rpcgate","roles":{"caller":{"features":{"call_canceling":true}},"subscriber":{},"publisher":{}}"#,
+        r#",{"agent":"rpcgate","roles":{"caller":{"features":{"call_canceling":true}},"subscriber":{"features":{"pattern_based_subscription":true}},"publisher":{"features":{"publisher_exclusion":true}}}"#,
     );
     if !auth.methods.is_empty() {
         out.push_str(r#","authmethods":["#);

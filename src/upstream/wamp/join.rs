@@ -36,8 +36,16 @@ impl JoinError {
     }
 }
 
-/// Joins `link.realm` on `socket`; returns the session id.
-pub async fn join<S>(socket: &mut S, link: &Link) -> Result<u64, JoinError>
+/// What WELCOME told us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Joined {
+    pub session: u64,
+    /// The router announced `call_canceling`: CANCEL may be sent.
+    pub call_canceling: bool,
+}
+
+/// Joins `link.realm` on `socket`.
+pub async fn join<S>(socket: &mut S, link: &Link) -> Result<Joined, JoinError>
 where
     S: futures_util::Stream<Item = Result<WsMessage, tokio_tungstenite::tungstenite::Error>>
         + futures_util::Sink<WsMessage, Error = tokio_tungstenite::tungstenite::Error>
@@ -81,7 +89,12 @@ where
             }
         };
         match codec::parse(&text) {
-            Ok(Message::Welcome { session, .. }) => return Ok(session),
+            Ok(Message::Welcome { session, details }) => {
+                return Ok(Joined {
+                    session,
+                    call_canceling: dealer_cancels(details),
+                });
+            }
             Ok(Message::Abort { reason, details }) => {
                 let reason = match codec::details_message(details) {
                     Some(m) if !m.is_empty() => format!("{reason}: {m}"),
@@ -125,4 +138,12 @@ where
             Err(e) => return Err(JoinError::Protocol(e.to_string())),
         }
     }
+}
+
+/// Whether WELCOME's details announce `roles.dealer.features.call_canceling`.
+fn dealer_cancels(details: &serde_json::value::RawValue) -> bool {
+    serde_json::from_str::<serde_json::Value>(details.get())
+        .ok()
+        .and_then(|d| d.pointer("/roles/dealer/features/call_canceling").cloned())
+        == Some(serde_json::Value::Bool(true))
 }

@@ -13,7 +13,7 @@ mod join;
 
 pub(crate) use bridge::{Bridge, Ended, Link};
 pub use codec::*;
-pub(crate) use join::{JoinError, join};
+pub(crate) use join::{JoinError, Joined, join};
 
 /// A [`Bridge`] driven by hand, for `benches/micro.rs` and the `wamp_frame` fuzz
 /// target: not part of the API.
@@ -34,7 +34,7 @@ impl BenchBridge {
             methods: crate::config::WampConfig::default(),
         };
         BenchBridge {
-            bridge: Bridge::new(std::sync::Arc::new(link), 1),
+            bridge: Bridge::new(std::sync::Arc::new(link), 1, true),
             messages: Vec::new(),
             local: Vec::new(),
         }

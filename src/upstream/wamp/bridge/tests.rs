@@ -16,6 +16,7 @@ fn bridge_with_prefix(prefix: &str) -> Bridge {
             methods: WampConfig::default(),
         }),
         1,
+        true,
     )
 }
 
@@ -268,7 +269,7 @@ fn local_subscription_ids_keep_growing_on_the_next_socket() {
     let first = json(&inb(&mut b, "[33,1,10]")[0])["result"]
         .as_u64()
         .unwrap();
-    let mut next = Bridge::new(b.link.clone(), b.next_local());
+    let mut next = Bridge::new(b.link.clone(), b.next_local(), true);
     out(
         &mut next,
         r#"{"jsonrpc":"2.0","method":"wamp.subscribe","params":["t"],"id":2}"#,
@@ -277,4 +278,140 @@ fn local_subscription_ids_keep_growing_on_the_next_socket() {
         .as_u64()
         .unwrap();
     assert!(again > first);
+}
+
+fn subscribe(b: &mut Bridge, id: u64, topic: &str) {
+    let frame =
+        format!(r#"{{"jsonrpc":"2.0","method":"wamp.subscribe","params":["{topic}"],"id":{id}}}"#);
+    assert_eq!(out(b, &frame).0.len(), 1);
+}
+
+fn unsubscribe(b: &mut Bridge, id: u64, local: u64) -> (Vec<String>, Vec<String>) {
+    out(
+        b,
+        &format!(r#"{{"jsonrpc":"2.0","method":"wamp.unsubscribe","params":[{local}],"id":{id}}}"#),
+    )
+}
+
+fn outbox(b: &mut Bridge) -> Vec<String> {
+    let mut out = Vec::new();
+    b.take_outbox(&mut out);
+    out
+}
+
+#[test]
+fn an_unsubscribe_or_subscribe_without_an_id_is_never_sent() {
+    let mut b = bridge();
+    subscribe(&mut b, 1, "t");
+    let local = json(&inb(&mut b, "[33,1,900]")[0])["result"]
+        .as_u64()
+        .unwrap();
+    // Local ids are small and easy to guess: a notification skips the hub's check that
+    // the id is the caller's own.
+    let (m, replies) = out(
+        &mut b,
+        &format!(r#"{{"jsonrpc":"2.0","method":"wamp.unsubscribe","params":[{local}]}}"#),
+    );
+    assert!(m.is_empty() && replies.is_empty());
+    let (m, _) = out(
+        &mut b,
+        r#"{"jsonrpc":"2.0","method":"wamp.subscribe","params":["u"]}"#,
+    );
+    assert!(m.is_empty());
+    assert_eq!(
+        inb(&mut b, r#"[36,900,1,{},[1]]"#).len(),
+        1,
+        "still subscribed"
+    );
+}
+
+#[test]
+fn unsubscribing_while_a_subscribe_of_the_same_topic_is_out_keeps_the_router_s_subscription() {
+    let mut b = bridge();
+    subscribe(&mut b, 1, "t");
+    let a = json(&inb(&mut b, "[33,1,900]")[0])["result"]
+        .as_u64()
+        .unwrap();
+    subscribe(&mut b, 2, "t");
+    // A leaves before B's SUBSCRIBED: the router will answer B with 900 itself.
+    let (m, replies) = unsubscribe(&mut b, 3, a);
+    assert!(
+        m.is_empty(),
+        "no UNSUBSCRIBE while B's SUBSCRIBE is out: {m:?}"
+    );
+    assert_eq!(replies, [r#"{"jsonrpc":"2.0","id":3,"result":true}"#]);
+    let b_id = json(&inb(&mut b, "[33,2,900]")[0])["result"]
+        .as_u64()
+        .unwrap();
+    assert!(outbox(&mut b).is_empty());
+    let events = inb(&mut b, r#"[36,900,5,{},[1]]"#);
+    assert_eq!(events.len(), 1);
+    assert_eq!(json(&events[0])["params"]["subscription"], b_id);
+}
+
+#[test]
+fn a_kept_subscription_the_router_did_not_reuse_is_closed() {
+    let mut b = bridge();
+    subscribe(&mut b, 1, "t");
+    let a = json(&inb(&mut b, "[33,1,900]")[0])["result"]
+        .as_u64()
+        .unwrap();
+    subscribe(&mut b, 2, "t");
+    unsubscribe(&mut b, 3, a);
+    // Answered with another subscription: 900 is nobody's now.
+    inb(&mut b, "[33,2,901]");
+    let sent = outbox(&mut b);
+    assert_eq!(sent.len(), 1);
+    assert!(
+        sent[0].starts_with("[34,") && sent[0].ends_with(",900]"),
+        "{sent:?}"
+    );
+    assert_eq!(b.router_subscriptions(), 1);
+}
+
+#[test]
+fn an_orphan_opening_while_another_subscribe_of_its_topic_is_out_closes_nothing_yet() {
+    let mut b = bridge();
+    subscribe(&mut b, 1, "t");
+    subscribe(&mut b, 2, "t");
+    b.forget(1);
+    assert!(inb(&mut b, "[33,1,900]").is_empty());
+    assert!(
+        outbox(&mut b).is_empty(),
+        "B's SUBSCRIBE will be answered with 900"
+    );
+    let b_id = json(&inb(&mut b, "[33,2,900]")[0])["result"]
+        .as_u64()
+        .unwrap();
+    assert!(outbox(&mut b).is_empty());
+    assert_eq!(
+        json(&inb(&mut b, r#"[36,900,5,{},[1]]"#)[0])["params"]["subscription"],
+        b_id
+    );
+}
+
+#[test]
+fn a_call_or_subscribe_given_up_while_queued_is_not_sent() {
+    let mut b = bridge();
+    out(&mut b, r#"{"jsonrpc":"2.0","method":"a","id":1}"#);
+    b.forget(2);
+    b.forget(3);
+    let (m, _) = out(&mut b, r#"{"jsonrpc":"2.0","method":"slow","id":2}"#);
+    assert!(m.is_empty(), "its caller left: {m:?}");
+    let (m, _) = out(
+        &mut b,
+        r#"{"jsonrpc":"2.0","method":"wamp.subscribe","params":["t"],"id":3}"#,
+    );
+    assert!(m.is_empty(), "nobody would hold what it opens: {m:?}");
+    let (m, _) = out(&mut b, r#"{"jsonrpc":"2.0","method":"b","id":4}"#);
+    assert_eq!(m.len(), 1, "later calls go as usual");
+    assert!(b.forgotten.is_empty());
+}
+
+#[test]
+fn no_cancel_is_sent_to_a_router_that_did_not_announce_call_canceling() {
+    let mut b = Bridge::new(bridge().link.clone(), 1, false);
+    out(&mut b, r#"{"jsonrpc":"2.0","method":"slow","id":9}"#);
+    b.forget(9);
+    assert!(outbox(&mut b).is_empty());
 }

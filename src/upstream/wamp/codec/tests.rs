@@ -231,7 +231,10 @@ fn wamp_hello_announces_roles_and_auth() {
     let anon = written(|o| write_hello(o, "realm1", HelloAuth::default()));
     assert!(anon.starts_with(r#"[1,"realm1",{"#));
     assert!(anon.contains(r#""caller":{"features":{"call_canceling":true}}"#));
-    assert!(anon.contains(r#""subscriber":{}"#) && anon.contains(r#""publisher":{}"#));
+    // Prefix and wildcard subscriptions, and `exclude_me: false` on PUBLISH, are
+    // advanced-profile features: announced so a router may hold us to them.
+    assert!(anon.contains(r#""subscriber":{"features":{"pattern_based_subscription":true}}"#));
+    assert!(anon.contains(r#""publisher":{"features":{"publisher_exclusion":true}}"#));
     assert!(!anon.contains("authmethods") && !anon.contains("authid"));
     let cra = written(|o| {
         write_hello(
