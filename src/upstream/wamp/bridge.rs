@@ -163,7 +163,12 @@ impl Bridge {
     fn one(&mut self, call: &Outgoing<'_>, out: &mut Vec<String>, local: &mut Vec<Bytes>) {
         let method = codec::json_str(call.method).unwrap_or(Cow::Borrowed(""));
         let request = match call.id {
-            Some(id) => id,
+            Some(id) if (1..DISCARD_BASE).contains(&id) => id,
+            // Our ids start at 1 and would need 2^52 calls to get here.
+            Some(id) => {
+                tracing::error!(id, "a queued call's id is outside WAMP's range; dropped");
+                return;
+            }
             None => {
                 self.next_discard += 1;
                 if self.next_discard > codec::MAX_ID {

@@ -15,7 +15,8 @@ pub(crate) use bridge::{Bridge, Ended, Link};
 pub use codec::*;
 pub(crate) use join::{JoinError, join};
 
-/// One call through a [`Bridge`] both ways, for `benches/micro.rs`.
+/// A [`Bridge`] driven by hand, for `benches/micro.rs` and the `wamp_frame` fuzz
+/// target: not part of the API.
 #[doc(hidden)]
 pub struct BenchBridge {
     bridge: Bridge,
@@ -37,6 +38,36 @@ impl BenchBridge {
             messages: Vec::new(),
             local: Vec::new(),
         }
+    }
+
+    /// A queued JSON-RPC frame: the WAMP messages written, and the replies answered
+    /// without the router.
+    pub fn outbound(&mut self, frame: &str) -> (Vec<String>, Vec<bytes::Bytes>) {
+        self.bridge
+            .outbound(frame, &mut self.messages, &mut self.local);
+        (
+            std::mem::take(&mut self.messages),
+            std::mem::take(&mut self.local),
+        )
+    }
+
+    /// A router frame: the JSON-RPC frames for the multiplexer, or why the session
+    /// ended; `Ok(None)` for a frame the session does not read.
+    pub fn inbound(&mut self, frame: &str) -> Result<Option<Vec<bytes::Bytes>>, String> {
+        let mut out = Vec::new();
+        match self.bridge.inbound(frame, &mut out) {
+            Ok(true) => Ok(Some(out)),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// What a caller giving up on `request` makes the writer send next.
+    pub fn forget(&mut self, request: u64) -> Vec<String> {
+        self.bridge.forget(request);
+        let mut out = Vec::new();
+        self.bridge.take_outbox(&mut out);
+        out
     }
 
     /// `frame` (a JSON-RPC call) out as CALL, `result` (its RESULT) back in; returns
