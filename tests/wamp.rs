@@ -635,7 +635,16 @@ async fn router_restart(outage: Outage) {
     let addr = gw.addr;
     let mut sse = stream_of(addr, "survivor").await;
     let subscription = subscribe(addr, "survivor", "com.example.tick").await;
-    let before = tick_n(&next_wamp_event(&mut sse).await, &subscription);
+    // Let the old component count to 20 first: the new one starts from 1, and the gateway has
+    // subscribed again long before it gets to 20 (reconnects back off 200 ms at most), so the
+    // count going down marks the first tick from after the restart.
+    let mut last = 0;
+    with_timeout_of(Duration::from_secs(20), async {
+        while last < 20 {
+            last = tick_n(&next_wamp_event(&mut sse).await, &subscription);
+        }
+    })
+    .await;
 
     drop(component);
     match outage {
@@ -660,14 +669,15 @@ async fn router_restart(outage: Outage) {
     })
     .await;
 
-    // The new component counts from 1 again: a tick below the last one seen before is from
-    // after the restart, and it comes under the subscription id the client already holds.
+    // The new component counts from 1 again: where the count goes down, the ticks are from
+    // after the restart, and they come under the subscription id the client already holds.
     with_timeout_of(Duration::from_secs(30), async {
         loop {
-            let params = next_wamp_event(&mut sse).await;
-            if tick_n(&params, &subscription) < before {
+            let n = tick_n(&next_wamp_event(&mut sse).await, &subscription);
+            if n < last {
                 break;
             }
+            last = n;
         }
     })
     .await;
