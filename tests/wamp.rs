@@ -302,6 +302,54 @@ async fn a_client_leaving_during_a_call_cancels_it_at_the_callee() {
 }
 
 #[tokio::test]
+async fn a_call_running_when_the_router_goes_gets_upstream_lost_at_once() {
+    let Setup {
+        mut router,
+        component,
+        gw,
+    } = setup_with("", "").await;
+    let addr = gw.addr;
+    let running = tokio::spawn(async move {
+        post(
+            addr,
+            r#"{"jsonrpc":"2.0","id":1,"method":"com.example.slow","params":[20]}"#,
+        )
+        .await
+    });
+    component.wait_for_line("slow 20").await;
+    // GOODBYE to the gateway's session with the call written: not a 30 s wait for the deadline.
+    router.stop().await;
+    let resp = with_timeout_of(Duration::from_secs(10), running)
+        .await
+        .expect("the call's task");
+    assert_eq!(resp.status, StatusCode::BAD_GATEWAY, "{}", resp.text());
+    assert_eq!(resp.json()["error"]["code"], -32081, "{}", resp.text());
+}
+
+#[tokio::test]
+async fn pubsub_calls_wamp_cannot_carry_get_invalid_params_from_rpcgate() {
+    let s = setup_with("", "").await;
+    let addr = s.gw.addr;
+    let _sse = stream_of(addr, "odd").await;
+    for (method, params) in [
+        ("wamp.subscribe", json!([])),
+        ("wamp.subscribe", json!([42])),
+        ("wamp.publish", json!([])),
+        ("wamp.publish", json!({"args": ["no topic"]})),
+    ] {
+        let answer = call_in(addr, "odd", method, params.clone()).await;
+        assert_eq!(
+            answer["error"]["code"], -32602,
+            "{method} {params}: {answer}"
+        );
+    }
+    // An id the session does not hold: `false`, as for any subscription rule's unsubscribe
+    // (src/server/rpc.rs answers it; docs/errors.md's WAMP table says -32602).
+    let answer = call_in(addr, "odd", "wamp.unsubscribe", json!([987654321])).await;
+    assert_eq!(answer["result"], false, "{answer}");
+}
+
+#[tokio::test]
 async fn a_batch_gets_every_answer_with_the_clients_ids_and_a_notification_gets_204() {
     let s = setup_with("", "").await;
     let resp = post(
@@ -635,7 +683,16 @@ async fn router_restart(outage: Outage) {
     let addr = gw.addr;
     let mut sse = stream_of(addr, "survivor").await;
     let subscription = subscribe(addr, "survivor", "com.example.tick").await;
-    let before = tick_n(&next_wamp_event(&mut sse).await, &subscription);
+    // Let the old component count to 20 first: the new one starts from 1, and the gateway has
+    // subscribed again long before it gets to 20 (reconnects back off 200 ms at most), so the
+    // count going down marks the first tick from after the restart.
+    let mut last = 0;
+    with_timeout_of(Duration::from_secs(20), async {
+        while last < 20 {
+            last = tick_n(&next_wamp_event(&mut sse).await, &subscription);
+        }
+    })
+    .await;
 
     drop(component);
     match outage {
@@ -660,14 +717,15 @@ async fn router_restart(outage: Outage) {
     })
     .await;
 
-    // The new component counts from 1 again: a tick below the last one seen before is from
-    // after the restart, and it comes under the subscription id the client already holds.
+    // The new component counts from 1 again: where the count goes down, the ticks are from
+    // after the restart, and they come under the subscription id the client already holds.
     with_timeout_of(Duration::from_secs(30), async {
         loop {
-            let params = next_wamp_event(&mut sse).await;
-            if tick_n(&params, &subscription) < before {
+            let n = tick_n(&next_wamp_event(&mut sse).await, &subscription);
+            if n < last {
                 break;
             }
+            last = n;
         }
     })
     .await;
