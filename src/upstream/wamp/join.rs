@@ -4,7 +4,7 @@
 //! the failure counter show.
 
 use super::bridge::Link;
-use super::codec::{self, CraChallenge, HelloAuth, Message};
+use super::{self as codec, CraChallenge, HelloAuth, Message};
 use crate::config::WampAuthMethod;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;

@@ -2,18 +2,24 @@
 //! session on a router, and JSON-RPC calls, subscriptions and publications travel as
 //! WAMP messages.
 //!
-//! - `codec`: the messages and the JSON-RPC mapping rules, as pure functions.
+//! - `codec`: the messages, parsed from a router's frames (pure).
+//! - `write`: the messages we send, and the JSON-RPC mapping rules (pure).
+//! - `cra`: WAMP-CRA signatures.
 //! - `join`: HELLO / CHALLENGE / WELCOME on a fresh socket.
 //! - `bridge`: one session's translation state between the multiplexer's JSON-RPC
 //!   frames and the router's messages (local subscription ids, CANCEL on give-up).
 
 mod bridge;
 mod codec;
+mod cra;
 mod join;
+mod write;
 
 pub(crate) use bridge::{Bridge, Ended, Link};
 pub use codec::*;
+pub use cra::*;
 pub(crate) use join::{JoinError, Joined, join};
+pub use write::*;
 
 /// A [`Bridge`] driven by hand, for `benches/micro.rs` and the `wamp_frame` fuzz
 /// target: not part of the API.

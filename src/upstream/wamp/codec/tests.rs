@@ -1,4 +1,5 @@
 use super::*;
+use crate::upstream::wamp::*;
 
 fn raw(s: &str) -> &RawValue {
     serde_json::from_str(s).unwrap()
