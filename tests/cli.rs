@@ -6,9 +6,10 @@ use http::{Method, StatusCode};
 use serde_json::json;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
+use support::binary::line_after;
 use support::{FakeUpstream, post, request, with_timeout};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_rpcgate");
 
@@ -20,19 +21,6 @@ fn rpcgate() -> Command {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     cmd
-}
-
-/// Reads stdout lines until one starts with `prefix`; returns the rest of it.
-async fn line_after(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) -> String {
-    loop {
-        let line = with_timeout(lines.next_line())
-            .await
-            .expect("read stdout")
-            .unwrap_or_else(|| panic!("stdout ended before a line starting {prefix:?}"));
-        if let Some(rest) = line.trim_start().strip_prefix(prefix) {
-            return rest.trim().to_string();
-        }
-    }
 }
 
 fn addr_of(url: &str) -> SocketAddr {

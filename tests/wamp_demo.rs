@@ -5,24 +5,11 @@ mod support;
 
 use serde_json::{Value, json};
 use std::net::SocketAddr;
+use support::binary::line_after;
 use support::crossbar::{Component, Router};
 use support::http::post;
 use support::with_timeout;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::ChildStdout;
-
-/// Reads stdout lines until one starts with `prefix` (after indentation); the rest.
-async fn line_after(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) -> String {
-    loop {
-        let line = with_timeout(lines.next_line())
-            .await
-            .expect("read stdout")
-            .unwrap_or_else(|| panic!("stdout ended before a line starting {prefix:?}"));
-        if let Some(rest) = line.trim_start().strip_prefix(prefix) {
-            return rest.trim().to_string();
-        }
-    }
-}
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// `http://127.0.0.1:PORT/ -> ...` → the address.
 fn addr_of(line: &str) -> SocketAddr {

@@ -26,6 +26,18 @@ async fn gateway(
     start_gateway(config).await
 }
 
+/// POSTs a call in the background (the test answers it as the router meanwhile).
+fn call_later(
+    gw: &TestGateway,
+    session: Option<&'static str>,
+    id: u64,
+    method: &'static str,
+    params: Value,
+) -> tokio::task::JoinHandle<support::http::Response> {
+    let addr = gw.addr;
+    tokio::spawn(async move { post_as(addr, session, call_body(id, method, params)).await })
+}
+
 /// Waits for the next HELLO and answers WELCOME; returns the HELLO.
 async fn welcome(up: &FakeUpstream) -> Incoming {
     let hello = up.next_frame().await;
@@ -84,9 +96,7 @@ async fn hello_asks_for_the_realm_with_our_roles_and_a_ticket_answers_the_challe
         "the ticket without the file's line break"
     );
     // Not open before WELCOME: a call made now waits for it.
-    let addr = gw.addr;
-    let pending =
-        tokio::spawn(async move { post_as(addr, None, call_body(1, "add2", json!([2, 3]))).await });
+    let pending = call_later(&gw, None, 1, "add2", json!([2, 3]));
     authenticate.reply_text("[2,99,{}]");
     let call = answer_call(&up, json!([5])).await;
     assert_eq!(call.json[3], "com.example.add2");
@@ -122,10 +132,7 @@ async fn a_router_s_goodbye_is_answered_and_the_connection_joins_again() {
     // A new socket, a new session: HELLO again, and calls flow on it.
     let again = welcome(&up).await;
     assert_eq!(again.conn, 1);
-    let addr = gw.addr;
-    let pending = tokio::spawn(async move {
-        post_as(addr, None, call_body(7, "com.example.echo", json!(["x"]))).await
-    });
+    let pending = call_later(&gw, None, 7, "com.example.echo", json!(["x"]));
     let call = answer_call(&up, json!(["x"])).await;
     assert_eq!(call.conn, 1);
     assert_eq!(result_of(&with_timeout(pending).await.unwrap()), json!("x"));
@@ -137,10 +144,7 @@ async fn an_abort_mid_session_ends_the_connection_and_its_call_is_answered_at_on
     let gw = gateway(&up, |_| {}).await;
     let hello = welcome(&up).await;
     gw.wait_open(1).await;
-    let addr = gw.addr;
-    let pending = tokio::spawn(async move {
-        post_as(addr, None, call_body(3, "com.example.slow", json!([60]))).await
-    });
+    let pending = call_later(&gw, None, 3, "com.example.slow", json!([60]));
     let call = up.next_frame().await;
     assert_eq!(call.json[0], 48);
     hello.reply_text(r#"[3,{"message":"bye"},"wamp.error.protocol_violation"]"#);
@@ -169,10 +173,7 @@ async fn frames_a_caller_does_not_expect_are_counted_and_the_session_goes_on() {
     ] {
         hello.reply_text(junk);
     }
-    let addr = gw.addr;
-    let pending = tokio::spawn(async move {
-        post_as(addr, None, call_body(1, "com.example.add2", json!([1, 1]))).await
-    });
+    let pending = call_later(&gw, None, 1, "com.example.add2", json!([1, 1]));
     answer_call(&up, json!([2])).await;
     assert_eq!(result_of(&with_timeout(pending).await.unwrap()), json!(2));
     assert_eq!(up.total_connections(), 1, "the same socket throughout");
@@ -202,14 +203,7 @@ async fn a_stranger_s_unsubscribe_notification_leaves_another_session_s_subscrip
     let hello = welcome(&up).await;
     gw.wait_open(1).await;
     let addr = gw.addr;
-    let pending = tokio::spawn(async move {
-        post_as(
-            addr,
-            Some("alice"),
-            call_body(1, "wamp.subscribe", json!(["t"])),
-        )
-        .await
-    });
+    let pending = call_later(&gw, Some("alice"), 1, "wamp.subscribe", json!(["t"]));
     let sub = up.next_frame().await;
     assert_eq!(sub.json[0], 32, "{}", sub.text);
     sub.reply_text(json!([33, sub.json[1], 900]).to_string());
@@ -224,9 +218,7 @@ async fn a_stranger_s_unsubscribe_notification_leaves_another_session_s_subscrip
         json!(false)
     );
     // The next frame the router sees is this call, not an UNSUBSCRIBE.
-    let pending = tokio::spawn(async move {
-        post_as(addr, None, call_body(3, "com.example.add2", json!([1, 2]))).await
-    });
+    let pending = call_later(&gw, None, 3, "com.example.add2", json!([1, 2]));
     answer_call(&up, json!([3])).await;
     assert_eq!(result_of(&with_timeout(pending).await.unwrap()), json!(3));
     drop(hello);

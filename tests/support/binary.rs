@@ -47,3 +47,17 @@ pub fn signal(child: &Child, signal: &str) {
         .expect("run kill");
     assert!(status.success(), "kill {signal} {pid}");
 }
+
+/// Reads stdout lines until one starts with `prefix` (after indentation); returns the
+/// rest of it.
+pub async fn line_after(lines: &mut Lines<BufReader<ChildStdout>>, prefix: &str) -> String {
+    loop {
+        let line = with_timeout(lines.next_line())
+            .await
+            .expect("read stdout")
+            .unwrap_or_else(|| panic!("stdout ended before a line starting {prefix:?}"));
+        if let Some(rest) = line.trim_start().strip_prefix(prefix) {
+            return rest.trim().to_string();
+        }
+    }
+}
