@@ -342,9 +342,7 @@ impl Conn {
             tracing::debug!(conn = %self.label, count = n, "upstream message matched no pending call");
         }
         if seen.garbage > 0 {
-            let n = seen.garbage as u64;
-            self.signals.garbage.fetch_add(n, Ordering::Relaxed);
-            m.unmatched.with_label_values(&["garbage"]).inc_by(n);
+            self.count_garbage(seen.garbage as u64);
             tracing::debug!(conn = %self.label, "upstream sent a frame that is not JSON-RPC; ignored");
         }
     }

@@ -27,8 +27,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::sync::Arc;
+use subs::{RouterSub, Subscribing, awaited};
 
 /// Request ids of notifications (calls whose result is discarded) start here: above
 /// every call id a connection will hand out, below WAMP's 2^53.
@@ -52,26 +52,6 @@ pub enum Ended {
     Goodbye(String),
     #[error("WAMP router aborted the session ({0})")]
     Abort(String),
-}
-
-/// A router subscription and the local ids that share it. Kept with no local id only
-/// while a SUBSCRIBE of the same topic is on its way, which the router answers with
-/// this same subscription: UNSUBSCRIBE then would leave that caller with a dead one.
-#[derive(Debug)]
-struct RouterSub {
-    /// Topic and options: what the router keys a session's subscription by.
-    key: String,
-    /// The topic as a JSON string, for the notifications.
-    topic: String,
-    locals: Vec<u64>,
-}
-
-#[derive(Debug)]
-struct Subscribing {
-    key: String,
-    topic: String,
-    /// Its caller gave up: what the router opens is closed at once.
-    orphan: bool,
 }
 
 /// The translation state of one connection's WAMP session.
@@ -238,9 +218,10 @@ impl Bridge {
             let Some((local_id, router)) = held else {
                 return refuse(local, format!("{method}: no such subscription"));
             };
-            let shared = self.subs.get(&router).is_some_and(|s| {
-                s.locals.len() > 1 || self.subscribing.values().any(|p| p.key == s.key)
-            });
+            let shared = self
+                .subs
+                .get(&router)
+                .is_some_and(|s| s.locals.len() > 1 || awaited(&self.subscribing, &s.key));
             if shared {
                 // Other clients still read this topic, or are about to: only this
                 // local id goes.
@@ -427,55 +408,10 @@ impl Bridge {
         }
         Ok(true)
     }
-
-    /// The notification one EVENT is for one local subscription.
-    fn event(&self, local: u64, topic: &str, publication: u64, result: &str) -> Bytes {
-        let method = quoted(&self.link.methods.event_method);
-        let mut text = String::with_capacity(96 + method.len() + topic.len() + result.len());
-        let _ = write!(
-            text,
-            r#"{{"jsonrpc":"2.0","method":{method},"params":{{"subscription":{local},"topic":{topic},"publication":{publication},"result":{result}}}}}"#
-        );
-        Bytes::from(text)
-    }
-
-    /// Forgets a local id; the router's subscription goes with its last one (the
-    /// caller has sent, or is sending, the UNSUBSCRIBE), unless a SUBSCRIBE of its
-    /// topic is on its way (see [`RouterSub`]).
-    fn drop_local(&mut self, local: u64, router: u64) {
-        self.local.remove(&local);
-        if let Some(sub) = self.subs.get_mut(&router) {
-            sub.locals.retain(|&l| l != local);
-            let awaited = self.subscribing.values().any(|p| p.key == sub.key);
-            if sub.locals.is_empty() && !awaited {
-                self.subs.remove(&router);
-            }
-        }
-    }
-
-    /// UNSUBSCRIBEs every router subscription that nobody holds and no SUBSCRIBE on its
-    /// way will claim: one kept for a SUBSCRIBE that was answered with another
-    /// subscription or failed, or one whose caller left.
-    fn collect(&mut self) {
-        let idle: Vec<u64> = self
-            .subs
-            .iter()
-            .filter(|(_, sub)| {
-                sub.locals.is_empty() && !self.subscribing.values().any(|p| p.key == sub.key)
-            })
-            .map(|(&id, _)| id)
-            .collect();
-        for router in idle {
-            self.subs.remove(&router);
-            let request = self.discard_id();
-            let mut text = String::with_capacity(40);
-            codec::write_unsubscribe(&mut text, request, router);
-            self.outbox.push(text);
-        }
-    }
 }
 
 mod params;
+mod subs;
 
 #[cfg(test)]
 mod tests;

@@ -150,9 +150,10 @@ pub enum Message<'a> {
 pub enum ParseError {
     #[error("a WAMP message is a JSON array starting with its type code")]
     NotAMessage,
-    /// A type this codec does not read (a callee's REGISTER, INTERRUPT, ...). A caller's
-    /// session may ignore it or close; it is not a syntax error.
-    #[error("WAMP message type {0} is not supported")]
+    /// A type only another role receives (a callee's INVOCATION, INTERRUPT, ...): a
+    /// caller's, subscriber's and publisher's session has no use for it and ignores it;
+    /// it is not a syntax error.
+    #[error("WAMP message type {0} is for another role than caller, subscriber or publisher")]
     Unsupported(u64),
     #[error("WAMP message type {code}: element {index} ({what}) is missing or malformed")]
     Element {
